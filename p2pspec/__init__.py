@@ -3,6 +3,5 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = "1.0.0"
 
-__all__ = ["PROTOCOL_VERSION", "__version__"]
+__all__ = ["__version__"]

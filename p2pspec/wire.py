@@ -1,0 +1,253 @@
+"""Every message that crosses the network: msgspec Structs, one tagged union, msgpack.
+
+Frames are length-prefixed (framing.py) with a maximum size; each protocol id is
+versioned. Schema evolution (msgspec's rules): a new field gets a default; a breaking
+change bumps the protocol id.
+
+Room for the privacy layer without a protocol break: token-carrying messages have a
+`sealed` field (an AEAD envelope, empty when a payload travels in the clear) and verdicts a
+`signature`; both default to empty bytes.
+
+Sizes are checked twice: the frame limit bounds what is read at all, and `check_*`
+functions bound what a decoded message may ask for (draft length, support size, prompt
+length) before any of it reaches a model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+PROTOCOL_VERSION = "1.0.0"
+DIRECTORY_PROTOCOL = f"/p2pspec/directory/{PROTOCOL_VERSION}"
+SESSION_PROTOCOL = f"/p2pspec/session/{PROTOCOL_VERSION}"
+VERIFY_PROTOCOL = f"/p2pspec/verify/{PROTOCOL_VERSION}"
+
+MAX_FRAME_BYTES = 1 << 20  # a frame larger than this is refused before it is read
+MAX_DRAFT_TOKENS = 16  # per verify request
+MAX_Q_SUPPORT = 1024  # entries of one sparse drafter distribution
+MAX_PROMPT_TOKENS = 32768
+MAX_RECORDS = 512  # peer records in one directory exchange
+
+Role = Literal["drafter", "verifier"]
+TokenId = Annotated[int, Meta(ge=0, lt=1 << 31)]
+NonNegative = Annotated[int, Meta(ge=0)]
+SessionId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+Short = Annotated[str, Meta(max_length=256)]
+PeerIdStr = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+class Base(Struct, tag_field="type", forbid_unknown_fields=False, omit_defaults=True):
+    """Unknown fields are ignored (a newer peer may add fields with defaults)."""
+
+
+# -- discovery ---------------------------------------------------------------------------
+
+
+class PeerRecord(Base, tag="peer_record"):
+    """What a peer says of itself; carried inside a SignedRecord."""
+
+    peer_id: PeerIdStr
+    addrs: Annotated[list[Annotated[str, Meta(max_length=512)]], Meta(max_length=16)]
+    role: Role
+    model_id: Short
+    tokenizer_fingerprint: Short
+    weights_fingerprint: Short
+    dtype: Literal["float32", "bfloat16"]
+    capacity: NonNegative  # sessions it accepts at once
+    load: NonNegative  # sessions it serves now
+    protocol_version: Short
+    issued_at_ms: NonNegative  # unix time of signing
+    ttl_ms: Annotated[int, Meta(gt=0, le=600_000)]  # the record expires this long after issue
+    seq: NonNegative = 0  # increases with every re-issue; the newest record wins
+
+
+class SignedRecord(Base, tag="signed_record"):
+    record: Annotated[bytes, Meta(max_length=8192)]  # msgpack of a PeerRecord
+    signature: Annotated[bytes, Meta(max_length=128)]  # Ed25519 by the record's peer id
+
+
+class DirectorySync(Base, tag="directory_sync"):
+    """Push-pull anti-entropy: a peer sends the live records it knows, gets the other's."""
+
+    records: Annotated[list[SignedRecord], Meta(max_length=MAX_RECORDS)]
+
+
+# -- client <-> drafter sessions ---------------------------------------------------------
+
+
+class GenerateRequest(Base, tag="generate"):
+    session_id: SessionId
+    prompt: Annotated[str, Meta(max_length=400_000)]
+    max_new_tokens: Annotated[int, Meta(gt=0, le=MAX_PROMPT_TOKENS)]
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
+    top_k: NonNegative = 0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    seed: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
+    stop: Annotated[list[Short], Meta(max_length=16)] = []
+    raw: bool = False  # skip the chat template
+    draft_tokens: Annotated[int, Meta(ge=0, le=MAX_DRAFT_TOKENS)] = 4
+    verifier: str = ""  # a preferred verifier peer id; empty = the drafter chooses
+
+
+class SessionStarted(Base, tag="session_started"):
+    session_id: SessionId
+    drafter_peer_id: PeerIdStr
+    verifier_peer_id: PeerIdStr
+    prompt_token_ids: list[TokenId] = []
+    sealed: bytes = b""
+
+
+class TokensCommitted(Base, tag="tokens"):
+    session_id: SessionId
+    round: NonNegative
+    tokens: list[TokenId] = []
+    text: str = ""  # the text these tokens add
+    sealed: bytes = b""
+
+
+class SessionStats(Base, tag="session_stats"):
+    rounds: NonNegative = 0
+    drafted: NonNegative = 0
+    accepted: NonNegative = 0
+    verifier_forward_passes: NonNegative = 0
+    drafter_forward_passes: NonNegative = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0  # round trip to the verifier, as the drafter sees it
+    verifier_compute_seconds: float = 0.0  # the verifier's own forward passes
+    total_seconds: float = 0.0
+
+
+class SessionFinished(Base, tag="session_finished"):
+    session_id: SessionId
+    finish_reason: Literal["eos", "stop", "length"]
+    stats: SessionStats
+    text: str = ""
+    token_ids: list[TokenId] = []
+    sealed: bytes = b""
+
+
+class CancelSession(Base, tag="cancel"):
+    session_id: SessionId
+
+
+class ErrorMessage(Base, tag="error"):
+    """A refusal or failure; `code` is machine-readable, `message` says why."""
+
+    code: Short
+    message: Annotated[str, Meta(max_length=2048)]
+    session_id: str = ""
+
+
+# -- drafter <-> verifier ----------------------------------------------------------------
+
+
+class SparseQ(Base, tag="q"):
+    """A drafter distribution over its truncated support, in the exact form verified."""
+
+    token_ids: Annotated[bytes, Meta(max_length=4 * MAX_Q_SUPPORT)]  # int32 little-endian
+    probs: Annotated[bytes, Meta(max_length=4 * MAX_Q_SUPPORT)]  # float32 little-endian
+
+
+class VerifyOpen(Base, tag="verify_open"):
+    session_id: SessionId
+    prefix: Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+    max_new_tokens: Annotated[int, Meta(gt=0, le=MAX_PROMPT_TOKENS)]
+    tokenizer_fingerprint: Short
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
+    top_k: NonNegative = 0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    seed: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
+    sealed: bytes = b""
+
+
+class VerifyOpened(Base, tag="verify_opened"):
+    session_id: SessionId
+    verifier_peer_id: PeerIdStr
+    model_id: Short
+    weights_fingerprint: Short
+
+
+class VerifyRequest(Base, tag="verify"):
+    session_id: SessionId
+    round: NonNegative
+    base_len: NonNegative  # committed tokens before this draft; both sides must agree
+    draft: Annotated[list[TokenId], Meta(max_length=MAX_DRAFT_TOKENS)] = []
+    q: Annotated[list[SparseQ], Meta(max_length=MAX_DRAFT_TOKENS + 1)] = []
+    sealed: bytes = b""
+
+
+class Verdict(Base, tag="verdict"):
+    session_id: SessionId
+    round: NonNegative
+    base_len: NonNegative
+    accepted: NonNegative
+    token: TokenId
+    compute_seconds: float = 0.0  # the verifier's forward pass, for cost models
+    draft_hash: bytes = b""
+    model_fingerprint: str = ""
+    signature: bytes = b""
+    sealed: bytes = b""
+
+
+class VerifyClose(Base, tag="verify_close"):
+    session_id: SessionId
+
+
+Message = (
+    DirectorySync
+    | GenerateRequest
+    | SessionStarted
+    | TokensCommitted
+    | SessionFinished
+    | CancelSession
+    | ErrorMessage
+    | VerifyOpen
+    | VerifyOpened
+    | VerifyRequest
+    | Verdict
+    | VerifyClose
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+_record_decoder = msgspec.msgpack.Decoder(PeerRecord)
+
+
+class WireError(ValueError):
+    """A frame that does not decode into a valid message."""
+
+
+def encode(message: Message | PeerRecord) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(frame: bytes) -> Message:
+    """Decode one frame; any malformation becomes a WireError with a short reason."""
+    try:
+        return _decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise WireError(f"malformed message: {e}") from None
+
+
+def decode_record(data: bytes) -> PeerRecord:
+    try:
+        return _record_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise WireError(f"malformed peer record: {e}") from None
+
+
+def check_verify_request(req: VerifyRequest, *, sampling: bool, vocab_size: int) -> None:
+    """Semantic checks a schema cannot express; raises WireError."""
+    if sampling and len(req.q) != len(req.draft) + 1:
+        raise WireError(f"a sampling draft of {len(req.draft)} tokens needs {len(req.draft) + 1} q")
+    if not sampling and req.q:
+        raise WireError("a greedy draft carries no q")
+    for t in req.draft:
+        if t >= vocab_size:
+            raise WireError(f"draft token {t} is outside the vocabulary ({vocab_size})")
+    for q in req.q:
+        if len(q.token_ids) != len(q.probs) or len(q.token_ids) % 4:
+            raise WireError("a sparse q must carry as many int32 ids as float32 probabilities")
