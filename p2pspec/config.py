@@ -1,0 +1,93 @@
+"""Typed configuration: TOML files decoded into Structs; unknown keys are refused.
+
+Every field has a unit in its name where it has one, and a one-line comment. CLI flags
+override file values (`merge`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+from p2pspec.errors import UserError
+
+Seconds = Annotated[float, Meta(gt=0.0, le=86_400.0)]
+Count = Annotated[int, Meta(ge=1, le=100_000)]
+T = TypeVar("T")
+
+
+class ConfigError(UserError):
+    """A config file that is missing, unreadable, or holds unknown or invalid keys."""
+
+
+class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    role: Literal["drafter", "verifier"] | None = None  # what this peer serves
+    model: str | None = None  # a MODEL string (see the README)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    listen: str = "/ip4/127.0.0.1/tcp/0"  # multiaddr to listen on (tcp/0: any free port)
+    announce: str | None = None  # multiaddr others should dial instead of the bound one
+    bootstrap: list[str] = []  # multiaddrs (with /p2p/<id>) of peers to join through
+    key_file: str | None = None  # Ed25519 identity; created 0600 on first run
+    capacity_sessions: Count = 8  # sessions served at once; more are refused
+    advert_interval_s: Seconds = 2.0  # how often the peer re-signs and spreads its record
+    record_ttl_s: Seconds = 6.0  # a record not refreshed within this is dropped everywhere
+    dial_timeout_s: Seconds = 5.0  # deadline of one dial (libp2p's own can hang ~120 s)
+    request_timeout_s: Seconds = 10.0  # deadline of a directory exchange or session open
+    verify_timeout_s: Seconds = 120.0  # deadline of one verify round trip (CPU verifiers)
+    idle_timeout_s: Seconds = 300.0  # a session silent this long is freed
+    max_frame_bytes: Annotated[int, Meta(ge=4096, le=64 << 20)] = 1 << 20  # frame size limit
+    draft_tokens: Annotated[int, Meta(ge=0, le=16)] = 4  # default draft length k
+    log_tokens: bool = False  # debug only: allow token ids and text in logs
+
+
+class TestnetPeers(Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str  # MODEL string of these peers
+    count: Count = 1  # how many processes
+    capacity_sessions: Count = 8
+
+
+class Workload(Struct, forbid_unknown_fields=True, kw_only=True):
+    prompts: Annotated[list[str], Meta(min_length=1)]  # cycled through, one per session
+    sessions: Count = 4  # sessions in all
+    concurrency: Count = 2  # sessions in flight at once
+    max_new_tokens: Count = 32
+    temperature: Annotated[float, Meta(ge=0.0)] = 0.0
+    seed: int = 0
+    raw: bool = False  # skip the chat template
+    draft_tokens: Annotated[int, Meta(ge=0, le=16)] = 4
+
+
+class Topology(Struct, forbid_unknown_fields=True, kw_only=True):
+    verifiers: Annotated[list[TestnetPeers], Meta(min_length=1)]
+    drafters: Annotated[list[TestnetPeers], Meta(min_length=1)]
+    workload: Workload
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    ready_timeout_s: Seconds = 600.0  # deadline for every peer to print its ready line
+    peer: PeerConfig = msgspec.field(default_factory=PeerConfig)  # settings for every peer
+
+
+def load_toml(path: str | Path, kind: type[T]) -> T:
+    """Decode a TOML file into `kind`, turning every failure into a ConfigError."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    try:
+        return msgspec.toml.decode(data, type=kind)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid config {p}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"config {p} is not valid TOML: {e}") from None
+
+
+def merge(config: PeerConfig, overrides: dict[str, Any]) -> PeerConfig:
+    """CLI flags over file values: every override that is not None replaces the field."""
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return msgspec.convert({**msgspec.to_builtins(config), **fields}, PeerConfig)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid option: {e}") from None
