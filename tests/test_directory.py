@@ -1,0 +1,79 @@
+"""The directory of signed peer records: signatures, freshness, expiry."""
+
+from __future__ import annotations
+
+import msgspec
+
+from p2pspec import wire
+from p2pspec.crypto.identity import Identity
+from p2pspec.directory import Directory, sign_record
+
+
+def _record(identity: Identity, *, issued: int = 1000, ttl: int = 6000, seq: int = 0,
+            load: int = 0) -> wire.PeerRecord:
+    return wire.PeerRecord(
+        peer_id=identity.peer_id,
+        addrs=[f"/ip4/127.0.0.1/tcp/4001/p2p/{identity.peer_id}"],
+        role="verifier",
+        model_id="tiny-random:1",
+        tokenizer_fingerprint="t" * 16,
+        weights_fingerprint="w" * 16,
+        dtype="float32",
+        capacity=4,
+        load=load,
+        protocol_version=wire.PROTOCOL_VERSION,
+        issued_at_ms=issued,
+        ttl_ms=ttl,
+        seq=seq,
+    )
+
+
+def test_a_signed_record_is_kept_until_it_expires() -> None:
+    me = Identity.generate()
+    d = Directory()
+    assert d.add(sign_record(me, _record(me)), now_ms=2000)
+    assert [r.peer_id for r in d.live(6999)] == [me.peer_id]
+    assert d.live(7000) == []
+    assert d.expire(7000) == [me.peer_id]
+    assert len(d) == 0
+
+
+def test_a_newer_record_replaces_an_older_one_and_not_the_reverse() -> None:
+    me = Identity.generate()
+    d = Directory()
+    old = sign_record(me, _record(me, issued=1000, seq=1, load=0))
+    new = sign_record(me, _record(me, issued=3000, seq=2, load=3))
+    assert d.add(old, 3000) and d.add(new, 3000)
+    assert not d.add(old, 3000)
+    assert d.live(3000)[0].load == 3
+
+
+def test_records_with_a_bad_signature_or_tampered_fields_are_refused() -> None:
+    me, other = Identity.generate(), Identity.generate()
+    d = Directory()
+    signed = sign_record(me, _record(me))
+    # Signed by another key.
+    forged = wire.SignedRecord(record=signed.record, signature=other.sign(signed.record))
+    assert not d.add(forged, 2000)
+    # A field changed after signing.
+    changed = msgspec.structs.replace(_record(me), capacity=999)
+    assert not d.add(wire.SignedRecord(record=wire.encode(changed), signature=signed.signature), 2000)
+    # Garbage bytes.
+    assert not d.add(wire.SignedRecord(record=b"\x00garbage", signature=b"x" * 64), 2000)
+    assert d.rejected == 3 and len(d) == 0
+
+
+def test_an_expired_or_far_future_record_is_refused() -> None:
+    me = Identity.generate()
+    d = Directory()
+    assert not d.add(sign_record(me, _record(me, issued=1000, ttl=1000)), now_ms=5000)
+    assert not d.add(sign_record(me, _record(me, issued=100_000)), now_ms=5000)
+
+
+def test_a_peer_signs_only_its_own_record() -> None:
+    me, other = Identity.generate(), Identity.generate()
+    try:
+        sign_record(me, _record(other))
+    except ValueError:
+        return
+    raise AssertionError("signing another peer's record must fail")
