@@ -10,9 +10,10 @@ Notation, as in the paper (transformers uses the same; gpt-fast swaps the letter
 * ``γ`` (``k`` in code) is the number of drafted tokens ``x_1..x_k`` in a round.
 * ``α`` is the per-token acceptance rate, ``E[min(1, p(x)/q(x))]``.
 
-Positions are absolute: the token at position ``n`` is the ``n``-th generated token
-(0-based, counted from the end of the prompt). A round whose first drafted token sits at
-``base_position`` covers positions ``base_position .. base_position + k``.
+Positions are absolute: ``n`` is a token's fixed index in the sequence, on which drafter
+and verifier agree and which does not depend on how the sequence was cut into rounds (the
+engine uses the index in prompt + generated tokens). A round whose first drafted token sits
+at ``base_position`` covers positions ``base_position .. base_position + k``.
 
 Reproducibility. Every random decision goes through :func:`uniform`, a counter-based draw
 that is a pure function of ``(seed, position, purpose)``. The drafter samples ``x_n`` with
