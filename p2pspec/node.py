@@ -1,0 +1,675 @@
+"""The libp2p adapter: the one module of p2pspec that imports libp2p.
+
+A `Node` owns a py-libp2p host (TCP + Noise + yamux, nothing else) for the length of
+`Node.run`, and gives the rest of p2pspec a small surface: framed streams (`NodeStream`),
+contained stream handlers, and dials that fail within the caller's deadline with
+`PeerUnreachableError`. It exists to keep py-libp2p's traps (libp2p-notes.md) in
+one place:
+
+- an exception escaping a stream handler kills the host: `set_handler` wraps every
+  handler so that any exception is logged and the stream reset;
+- `stream.read(n)` is a short read: `NodeStream` speaks only whole frames (framing.py);
+- the default security options accept plaintext and secio: we pass Noise only;
+- dials can hang for about 120 s whatever libp2p's own dial timeout says: every dial
+  here runs under `trio.fail_after`;
+- a failed dial blocks the peer for 60 s: an explicit `connect` lifts that block first;
+- a listen failure (address in use) is not raised by py-libp2p: `run` checks for it;
+- the remote identity is the connection's authenticated peer id
+  (`stream.muxed_conn.peer_id`), never a key read from the Noise session.
+
+Peer ids and keys are `p2pspec.crypto` strings and bytes; no libp2p type leaves here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+
+import structlog
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.identity.identify import identify as libp2p_identify
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.protocol_muxer.exceptions import MultiselectClientError
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.tcp.tcp import TCP
+from multiaddr import Multiaddr
+from multiaddr.exceptions import Error as MultiaddrError
+from multiaddr.utils import get_network_addrs
+
+from p2pspec import __version__, framing
+from p2pspec.crypto import Identity, InvalidPeerIdError, public_key_from_peer_id
+from p2pspec.errors import P2PSpecError, UserError
+
+__all__ = [
+    "AGENT_VERSION",
+    "DEFAULT_LISTEN_ADDR",
+    "ConnectionGater",
+    "InvalidMultiaddrError",
+    "ListenError",
+    "Node",
+    "NodeStream",
+    "PeerRefusedError",
+    "PeerUnreachableError",
+    "ProtocolNotSupportedError",
+    "StreamHandler",
+    "StreamResetError",
+]
+
+DEFAULT_LISTEN_ADDR = "/ip4/127.0.0.1/tcp/0"
+AGENT_VERSION = f"p2pspec/{__version__}"
+DEFAULT_CLOSE_TIMEOUT_S = 1.0  # seconds to flush a close or reset before giving up on it
+
+_log = structlog.get_logger("p2pspec.node")
+
+ConnectionGater = Callable[[str], bool]
+"""Called with a remote peer id; False refuses the peer (its connection is closed)."""
+
+
+class PeerUnreachableError(P2PSpecError):
+    """A peer could not be reached: dial failed or timed out, or no stream could be opened."""
+
+
+class PeerRefusedError(PeerUnreachableError):
+    """The connection gater refused the peer, so we did not dial it."""
+
+
+class ProtocolNotSupportedError(PeerUnreachableError):
+    """The peer is reachable but does not speak the protocol id (often a version skew)."""
+
+
+class StreamResetError(P2PSpecError):
+    """The stream failed under us: reset, closed for writing, or out of step after an
+    interrupted read or write. Its remaining data is lost; open a new stream."""
+
+
+class ListenError(UserError):
+    """The node could not listen on its address (in use, or not an address of this machine)."""
+
+
+class InvalidMultiaddrError(UserError):
+    """A multiaddr string that cannot be used here; the message says what is wrong."""
+
+
+# -- streams ------------------------------------------------------------------------------
+
+
+class _LibP2PByteStream:
+    """framing.ByteStream over a libp2p stream: EOF becomes b"", other failures
+    StreamResetError; counts the bytes of the frame in progress."""
+
+    def __init__(self, net_stream: INetStream) -> None:
+        self._stream = net_stream
+        self.frame_bytes_read = 0
+
+    async def read(self, n: int) -> bytes:
+        try:
+            data = await self._stream.read(n)
+        except StreamEOF:
+            return b""  # a reset by either side also surfaces here (libp2p-notes)
+        except BaseLibp2pError as error:
+            raise StreamResetError(f"stream failed while reading: {error!r}") from error
+        self.frame_bytes_read += len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._stream.write(data)
+        except BaseLibp2pError as error:
+            raise StreamResetError(f"stream failed while writing: {error!r}") from error
+
+
+class NodeStream:
+    """One libp2p stream that carries whole frames, each at most `max_frame_bytes` bytes.
+
+    Reads and writes each hold a lock, so concurrent readers (or writers) get whole
+    frames. A read interrupted after part of a frame, or any interrupted write (a
+    deadline firing, a failure), leaves the stream out of step: every later call then
+    raises StreamResetError, and the right move is `reset()` and a new stream. A read
+    cancelled while waiting for the first byte of a frame (an idle timeout) is harmless.
+
+    Usable as an async context manager: closed on normal exit, reset on an exception.
+    """
+
+    def __init__(self, net_stream: INetStream, *, max_frame_bytes: int) -> None:
+        self._stream = net_stream
+        # The authenticated peer of the connection (Noise proved it holds this key).
+        self._remote_peer_id = str(net_stream.muxed_conn.peer_id)
+        protocol = net_stream.get_protocol()
+        self._protocol_id = str(protocol) if protocol is not None else ""
+        self._max_frame_bytes = max_frame_bytes
+        self._bytes = _LibP2PByteStream(net_stream)
+        self._read_lock = trio.Lock()
+        self._write_lock = trio.Lock()
+        self._out_of_step: str | None = None
+
+    @property
+    def remote_peer_id(self) -> str:
+        """The peer id at the other end, as authenticated by the connection's handshake."""
+        return self._remote_peer_id
+
+    @property
+    def protocol_id(self) -> str:
+        """The protocol id negotiated for this stream."""
+        return self._protocol_id
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The default maximum frame size of this stream, in bytes."""
+        return self._max_frame_bytes
+
+    async def read(self, n: int) -> bytes:
+        """framing.ByteStream: up to `n` raw bytes, b"" at end of stream.
+
+        For a codec layered on framing over this stream (e.g. a typed channel). Raw reads
+        bypass the out-of-step tracking of `read_frame`; do not mix the two on one stream.
+        """
+        return await self._bytes.read(n)
+
+    async def write(self, data: bytes) -> None:
+        """framing.ByteStream: write raw bytes (see `read`)."""
+        await self._bytes.write(data)
+
+    def _check_in_step(self) -> None:
+        if self._out_of_step is not None:
+            raise StreamResetError(f"stream is out of step ({self._out_of_step}); reset it")
+
+    async def read_frame(self, *, max_size: int | None = None) -> bytes:
+        """Read one whole frame. Raises framing's errors (EndOfStreamError when the peer
+        closed cleanly between frames) or StreamResetError. Waits without limit: call it
+        under `trio.fail_after`."""
+        limit = self._max_frame_bytes if max_size is None else max_size
+        async with self._read_lock:
+            self._check_in_step()
+            self._bytes.frame_bytes_read = 0
+            try:
+                return await framing.read_frame(self._bytes, max_size=limit)
+            except BaseException as error:
+                # Cancelled or failed after part of a frame: the next read would start
+                # mid-frame. Before the first byte (an idle timeout) all is still well,
+                # and after a clean end of stream every later read ends the same way.
+                harmless = isinstance(error, trio.Cancelled | framing.EndOfStreamError)
+                if self._bytes.frame_bytes_read or not harmless:
+                    self._out_of_step = f"read interrupted by {type(error).__name__}"
+                raise
+
+    async def write_frame(self, payload: bytes, *, max_size: int | None = None) -> None:
+        """Write one frame; FrameTooLargeError (nothing sent) above the maximum size,
+        StreamResetError if the stream has failed. Call it under a deadline: a peer that
+        stops reading stalls writes once yamux's window is full."""
+        limit = self._max_frame_bytes if max_size is None else max_size
+        frame = framing.encode_frame(payload, max_size=limit)
+        async with self._write_lock:
+            self._check_in_step()
+            try:
+                await self._bytes.write(frame)
+            except BaseException as error:
+                self._out_of_step = f"write interrupted by {type(error).__name__}"
+                raise
+
+    async def close(self, *, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Close our side: the peer reads EndOfStreamError after the frames we sent.
+
+        Never raises a stream failure (there is nothing left to do about one); if the
+        close cannot be flushed within `timeout_s` seconds the stream is reset instead.
+        """
+        with trio.move_on_after(timeout_s) as scope:
+            try:
+                await self._stream.close()
+            except BaseLibp2pError as error:
+                _log.debug("stream_close_failed", peer_id=self._remote_peer_id, error=repr(error))
+        if scope.cancelled_caught:
+            await self.reset(timeout_s=timeout_s)
+
+    async def reset(self, *, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Abort the stream in both directions; unread and unsent data is dropped.
+
+        Never raises a stream failure; gives up after `timeout_s` seconds (the connection
+        is then wedged and libp2p will tear it down)."""
+        self._out_of_step = self._out_of_step or "reset"
+        with trio.move_on_after(timeout_s):
+            try:
+                await self._stream.reset()
+            except BaseLibp2pError as error:
+                _log.debug("stream_reset_failed", peer_id=self._remote_peer_id, error=repr(error))
+
+    async def __aenter__(self) -> NodeStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.close()
+        else:
+            with trio.CancelScope(shield=True):  # reset even when we are being cancelled
+                await self.reset()
+
+
+StreamHandler = Callable[[NodeStream], Awaitable[None]]
+"""`async def handler(stream: NodeStream) -> None`; the stream is closed when it returns."""
+
+
+# -- addresses and ids --------------------------------------------------------------------
+
+
+def _parse_multiaddr(text: str) -> Multiaddr:
+    try:
+        return Multiaddr(text)
+    except (MultiaddrError, ValueError, TypeError) as error:
+        raise InvalidMultiaddrError(f"{text!r} is not a multiaddr: {error}") from error
+
+
+def _parse_peer_id(text: str) -> ID:
+    try:
+        public_key_from_peer_id(text)  # p2pspec peers have Ed25519 ids, nothing else
+    except InvalidPeerIdError as error:
+        raise InvalidMultiaddrError(f"{text!r} is not an Ed25519 peer id: {error}") from error
+    return ID.from_base58(text)
+
+
+def _split_p2p(maddr: Multiaddr) -> tuple[Multiaddr, str | None]:
+    """(transport part, peer id or None) of a multiaddr ending in /p2p/<id> or not."""
+    protocols = [protocol.name for protocol in maddr.protocols()]
+    if "p2p" not in protocols:
+        return maddr, None
+    if protocols.count("p2p") > 1 or protocols[-1] != "p2p":
+        raise InvalidMultiaddrError(f"{maddr} has /p2p/ somewhere other than at its end")
+    peer_id = maddr.get_peer_id()
+    if peer_id is None:
+        raise InvalidMultiaddrError(f"{maddr} has an empty /p2p/ component")
+    return maddr.decapsulate_code(maddr.protocols()[-1].code), str(peer_id)
+
+
+def _tcp_parts(maddr: Multiaddr) -> tuple[str, str, int]:
+    """(ip4|ip6, ip, port) of an /ip4|ip6/<ip>/tcp/<port> multiaddr, else InvalidMultiaddrError."""
+    protocols = [protocol.name for protocol in maddr.protocols()]
+    if len(protocols) != 2 or protocols[0] not in ("ip4", "ip6") or protocols[1] != "tcp":
+        raise InvalidMultiaddrError(
+            f"{maddr} is not /ip4/<ip>/tcp/<port> or /ip6/<ip>/tcp/<port> (TCP is the only "
+            "transport)"
+        )
+    ip = str(maddr.value_for_protocol(protocols[0]))
+    return protocols[0], ip, int(maddr.value_for_protocol("tcp"))
+
+
+def _is_wildcard(ip: str) -> bool:
+    return ip in ("0.0.0.0", "::")
+
+
+def _interface_ips(family: str) -> list[str]:
+    """This machine's addresses of one family, real interfaces first, loopback last.
+
+    For a node listening on 0.0.0.0 or ::, whose bound address no peer can dial.
+    """
+    version = 4 if family == "ip4" else 6
+    loopback = "127.0.0.1" if version == 4 else "::1"
+    ips = [ip for ip in get_network_addrs(version) if ip != loopback]
+    return [*ips, loopback]
+
+
+def _libp2p_key_pair(identity: Identity) -> KeyPair:
+    private_key = Libp2pEd25519PrivateKey.from_bytes(identity.private_key_bytes())
+    key_pair = KeyPair(private_key, private_key.get_public_key())
+    # Both derivations must agree, or peers would see a different id than we print.
+    if str(ID.from_pubkey(key_pair.public_key)) != identity.peer_id:
+        raise RuntimeError("libp2p derived a different peer id from our identity key")
+    return key_pair
+
+
+def _unsupported_protocol(error: BaseException) -> bool:
+    """Whether a failed new_stream was the peer answering 'na' to our protocol id.
+
+    py-libp2p folds ProtocolNotSupportedError into a MultiselectClientError message, so
+    the message is all there is to go on (tests/test_node.py pins this behaviour).
+    """
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, MultiselectClientError) and "not supported" in str(cause):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+# -- the node -----------------------------------------------------------------------------
+
+
+class _GaterNotifee(INotifee):
+    """Runs the connection gater on every new connection, inbound and outbound."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        await self._node._gate_connection(conn)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        return None
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None
+
+
+class Node:
+    """A libp2p host with this peer's identity, for the length of `run`.
+
+    `listen` is one /ip4|ip6/<ip>/tcp/<port> multiaddr (port 0: any free port).
+    `announce`, one multiaddr or several, replaces the addresses we advertise (e.g. a
+    public address in front of a NAT). `max_frame_bytes` is the default frame size limit
+    of every stream, in bytes.
+    `connection_gater(peer_id) -> bool` is asked about every connection, inbound and
+    outbound, and every inbound stream; a refused peer's connection is closed.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        listen: str = DEFAULT_LISTEN_ADDR,
+        announce: str | Sequence[str] | None = None,
+        max_frame_bytes: int = framing.DEFAULT_MAX_FRAME_SIZE,
+        connection_gater: ConnectionGater | None = None,
+    ) -> None:
+        self._identity = identity
+        self._peer_id: str = identity.peer_id
+        self._listen_maddr = _parse_multiaddr(listen)
+        _tcp_parts(self._listen_maddr)
+        if isinstance(announce, str):
+            announce = [announce]
+        self._announce = None if announce is None else [self._check_announce(a) for a in announce]
+        framing.encode_frame(b"", max_size=max_frame_bytes)  # validates max_frame_bytes
+        self._max_frame_bytes = max_frame_bytes
+        self._gater = connection_gater
+        self._log = _log.bind(local_peer_id=identity.peer_id)
+        self._started = False
+        self._listening = False
+
+        # py-libp2p has no per-host agent version: identify reads this module global
+        # when it answers, so this names every p2pspec node of the process (they all
+        # are p2pspec nodes: node.py is the only libp2p user).
+        libp2p_identify.AGENT_VERSION = AGENT_VERSION
+
+        key_pair = _libp2p_key_pair(identity)
+        self._host: IHost = new_host(
+            key_pair=key_pair,
+            # Noise only: the default also offers /plaintext/2.0.0, secio and TLS.
+            sec_opt={
+                NOISE_PROTOCOL_ID: NoiseTransport(
+                    key_pair, noise_privkey=new_x25519_key_pair().private_key
+                )
+            },
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            transports=[TCP()],
+            addrs_factory=self._advertised_transport_addrs,
+        )
+        self._host.get_network().register_notifee(_GaterNotifee(self))
+
+    @staticmethod
+    def _check_announce(text: str) -> Multiaddr:
+        transport, peer_id = _split_p2p(_parse_multiaddr(text))
+        _, ip, port = _tcp_parts(transport)
+        if _is_wildcard(ip) or port == 0:
+            raise InvalidMultiaddrError(f"announce address {text} is not dialable")
+        if peer_id is not None:
+            raise InvalidMultiaddrError(f"announce address {text} must not name a peer id")
+        return transport
+
+    @property
+    def peer_id(self) -> str:
+        """This node's peer id."""
+        return self._peer_id
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The default maximum frame size of this node's streams, in bytes."""
+        return self._max_frame_bytes
+
+    async def run(
+        self,
+        *,
+        # trio-stubs (installed by libp2p via trio-typing) predate trio.TaskStatus.
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined, unused-ignore]
+    ) -> None:
+        """Run the host until cancelled; `task_status.started()` once it listens.
+
+        Raises ListenError (plain, not in an exception group) if it cannot listen on
+        `listen`. The host's own run context is the node's lifetime scope: every
+        libp2p task (listeners, connections, handlers) lives and dies inside it, and the
+        node starts no tasks of its own.
+        """
+        if self._started:
+            raise RuntimeError("a Node runs once; make a new one")
+        self._started = True
+        async with self._host.run([self._listen_maddr]):
+            # py-libp2p logs a failed listen and carries on without a listener.
+            listening = bool(self._host.get_transport_addrs())
+            if listening:
+                self._listening = True
+                try:
+                    self._log.info("node_listening", addrs=self.listen_addrs())
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    self._listening = False
+        # Raised out here so that it is not wrapped in the host's exception groups.
+        raise ListenError(
+            f"cannot listen on {self._listen_maddr}: address in use, or not an address of "
+            "this machine"
+        )
+
+    def _require_running(self) -> None:
+        if not self._listening:
+            raise RuntimeError(
+                "the node is not running: use it inside `await nursery.start(node.run)`"
+            )
+
+    def _advertised_transport_addrs(self, _candidates: Sequence[Multiaddr] = ()) -> list[Multiaddr]:
+        """What we tell peers (identify) and print: the announce addresses, else the
+        bound addresses with a wildcard IP expanded to this machine's IPs.
+
+        Also libp2p's addrs_factory: libp2p's own candidates (which include observed
+        outbound addresses with ephemeral ports nobody can dial) are ignored.
+        """
+        if self._announce is not None:
+            return list(self._announce)
+        # libp2p calls this while the host is being built, before self._host exists.
+        host: IHost | None = getattr(self, "_host", None)
+        if host is None:
+            return []
+        addrs: list[Multiaddr] = []
+        for bound in host.get_transport_addrs():
+            family, ip, port = _tcp_parts(bound)
+            ips = _interface_ips(family) if _is_wildcard(ip) else [ip]
+            addrs.extend(Multiaddr(f"/{family}/{each}/tcp/{port}") for each in ips)
+        return addrs
+
+    def listen_addrs(self) -> list[str]:
+        """Full dialable multiaddrs of this node: real IP, bound port, /p2p/<peer id>."""
+        self._require_running()
+        suffix = f"/p2p/{self.peer_id}"
+        return [f"{addr}{suffix}" for addr in self._advertised_transport_addrs()]
+
+    # -- gating -----------------------------------------------------------------------
+
+    def _gater_allows(self, peer_id: str) -> bool:
+        if self._gater is None:
+            return True
+        try:
+            return bool(self._gater(peer_id))
+        except Exception as error:  # a broken gater must fail closed, not crash the host
+            self._log.error(
+                "connection_gater_failed",
+                peer_id=peer_id,
+                error_type=type(error).__name__,
+                error=str(error),
+                exc_info=True,
+            )
+            return False
+
+    async def _gate_connection(self, conn: INetConn) -> None:
+        peer_id = str(conn.muxed_conn.peer_id)
+        if self._gater_allows(peer_id):
+            return
+        self._log.warning("connection_refused", peer_id=peer_id)
+        with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
+            try:
+                await conn.close()
+            except BaseLibp2pError as error:
+                self._log.debug("connection_close_failed", peer_id=peer_id, error=repr(error))
+
+    # -- inbound ----------------------------------------------------------------------
+
+    def set_handler(self, protocol_id: str, handler: StreamHandler) -> None:
+        """Serve `protocol_id` with `handler`, one call per inbound stream.
+
+        Whatever the handler raises (except cancellation) is contained: logged as
+        `stream_handler_failed` and the stream reset, and the host keeps serving. When
+        the handler returns, the stream is closed. Handlers set their own deadlines.
+        """
+        if not protocol_id.startswith("/"):
+            raise ValueError(f"protocol ids look like /p2pspec/<name>/1.0.0, not {protocol_id!r}")
+
+        async def contained(net_stream: INetStream) -> None:
+            await self._serve_stream(net_stream, protocol_id, handler)
+
+        self._host.set_stream_handler(TProtocol(protocol_id), contained)
+
+    async def _serve_stream(
+        self, net_stream: INetStream, protocol_id: str, handler: StreamHandler
+    ) -> None:
+        log = self._log.bind(protocol=protocol_id)
+        stream: NodeStream | None = None
+        try:
+            stream = NodeStream(net_stream, max_frame_bytes=self._max_frame_bytes)
+            log = log.bind(peer_id=stream.remote_peer_id)
+            if not self._gater_allows(stream.remote_peer_id):
+                log.warning("stream_refused")
+                await stream.reset()
+                return
+            await handler(stream)
+        except Exception as error:  # trio.Cancelled is a BaseException: it goes through
+            expected = isinstance(error, framing.FrameError | StreamResetError)
+            log.warning(
+                "stream_handler_failed",
+                error_type=type(error).__name__,
+                error=str(error),
+                exc_info=not expected,
+            )
+            if stream is not None:
+                await stream.reset()
+            else:
+                with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
+                    await net_stream.reset()
+        else:
+            await stream.close()
+
+    # -- outbound ---------------------------------------------------------------------
+
+    async def connect(self, multiaddr: str, *, timeout_s: float) -> str:
+        """Connect to the peer at `multiaddr` (which ends in /p2p/<peer id>) unless
+        already connected; return its peer id. PeerUnreachableError if that does not
+        succeed within `timeout_s` seconds."""
+        self._require_running()
+        transport, peer_id = _split_p2p(_parse_multiaddr(multiaddr))
+        if peer_id is None:
+            raise InvalidMultiaddrError(f"{multiaddr} must end in /p2p/<peer id>")
+        _tcp_parts(transport)
+        libp2p_peer_id = _parse_peer_id(peer_id)
+        try:
+            with trio.fail_after(timeout_s):
+                await self._connect(libp2p_peer_id, transport)
+        except trio.TooSlowError:
+            raise PeerUnreachableError(
+                f"no connection to {multiaddr} within {timeout_s} s"
+            ) from None
+        return peer_id
+
+    async def _connect(self, peer_id: ID, transport: Multiaddr) -> None:
+        if str(peer_id) == self.peer_id:
+            raise PeerUnreachableError("refusing to dial ourselves")
+        if not self._gater_allows(str(peer_id)):
+            raise PeerRefusedError(f"the connection gater refuses {peer_id}")
+        network = self._host.get_network()
+        if network.get_connections(peer_id):
+            return
+        # An explicit dial means "try now": lift libp2p's 60 s block after a failure,
+        # or a peer that restarted could not be reached again for a minute.
+        unblock: Callable[[ID], None] | None = getattr(network, "unblock_peer", None)
+        if unblock is not None:
+            unblock(peer_id)
+        try:
+            await self._host.connect(PeerInfo(peer_id, [transport]))
+        except (BaseLibp2pError, OSError) as error:
+            raise PeerUnreachableError(
+                f"cannot connect to {peer_id} at {transport}: {error}"
+            ) from error
+
+    async def open_stream(self, peer: str, protocol_id: str, *, timeout_s: float) -> NodeStream:
+        """Open a stream speaking `protocol_id` to `peer`, connecting first if needed.
+
+        `peer` is a full multiaddr ending in /p2p/<peer id>, or a bare peer id that we
+        are connected to (or have recently been given addresses for). Everything, dial
+        included, happens within `timeout_s` seconds, else PeerUnreachableError.
+        ProtocolNotSupportedError (a PeerUnreachableError) if the peer does not serve
+        `protocol_id`.
+        """
+        self._require_running()
+        if peer.startswith("/"):
+            transport, peer_id_text = _split_p2p(_parse_multiaddr(peer))
+            if peer_id_text is None:
+                raise InvalidMultiaddrError(f"{peer} must end in /p2p/<peer id>")
+            _tcp_parts(transport)
+            target: Multiaddr | None = transport
+        else:
+            peer_id_text, target = peer, None
+        peer_id = _parse_peer_id(peer_id_text)
+        if not self._gater_allows(peer_id_text):
+            raise PeerRefusedError(f"the connection gater refuses {peer_id_text}")
+        try:
+            with trio.fail_after(timeout_s):
+                if target is not None:
+                    await self._connect(peer_id, target)
+                net_stream = await self._host.new_stream(peer_id, [TProtocol(protocol_id)])
+        except trio.TooSlowError:
+            raise PeerUnreachableError(
+                f"no {protocol_id} stream to {peer} within {timeout_s} s"
+            ) from None
+        except (BaseLibp2pError, OSError) as error:
+            if _unsupported_protocol(error):
+                raise ProtocolNotSupportedError(
+                    f"{peer_id_text} does not serve {protocol_id}"
+                ) from error
+            raise PeerUnreachableError(
+                f"cannot open a {protocol_id} stream to {peer}: {error}"
+            ) from error
+        return NodeStream(net_stream, max_frame_bytes=self._max_frame_bytes)
+
+    def connected_peers(self) -> list[str]:
+        """Peer ids we hold a connection to right now."""
+        return [str(peer_id) for peer_id in self._host.get_connected_peers()]
+
+    def __repr__(self) -> str:
+        return f"Node(peer_id={self.peer_id!r}, listening={self._listening})"
