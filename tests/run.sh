@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# README command (b): set up, then run the linters, the type checker and every test,
+# including the end-to-end tests on the real embedded models.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$root/testnet/setup.sh"
+cd "$root"
+echo "== ruff" >&2
+ruff check .
+ruff format --check .
+echo "== mypy (strict on the pure core)" >&2
+mypy --strict p2pspec/speculative.py p2pspec/errors.py crypto/
+echo "== pytest" >&2
+python -m pytest "$@"
