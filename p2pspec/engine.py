@@ -1,0 +1,387 @@
+"""The model side of speculative decoding: drafting, verifying, and an in-process engine.
+
+Notation (Leviathan et al. 2023): p is the verifier's distribution, q the drafter's; a
+round drafts k tokens x_1..x_k and the verifier checks them in one forward pass.
+
+`Drafter` and `Verifier` each own one sequence's KV cache on one model and keep it equal
+to a prefix of the committed tokens: after a rejection the cache is cropped, never
+recomputed. They are the pieces a drafter peer and a verifier peer run; `LocalEngine`
+drives both in one process (for trying speculative decoding and for comparisons).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from p2pspec.errors import ContextOverflowError, InvalidRequestError
+from p2pspec.models import KVCacheRunner, LoadedModel, check_compatible
+from p2pspec.speculative import (
+    SamplingParams,
+    SparseDistribution,
+    Verdict,
+    draft_token,
+    target_distribution,
+    verify_greedy,
+    verify_rejection,
+)
+
+# The drafter's q is sent sparsely; keeping its 256 most probable tokens costs almost no
+# acceptance and bounds a drafted token's wire size. Exactness does not depend on it:
+# the verifier's rejection sampling corrects for whatever q was sent.
+DRAFT_MAX_SUPPORT = 256
+
+
+@dataclass(frozen=True)
+class Draft:
+    """k drafted tokens, and in sampling mode the k+1 sparse distributions q_1..q_{k+1}."""
+
+    tokens: list[int]
+    q: list[SparseDistribution] | None = None
+
+
+def _logits_to_numpy(logits: torch.Tensor) -> np.ndarray:
+    return logits.detach().to(torch.float64).numpy()
+
+
+class CachedSequence:
+    """One sequence's KV cache on one model, kept equal to a prefix of the committed tokens."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self.runner = KVCacheRunner(lm)
+        self.tokens: list[int] = []  # the tokens whose K/V are in the runner's cache
+        self.forward_passes = 0
+
+    def sync(self, committed: Sequence[int]) -> list[int]:
+        """Crop the cache to its longest common prefix with `committed`; return the rest.
+
+        At least the last committed token is always returned, so that the next forward
+        has an input whose logits give the distribution at the first new position.
+        """
+        limit = min(len(self.tokens), len(committed) - 1)
+        common = 0
+        while common < limit and self.tokens[common] == committed[common]:
+            common += 1
+        self.truncate(common)
+        return list(committed[common:])
+
+    def truncate(self, length: int) -> None:
+        """Roll the cache back to its first `length` tokens (cropped, not recomputed)."""
+        if length < len(self.tokens):
+            self.runner.rollback(length)
+            del self.tokens[length:]
+
+    def forward(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed tokens after the cached ones; float32 logits, one row per token."""
+        logits = self.runner.forward(tokens)
+        self.tokens.extend(tokens)
+        self.forward_passes += 1
+        return logits
+
+
+class Drafter:
+    """Drafts tokens for one sequence with the small model q."""
+
+    def __init__(self, lm: LoadedModel, params: SamplingParams) -> None:
+        self.params = params
+        self.sequence = CachedSequence(lm)
+
+    @property
+    def forward_passes(self) -> int:
+        return self.sequence.forward_passes
+
+    def propose(self, committed: Sequence[int], k: int) -> Draft:
+        """Draft k tokens after `committed` (and q_{k+1} too when sampling).
+
+        Position of a drafted token = its absolute index in the sequence, so the noise
+        that draws it depends only on the seed and the position (speculative.uniform).
+        """
+        if k < 0:
+            raise ValueError(f"draft length must be >= 0, got {k}")
+        pending = self.sequence.sync(committed)
+        tokens: list[int] = []
+        qs: list[SparseDistribution] = []
+        sampling = not self.params.greedy
+        # Greedy needs k forwards; sampling also needs q_{k+1}, the drafter's distribution
+        # after the whole draft, so that the verifier treats the last position by the
+        # same rule as the others (reproducible whatever k is).
+        steps = k + 1 if sampling else k
+        for i in range(steps):
+            last = self.sequence.forward(pending)[-1]
+            if sampling:
+                dense = target_distribution(_logits_to_numpy(last), self.params)
+                q = SparseDistribution.from_dense(dense, max_support=DRAFT_MAX_SUPPORT)
+                qs.append(q)
+                if i == k:
+                    break
+                token = draft_token(q, seed=self.params.seed, position=len(committed) + i)
+            else:
+                token = int(torch.argmax(last).item())
+            tokens.append(token)
+            pending = [token]
+        return Draft(tokens=tokens, q=qs if sampling else None)
+
+
+    def rollback(self, committed: Sequence[int]) -> None:
+        """Drop drafted tokens the verifier rejected: the cache becomes committed[:-1]."""
+        self.sequence.sync(committed)
+
+
+class Verifier:
+    """Verifies drafts for one sequence with the large model p, keeping its KV cache."""
+
+    def __init__(self, lm: LoadedModel, params: SamplingParams) -> None:
+        self.params = params
+        self.sequence = CachedSequence(lm)
+
+    @property
+    def forward_passes(self) -> int:
+        return self.sequence.forward_passes
+
+    def verify(self, committed: Sequence[int], draft: Draft) -> Verdict:
+        """One forward pass over [committed tail, x_1..x_k] and the acceptance rule.
+
+        Afterwards the cache holds exactly committed + the accepted draft tokens.
+        """
+        base = len(committed)
+        logits = self.sequence.forward(self.sequence.sync(committed) + draft.tokens)
+        k = len(draft.tokens)
+        scored = logits[-(k + 1) :]  # p_1..p_{k+1}
+        if self.params.greedy:
+            verdict = verify_greedy(draft.tokens, torch.argmax(scored, dim=-1).tolist())
+        else:
+            if draft.q is None:
+                raise ValueError("a sampling-mode draft must carry its q distributions")
+            p = [target_distribution(row, self.params) for row in _logits_to_numpy(scored)]
+            verdict = verify_rejection(
+                draft.tokens, draft.q, p, base_position=base, seed=self.params.seed
+            )
+        self.sequence.truncate(base + verdict.accepted)
+        return verdict
+
+
+@dataclass
+class GenerationStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rejections: int = 0  # rounds in which the verifier rejected a drafted token
+    verifier_forward_passes: int = 0
+    drafter_forward_passes: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    total_seconds: float = 0.0
+    accepted_per_round: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance(self) -> float:
+        """Fraction of drafted tokens the verifier accepted."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance α (Leviathan et al.): each drafted token is a trial until
+        the first rejection of its round, so α = accepted / (accepted + rejections)."""
+        trials = self.accepted + self.rejections
+        return self.accepted / trials if trials else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["acceptance"] = self.acceptance
+        out["alpha"] = self.alpha
+        return out
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+    stats: GenerationStats
+
+
+def validate_request(
+    prompt_ids: Sequence[int], max_new_tokens: int, max_context: int, params: SamplingParams
+) -> None:
+    """Refuse requests that cannot be served, with a message that says why."""
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty: give at least one token of text")
+    if max_new_tokens <= 0:
+        raise InvalidRequestError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    try:
+        params.validate()
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from e
+    if len(prompt_ids) + max_new_tokens > max_context:
+        raise ContextOverflowError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"the model context of {max_context} tokens"
+        )
+
+
+class StopChecker:
+    """Finds the end of generation: EOS tokens, user stop strings, the token budget."""
+
+    def __init__(self, lm: LoadedModel, stop: Sequence[str], max_new_tokens: int) -> None:
+        self.tokenizer = lm.tokenizer
+        self.eos = lm.tokenizer.eos_token_ids
+        self.stop = [s for s in stop if s]
+        self.max_new_tokens = max_new_tokens
+
+    def cut(self, generated: list[int]) -> tuple[list[int], str | None]:
+        """Return the generated tokens up to where generation ends, and why it ended."""
+        for i, token in enumerate(generated):
+            if token in self.eos:
+                return generated[: i + 1], "eos"
+        if self.stop:
+            text = self.tokenizer.decode(generated)
+            if any(s in text for s in self.stop):
+                # The shortest prefix whose text holds a stop string ends generation.
+                for n in range(1, len(generated) + 1):
+                    if any(s in self.tokenizer.decode(generated[:n]) for s in self.stop):
+                        return generated[:n], "stop"
+        if len(generated) >= self.max_new_tokens:
+            return generated[: self.max_new_tokens], "length"
+        return generated, None
+
+    def text(self, generated: Sequence[int], finish_reason: str | None) -> str:
+        text = self.tokenizer.decode(generated)
+        if finish_reason == "stop":
+            ends = [text.find(s) for s in self.stop if s in text]
+            text = text[: min(ends)]
+        return text
+
+
+class TextDeltas:
+    """Turns committed tokens into the text they add, holding back a partial character."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.tokenizer = lm.tokenizer
+        self.tokens: list[int] = []
+        self.shown = ""
+
+    def push(self, tokens: Sequence[int]) -> str:
+        self.tokens.extend(tokens)
+        text = self.tokenizer.decode(self.tokens)
+        # A trailing U+FFFD is a multi-byte character cut in two: wait for the rest.
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        delta, self.shown = text[len(self.shown) :], text
+        return delta
+
+
+class LocalEngine:
+    """Speculative decoding with drafter and verifier in one process."""
+
+    def __init__(self, drafter: LoadedModel, verifier: LoadedModel, *, draft_tokens: int = 4):
+        check_compatible(drafter, verifier)
+        if draft_tokens < 0:
+            raise InvalidRequestError(f"draft tokens must be >= 0, got {draft_tokens}")
+        self.drafter_lm = drafter
+        self.verifier_lm = verifier
+        self.draft_tokens = draft_tokens
+
+    @property
+    def max_context(self) -> int:
+        return min(self.drafter_lm.max_context, self.verifier_lm.max_context)
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+        stats: GenerationStats | None = None,
+    ) -> Iterator[list[int]]:
+        """Yield the tokens committed by each round, until EOS, a stop string or the budget.
+
+        `stats`, if given, is filled in as rounds complete; `finish_reason` is in
+        `stats` only through `generate`.
+        """
+        validate_request(prompt_ids, max_new_tokens, self.max_context, params)
+        stats = stats if stats is not None else GenerationStats()
+        drafter = Drafter(self.drafter_lm, params)
+        verifier = Verifier(self.verifier_lm, params)
+        checker = StopChecker(self.verifier_lm, stop, max_new_tokens)
+        committed = list(prompt_ids)
+        generated: list[int] = []
+        started = time.perf_counter()
+        while True:
+            # Never draft past the budget: the round's own token is the (k+1)-th.
+            k = min(self.draft_tokens, max_new_tokens - len(generated) - 1)
+            t0 = time.perf_counter()
+            draft = drafter.propose(committed, k)
+            t1 = time.perf_counter()
+            verdict = verifier.verify(committed, draft)
+            t2 = time.perf_counter()
+            stats.rounds += 1
+            stats.drafted += k
+            stats.accepted += verdict.accepted
+            stats.rejections += verdict.accepted < k
+            stats.accepted_per_round.append(verdict.accepted)
+            stats.draft_seconds += t1 - t0
+            stats.verify_seconds += t2 - t1
+            stats.verifier_forward_passes = verifier.forward_passes
+            stats.drafter_forward_passes = drafter.forward_passes
+            new = [*draft.tokens[: verdict.accepted], verdict.token]
+            kept, reason = checker.cut(generated + new)
+            fresh = kept[len(generated) :]
+            generated = kept
+            committed.extend(fresh)
+            drafter.rollback(committed)
+            stats.total_seconds = time.perf_counter() - started
+            if fresh:
+                yield fresh
+            if reason is not None:
+                return
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+    ) -> GenerationResult:
+        stats = GenerationStats()
+        tokens: list[int] = []
+        for chunk in self.stream(
+            prompt_ids, max_new_tokens=max_new_tokens, params=params, stop=stop, stats=stats
+        ):
+            tokens.extend(chunk)
+        checker = StopChecker(self.verifier_lm, stop, max_new_tokens)
+        _, reason = checker.cut(tokens)
+        finish = reason or "length"
+        return GenerationResult(
+            text=checker.text(tokens, finish),
+            prompt_token_ids=list(prompt_ids),
+            token_ids=tokens,
+            finish_reason=finish,
+            stats=stats,
+        )
+
+
+def greedy_decode(lm: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """The verifier model's own greedy decoding, one token per forward pass, stopping at EOS.
+
+    This is the reference that speculative decoding must reproduce exactly.
+    """
+    validate_request(prompt_ids, max_new_tokens, lm.max_context, SamplingParams())
+    runner = KVCacheRunner(lm)
+    out: list[int] = []
+    feed = list(prompt_ids)
+    while len(out) < max_new_tokens:
+        token = int(torch.argmax(runner.forward(feed)[-1]).item())
+        out.append(token)
+        if token in lm.tokenizer.eos_token_ids:
+            break
+        feed = [token]
+    return out
