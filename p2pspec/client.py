@@ -1,0 +1,283 @@
+"""The Python client: submit prompts to the mesh and stream the answers.
+
+```python
+async with Client(bootstrap=["/ip4/.../tcp/.../p2p/..."]) as client:
+    result = await client.generate("Explain recursion.", max_new_tokens=64)
+    async with client.stream("Write a haiku.") as chunks:
+        async for chunk in chunks:
+            print(chunk.text, end="")
+```
+`generate_blocking(...)` does the same from synchronous code. The client is a libp2p
+node with a throwaway identity; it learns the mesh from its bootstrap peers, picks the
+drafter with the most spare capacity, and talks to it on one session stream. Leaving a
+`stream` early (break, exception, cancellation) cancels the session on every peer.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import trio
+
+from p2pspec import wire
+from p2pspec.channel import Channel, ChannelError, RemoteError
+from p2pspec.config import PeerConfig
+from p2pspec.crypto.identity import Identity
+from p2pspec.directory import Directory
+from p2pspec.discovery import exchange, now_ms
+from p2pspec.errors import P2PSpecError
+from p2pspec.node import Node, NodeStream
+
+
+class ClientError(P2PSpecError):
+    """A session could not be served; `code` says why (e.g. 'no_drafter', 'overloaded')."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass
+class Chunk:
+    """Tokens committed by one round, and the text they add."""
+
+    tokens: list[int]
+    text: str
+    round: int
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str
+    drafter_peer_id: str
+    verifier_peer_id: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "prompt_token_ids": self.prompt_token_ids,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "drafter_peer_id": self.drafter_peer_id,
+            "verifier_peer_id": self.verifier_peer_id,
+            "stats": self.stats,
+        }
+
+
+class Stream:
+    """One session's committed chunks, as an async iterator; `result` once finished."""
+
+    def __init__(self, client: Client, request: wire.GenerateRequest) -> None:
+        self._client = client
+        self._request = request
+        self._stream: NodeStream | None = None
+        self._channel: Channel | None = None
+        self.started: wire.SessionStarted | None = None
+        self.result: Result | None = None
+        self._tokens: list[int] = []
+
+    async def __aenter__(self) -> Stream:
+        self._stream, self._channel = await self._client._open_session(self._request)
+        try:
+            self.started = await self._channel.expect(
+                wire.SessionStarted, timeout_s=self._client.config.request_timeout_s
+            )
+        except RemoteError as e:
+            await self.aclose()
+            raise ClientError(e.code, e.remote_message) from None
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[Chunk]:
+        assert self._channel is not None and self.started is not None
+        while self.result is None:
+            try:
+                message = await self._channel.receive(
+                    timeout_s=self._client.config.verify_timeout_s
+                )
+            except RemoteError as e:
+                raise ClientError(e.code, e.remote_message) from None
+            except ChannelError as e:
+                raise ClientError("drafter_failed", str(e)) from None
+            if isinstance(message, wire.TokensCommitted):
+                self._tokens.extend(message.tokens)
+                yield Chunk(tokens=list(message.tokens), text=message.text, round=message.round)
+            elif isinstance(message, wire.SessionFinished):
+                self.result = Result(
+                    text=message.text,
+                    prompt_token_ids=list(self.started.prompt_token_ids),
+                    token_ids=list(message.token_ids),
+                    finish_reason=message.finish_reason,
+                    drafter_peer_id=self.started.drafter_peer_id,
+                    verifier_peer_id=self.started.verifier_peer_id,
+                    stats=msgspec.to_builtins(message.stats),
+                )
+            else:
+                raise ClientError("protocol", f"unexpected {type(message).__name__}")
+
+    async def aclose(self) -> None:
+        """Cancel the session on every peer unless it finished; close the stream."""
+        if self._stream is None:
+            return
+        stream, self._stream = self._stream, None
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+            if self.result is None and self._channel is not None:
+                try:
+                    await self._channel.send(wire.CancelSession(session_id=self._request.session_id))
+                except P2PSpecError:
+                    pass  # the drafter is gone already: closing the stream is all that is left
+            await stream.close()
+
+
+class Client:
+    def __init__(
+        self,
+        bootstrap: Sequence[str],
+        *,
+        config: PeerConfig | None = None,
+        identity: Identity | None = None,
+    ) -> None:
+        if not bootstrap:
+            raise ValueError("a client needs at least one bootstrap multiaddr")
+        self.config = msgspec.structs.replace(
+            config or PeerConfig(), bootstrap=list(bootstrap)
+        )
+        self.identity = identity or Identity.generate()
+        self.node = Node(self.identity, listen="/ip4/127.0.0.1/tcp/0")
+        self.directory = Directory(self.identity.peer_id)
+        self._nursery_cm: Any = None
+        self._nursery: trio.Nursery | None = None
+
+    async def __aenter__(self) -> Client:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        try:
+            await self._nursery.start(self.node.run)
+            await self.refresh()
+        except BaseException as e:
+            await self.__aexit__(type(e), e, e.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        result: bool | None = await self._nursery_cm.__aexit__(exc_type, exc, tb)
+        return result
+
+    async def refresh(self) -> int:
+        """Pull the directory from the bootstrap peers; returns how many answered."""
+        answered = 0
+        for addr in self.config.bootstrap:
+            answered += await exchange(self.node, self.directory, addr, config=self.config)
+        if not answered:
+            raise ClientError(
+                "bootstrap_unreachable",
+                f"no bootstrap peer answered: {', '.join(self.config.bootstrap)}",
+            )
+        return answered
+
+    def peers(self, role: str | None = None) -> list[wire.PeerRecord]:
+        return [r for r in self.directory.live(now_ms()) if role is None or r.role == role]
+
+    async def _open_session(self, request: wire.GenerateRequest) -> tuple[NodeStream, Channel]:
+        drafters = [r for r in self.peers("drafter") if r.load < r.capacity] or self.peers(
+            "drafter"
+        )
+        if not drafters:
+            await self.refresh()
+            drafters = self.peers("drafter")
+        if not drafters:
+            raise ClientError("no_drafter", "no drafter is known in the mesh")
+        least = min(r.load / r.capacity for r in drafters)
+        order = [r for r in drafters if r.load / r.capacity == least]
+        record = random.choice(order)
+        errors = []
+        for addr in record.addrs:
+            try:
+                stream = await self.node.open_stream(
+                    addr, wire.SESSION_PROTOCOL, timeout_s=self.config.dial_timeout_s
+                )
+            except P2PSpecError as e:
+                errors.append(str(e))
+                continue
+            channel = Channel(stream, max_frame_bytes=self.config.max_frame_bytes)
+            await channel.send(request)
+            return stream, channel
+        raise ClientError("drafter_unreachable", f"{record.peer_id}: {'; '.join(errors)}")
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        raw: bool = False,
+        draft_tokens: int = 4,
+    ) -> Stream:
+        try:
+            request = wire.GenerateRequest(
+                session_id=secrets.token_hex(16),
+                prompt=prompt,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                stop=list(stop),
+                raw=raw,
+                draft_tokens=draft_tokens,
+            )
+            request = msgspec.convert(msgspec.to_builtins(request), wire.GenerateRequest)
+        except msgspec.ValidationError as e:
+            raise ClientError("invalid_request", str(e)) from None
+        return Stream(self, request)
+
+    async def generate(self, prompt: str, **kwargs: Any) -> Result:
+        async with self.stream(prompt, **kwargs) as chunks:
+            async for _ in chunks:
+                pass
+        assert chunks.result is not None
+        return chunks.result
+
+
+def generate_blocking(bootstrap: Sequence[str], prompt: str, **kwargs: Any) -> Result:
+    """`Client.generate` for synchronous code (scripts, notebooks): one call, one answer."""
+
+    async def main() -> Result:
+        async with Client(bootstrap) as client:
+            return await client.generate(prompt, **kwargs)
+
+    return trio.run(main)

@@ -1,0 +1,140 @@
+"""Discovery: peers learn the mesh by push-pull exchange of signed records.
+
+Every `advert_interval_s` a peer re-signs its own record (fresh load, `seq` + 1) and
+exchanges `DirectorySync` with every live peer it knows and with its bootstrap peers:
+it sends the records it holds and merges the ones it gets back. One bootstrap peer is
+enough to learn the whole mesh; a peer that stops refreshing its record is dropped by
+every directory within `record_ttl_s` of its last refresh. Nothing rides on gossipsub
+(libp2p-notes.md: it drops silently under load).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import structlog
+import trio
+
+from p2pspec import wire
+from p2pspec.channel import Channel, ChannelError
+from p2pspec.config import PeerConfig
+from p2pspec.crypto.identity import Identity
+from p2pspec.directory import Directory, sign_record
+from p2pspec.errors import P2PSpecError
+from p2pspec.node import Node, NodeStream
+
+log = structlog.get_logger("p2pspec.discovery")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def peer_id_of(multiaddr: str) -> str:
+    """The peer id at the end of a `/.../p2p/<id>` multiaddr ('' when there is none)."""
+    parts = multiaddr.rstrip("/").split("/")
+    return parts[-1] if len(parts) >= 2 and parts[-2] == "p2p" else ""
+
+
+async def exchange(
+    node: Node,
+    directory: Directory,
+    target: str,
+    *,
+    config: PeerConfig,
+) -> bool:
+    """One push-pull exchange with the peer at `target` (a multiaddr); True on success."""
+    stream: NodeStream | None = None
+    try:
+        stream = await node.open_stream(
+            target, wire.DIRECTORY_PROTOCOL, timeout_s=config.dial_timeout_s
+        )
+        channel = Channel(stream, max_frame_bytes=config.max_frame_bytes)
+        await channel.send(wire.DirectorySync(records=directory.signed_records(now_ms())))
+        reply = await channel.expect(wire.DirectorySync, timeout_s=config.request_timeout_s)
+        directory.add_all(reply.records, now_ms())
+        return True
+    except P2PSpecError as e:
+        log.debug("directory_exchange_failed", target=target, error=str(e))
+        return False
+    finally:
+        if stream is not None:
+            await stream.close()
+
+
+async def serve_exchange(stream: NodeStream, directory: Directory, config: PeerConfig) -> None:
+    """The other side of `exchange`: merge what arrives, answer with what is known."""
+    channel = Channel(stream, max_frame_bytes=config.max_frame_bytes)
+    try:
+        sync = await channel.expect(wire.DirectorySync, timeout_s=config.request_timeout_s)
+    except ChannelError as e:
+        log.info("directory_request_refused", peer=stream.remote_peer_id, error=str(e))
+        await channel.refuse("bad_request", str(e))
+        return
+    # Answer with what was known before merging: the caller has its own records already.
+    known = directory.signed_records(now_ms())
+    directory.add_all(sync.records, now_ms())
+    await channel.send(wire.DirectorySync(records=known))
+
+
+class Advertiser:
+    """Keeps this peer's record fresh in every directory of the mesh."""
+
+    def __init__(
+        self,
+        node: Node,
+        identity: Identity,
+        directory: Directory,
+        config: PeerConfig,
+        make_record: Callable[[int, int], wire.PeerRecord] | None,
+    ) -> None:
+        self.node = node
+        self.identity = identity
+        self.directory = directory
+        self.config = config
+        self.make_record = make_record  # (issued_at_ms, seq) -> record; None for clients
+        self.seq = 0
+
+    def refresh_own_record(self) -> None:
+        if self.make_record is None:
+            return
+        self.seq += 1
+        record = self.make_record(now_ms(), self.seq)
+        self.directory.add(sign_record(self.identity, record), now_ms())
+
+    def targets(self) -> list[str]:
+        """Bootstrap peers, then every live peer's first address (each peer once)."""
+        seen = {self.identity.peer_id}
+        out: list[str] = []
+        for addr in self.config.bootstrap:
+            pid = peer_id_of(addr)
+            if pid not in seen:
+                seen.add(pid)
+                out.append(addr)
+        for record in self.directory.live(now_ms()):
+            if record.peer_id not in seen and record.addrs:
+                seen.add(record.peer_id)
+                out.append(record.addrs[0])
+        return out
+
+    async def round(self) -> int:
+        """Refresh, expire, and exchange with every target at once; returns successes."""
+        self.refresh_own_record()
+        for gone in self.directory.expire(now_ms()):
+            log.info("peer_expired", peer=gone)
+        ok = 0
+
+        async def one(target: str) -> None:
+            nonlocal ok
+            ok += await exchange(self.node, self.directory, target, config=self.config)
+
+        async with trio.open_nursery() as nursery:
+            for target in self.targets():
+                nursery.start_soon(one, target)
+        return ok
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.config.advert_interval_s)
+            await self.round()

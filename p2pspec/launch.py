@@ -1,0 +1,138 @@
+"""Peer processes: start `p2pspec peer`, wait for its ready line, stop it by PID.
+
+Used by the testnet and the integration tests. Readiness is the peer's own ready line on
+stdout (its dialable multiaddr), read under a deadline: never a sleep. Stopping sends
+SIGTERM, waits, then SIGKILLs; it only ever signals the PIDs it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from p2pspec.errors import P2PSpecError
+
+
+class PeerStartError(P2PSpecError):
+    """A peer process exited, or said nothing, before its ready line."""
+
+
+@dataclass
+class PeerProcess:
+    name: str
+    role: str
+    model: str
+    process: trio.Process
+    log_path: Path
+    address: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def peer_id(self) -> str:
+        return self.address.rsplit("/", 1)[-1]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (tests of failure handling)."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+
+    async def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(timeout_s):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.send_signal(signal.SIGKILL)
+                await self.process.wait()
+        return self.process.returncode
+
+
+def peer_command(
+    role: str,
+    model: str,
+    *,
+    key_file: Path,
+    bootstrap: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    cmd = [sys.executable, "-m", "p2pspec.peers.cli", "peer", "--role", role, "--model", model]
+    cmd += ["--key", str(key_file), "--listen", "/ip4/127.0.0.1/tcp/0"]
+    for addr in bootstrap:
+        cmd += ["--bootstrap", addr]
+    return cmd + list(extra_args)
+
+
+async def _read_ready_line(process: trio.Process) -> str:
+    assert process.stdout is not None
+    buf = b""
+    while b"\n" not in buf:
+        chunk = await process.stdout.receive_some(4096)
+        if not chunk:
+            raise PeerStartError("the peer exited before printing its address")
+        buf += chunk
+    return buf.split(b"\n", 1)[0].decode().strip()
+
+
+async def start_peer(
+    name: str,
+    role: str,
+    model: str,
+    *,
+    workdir: Path,
+    bootstrap: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+    ready_timeout_s: float = 300.0,
+    env: dict[str, str] | None = None,
+) -> PeerProcess:
+    """Start one peer and return once it has printed its ready line."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{name}.log"
+    cmd = peer_command(
+        role, model, key_file=workdir / f"{name}.key", bootstrap=bootstrap, extra_args=extra_args
+    )
+    with open(log_path, "wb") as log_file:
+        process = await trio.lowlevel.open_process(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        )
+    peer = PeerProcess(name=name, role=role, model=model, process=process, log_path=log_path)
+    try:
+        with trio.fail_after(ready_timeout_s):
+            peer.address = await _read_ready_line(process)
+    except (trio.TooSlowError, PeerStartError) as e:
+        await peer.stop(timeout_s=2.0)
+        reason = "no ready line in time" if isinstance(e, trio.TooSlowError) else str(e)
+        raise PeerStartError(f"{name}: {reason}\n{peer.log_tail()}") from None
+    if "/p2p/" not in peer.address:
+        await peer.stop(timeout_s=2.0)
+        raise PeerStartError(f"{name}: the ready line is not a multiaddr: {peer.address!r}")
+    return peer
+
+
+async def stop_all(peers: Sequence[PeerProcess]) -> None:
+    """Stop every peer at once, even while the caller is being cancelled."""
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            for p in peers:
+                nursery.start_soon(p.stop)

@@ -1,0 +1,34 @@
+"""structlog set-up: events with snake_case names and fields, always on stderr.
+
+A console renderer on a terminal, JSON lines otherwise (testnet logs, CI). Token ids
+and text never go into log fields unless the peer runs with `log_tokens` (debug).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure(*, level: str = "info", json: bool | None = None) -> None:
+    as_json = (not sys.stderr.isatty()) if json is None else json
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    # libp2p logs through the standard library; keep its chatter off unless asked.
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)

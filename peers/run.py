@@ -1,0 +1,144 @@
+"""A peer process: a libp2p node, discovery, and one role (drafter or verifier).
+
+`run_peer` loads nothing itself: the caller hands it a loaded model, so that the slow
+load happens before the node listens and the ready line means "ready to serve". The
+ready line is the node's full dialable multiaddr, printed alone on stdout.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+
+import structlog
+import trio
+
+from p2pspec import wire
+from p2pspec.channel import Channel, ChannelError
+from p2pspec.config import PeerConfig
+from p2pspec.crypto.identity import Identity
+from p2pspec.directory import Directory
+from p2pspec.discovery import Advertiser, now_ms, serve_exchange
+from p2pspec.errors import P2PSpecError
+from p2pspec.models import LoadedModel
+from p2pspec.node import Node, NodeStream
+from p2pspec.peers.drafter import DrafterService
+from p2pspec.peers.verifier import VerifierService
+
+log = structlog.get_logger("p2pspec.peer")
+
+
+class Peer:
+    """One peer: node + directory + advertiser + its role's service."""
+
+    def __init__(self, config: PeerConfig, lm: LoadedModel, identity: Identity) -> None:
+        if config.role is None:
+            raise ValueError("a peer needs a role")
+        self.config = config
+        self.lm = lm
+        self.identity = identity
+        self.node = Node(
+            identity,
+            listen=config.listen,
+            announce=config.announce,
+            max_frame_bytes=config.max_frame_bytes,
+        )
+        self.directory = Directory(identity.peer_id)
+        self.compute = trio.Lock()  # one forward pass at a time on this peer's model
+        self.service: DrafterService | VerifierService
+        if config.role == "verifier":
+            self.service = VerifierService(lm, identity.peer_id, config, self.compute)
+        else:
+            self.service = DrafterService(
+                lm,
+                identity.peer_id,
+                config,
+                self.compute,
+                verifiers=lambda: self.directory.live(now_ms()),
+                open_verify_channel=self._open_verify_channel,
+            )
+        self.advertiser = Advertiser(
+            self.node, identity, self.directory, config, make_record=self._record
+        )
+
+    def _record(self, issued_at_ms: int, seq: int) -> wire.PeerRecord:
+        assert self.config.role is not None
+        return wire.PeerRecord(
+            peer_id=self.identity.peer_id,
+            addrs=self.node.listen_addrs(),
+            role=self.config.role,
+            model_id=self.lm.model_id[:256],
+            tokenizer_fingerprint=self.lm.tokenizer.fingerprint,
+            weights_fingerprint=self.lm.weights_fingerprint,
+            dtype=self.lm.dtype,
+            capacity=self.config.capacity_sessions,
+            load=self.service.load,
+            protocol_version=wire.PROTOCOL_VERSION,
+            issued_at_ms=issued_at_ms,
+            ttl_ms=int(self.config.record_ttl_s * 1000),
+            seq=seq,
+        )
+
+    async def _open_verify_channel(
+        self, record: wire.PeerRecord
+    ) -> tuple[Channel, Callable[[], Awaitable[None]]]:
+        errors = []
+        for addr in record.addrs:
+            try:
+                stream = await self.node.open_stream(
+                    addr, wire.VERIFY_PROTOCOL, timeout_s=self.config.dial_timeout_s
+                )
+            except P2PSpecError as e:
+                errors.append(f"{addr}: {e}")
+                continue
+            return Channel(stream, max_frame_bytes=self.config.max_frame_bytes), stream.close
+        raise ChannelError(f"cannot reach verifier {record.peer_id}: {'; '.join(errors)}")
+
+    async def _serve_role(self, stream: NodeStream) -> None:
+        channel = Channel(stream, max_frame_bytes=self.config.max_frame_bytes)
+        try:
+            await self.service.handle(channel, stream.remote_peer_id)
+        finally:
+            await stream.close()
+
+    async def _serve_directory(self, stream: NodeStream) -> None:
+        try:
+            await serve_exchange(stream, self.directory, self.config)
+        finally:
+            await stream.close()
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, join the mesh, report the address (task_status), serve until cancelled."""
+        role_protocol = (
+            wire.VERIFY_PROTOCOL if self.config.role == "verifier" else wire.SESSION_PROTOCOL
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.node.run)
+            self.node.set_handler(wire.DIRECTORY_PROTOCOL, self._serve_directory)
+            self.node.set_handler(role_protocol, self._serve_role)
+            joined = await self.advertiser.round()
+            if self.config.bootstrap and not joined:
+                log.warning("bootstrap_unreachable", bootstrap=self.config.bootstrap)
+            address = self.node.listen_addrs()[0]
+            log.info(
+                "peer_ready",
+                role=self.config.role,
+                peer_id=self.identity.peer_id,
+                address=address,
+                model=self.lm.model_id,
+                known_peers=len(self.directory) - 1,
+            )
+            nursery.start_soon(self.advertiser.run)
+            task_status.started(address)
+
+
+async def run_until_signalled(peer: Peer, on_ready: Callable[[str], None]) -> None:
+    """Run `peer` until SIGINT or SIGTERM, then shut down cleanly."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(peer.run)
+            on_ready(address)
+            async for signum in signals:
+                log.info("peer_stopping", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -1,0 +1,178 @@
+"""The verifier role: serves verify sessions for drafters, one long-lived stream each.
+
+A drafter opens `/p2pspec/verify/1.0.0`, sends `VerifyOpen` with the committed prefix,
+then one `VerifyRequest` per round; the verifier answers each with a `Verdict`. The
+session's KV cache lives here between rounds and is freed when the stream ends, the
+drafter sends `VerifyClose`, or the session goes idle. A drafter's mistake ends its own
+session with an `ErrorMessage`, never the peer.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import structlog
+import trio
+
+from p2pspec import wire
+from p2pspec.channel import Channel, ChannelError
+from p2pspec.config import PeerConfig
+from p2pspec.engine import Draft, Verifier
+from p2pspec.models import LoadedModel
+from p2pspec.speculative import SamplingParams, SparseDistribution
+
+log = structlog.get_logger("p2pspec.verifier")
+
+
+def q_from_wire(q: wire.SparseQ, vocab_size: int) -> SparseDistribution:
+    """Decode a sparse q and check it (ids sorted, in range, probabilities positive)."""
+    dist = SparseDistribution(
+        token_ids=np.frombuffer(q.token_ids, dtype="<i4").astype(np.int64),
+        probs=np.frombuffer(q.probs, dtype="<f4").copy(),
+    )
+    dist.validate(vocab_size)
+    return dist
+
+
+class VerifierService:
+    """Verify sessions on one model; `load` of them at once, at most `capacity`."""
+
+    def __init__(
+        self, lm: LoadedModel, peer_id: str, config: PeerConfig, compute: trio.Lock
+    ) -> None:
+        self.lm = lm
+        self.peer_id = peer_id
+        self.config = config
+        self.compute = compute  # one forward pass at a time on this model
+        self.sessions: dict[str, Verifier] = {}
+        self.refused = 0
+        self.served = 0
+
+    @property
+    def load(self) -> int:
+        return len(self.sessions)
+
+    async def handle(self, channel: Channel, remote_peer_id: str) -> None:
+        """Serve one verify session on its stream; returns when the session ends."""
+        cfg = self.config
+        try:
+            opening = await channel.receive(timeout_s=cfg.request_timeout_s)
+        except ChannelError as e:
+            log.info("verify_open_failed", peer=remote_peer_id, error=str(e))
+            await channel.refuse("bad_request", str(e))
+            return
+        if not isinstance(opening, wire.VerifyOpen):
+            code = "unknown_session" if isinstance(opening, wire.VerifyRequest) else "protocol"
+            log.info("verify_refused", peer=remote_peer_id, reason=code)
+            await channel.refuse(code, f"expected VerifyOpen, got {type(opening).__name__}")
+            return
+        reason = self._check_open(opening)
+        if reason is not None:
+            self.refused += 1
+            log.info("verify_refused", peer=remote_peer_id, reason=reason[0], detail=reason[1])
+            await channel.refuse(*reason, session_id=opening.session_id)
+            return
+        params = SamplingParams(
+            temperature=opening.temperature,
+            top_k=opening.top_k,
+            top_p=opening.top_p,
+            seed=opening.seed,
+        )
+        verifier = Verifier(self.lm, params)
+        sid = opening.session_id
+        self.sessions[sid] = verifier
+        self.served += 1
+        log.info("verify_session_opened", session=sid, peer=remote_peer_id, load=self.load)
+        try:
+            await channel.send(
+                wire.VerifyOpened(
+                    session_id=sid,
+                    verifier_peer_id=self.peer_id,
+                    model_id=self.lm.model_id,
+                    weights_fingerprint=self.lm.weights_fingerprint,
+                )
+            )
+            await self._rounds(channel, verifier, list(opening.prefix), opening, remote_peer_id)
+        finally:
+            # Frees the session's KV cache with its Verifier.
+            del self.sessions[sid]
+            log.info("verify_session_closed", session=sid, peer=remote_peer_id, load=self.load)
+
+    def _check_open(self, m: wire.VerifyOpen) -> tuple[str, str] | None:
+        if m.session_id in self.sessions:
+            return "duplicate_session", "a session with this id is already open here"
+        if self.load >= self.config.capacity_sessions:
+            return "overloaded", f"serving {self.load} sessions, the most this peer takes"
+        if m.tokenizer_fingerprint != self.lm.tokenizer.fingerprint:
+            return "incompatible", "the drafter's tokenizer differs from this verifier's"
+        if any(t >= self.lm.vocab_size for t in m.prefix):
+            return "bad_request", "a prefix token is outside the vocabulary"
+        if len(m.prefix) + m.max_new_tokens > self.lm.max_context:
+            return "context_overflow", (
+                f"prefix {len(m.prefix)} + max_new_tokens {m.max_new_tokens} exceeds the "
+                f"context of {self.lm.max_context}"
+            )
+        try:
+            SamplingParams(m.temperature, m.top_k, m.top_p, m.seed).validate()
+        except ValueError as e:
+            return "bad_request", str(e)
+        return None
+
+    async def _rounds(
+        self,
+        channel: Channel,
+        verifier: Verifier,
+        committed: list[int],
+        opening: wire.VerifyOpen,
+        remote_peer_id: str,
+    ) -> None:
+        sid = opening.session_id
+        limit = len(opening.prefix) + opening.max_new_tokens
+        sampling = opening.temperature > 0
+        while True:
+            try:
+                message = await channel.receive(timeout_s=self.config.idle_timeout_s)
+            except ChannelError as e:
+                log.info("verify_session_ended", session=sid, peer=remote_peer_id, error=str(e))
+                return
+            if isinstance(message, wire.VerifyClose):
+                return
+            if not isinstance(message, wire.VerifyRequest) or message.session_id != sid:
+                code = "unknown_session" if isinstance(message, wire.VerifyRequest) else "protocol"
+                await channel.refuse(code, f"unexpected {type(message).__name__}", sid)
+                return
+            try:
+                wire.check_verify_request(message, sampling=sampling, vocab_size=self.lm.vocab_size)
+                if message.base_len != len(committed):
+                    raise wire.WireError(
+                        f"base_len {message.base_len} but {len(committed)} tokens are committed"
+                    )
+                if len(committed) + len(message.draft) + 1 > limit:
+                    raise wire.WireError("the draft runs past the session's max_new_tokens")
+                qs = [q_from_wire(q, self.lm.vocab_size) for q in message.q]
+            except ValueError as e:  # WireError is a ValueError too
+                log.info("verify_request_refused", session=sid, peer=remote_peer_id, error=str(e))
+                await channel.refuse("bad_request", str(e), sid)
+                return
+            draft = Draft(tokens=list(message.draft), q=qs if sampling else None)
+            started = time.perf_counter()
+            try:
+                async with self.compute:
+                    verdict = await trio.to_thread.run_sync(verifier.verify, committed, draft)
+            except ValueError as e:  # a sampled draft that its own q cannot have drawn
+                await channel.refuse("bad_draft", str(e), sid)
+                return
+            elapsed = time.perf_counter() - started
+            committed.extend([*draft.tokens[: verdict.accepted], verdict.token])
+            await channel.send(
+                wire.Verdict(
+                    session_id=sid,
+                    round=message.round,
+                    base_len=message.base_len,
+                    accepted=verdict.accepted,
+                    token=verdict.token,
+                    compute_seconds=elapsed,
+                    model_fingerprint=self.lm.weights_fingerprint,
+                )
+            )
