@@ -41,12 +41,14 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_frame_bytes: Annotated[int, Meta(ge=4096, le=64 << 20)] = 1 << 20  # frame size limit
     draft_tokens: Annotated[int, Meta(ge=0, le=16)] = 4  # default draft length k
     log_tokens: bool = False  # debug only: allow token ids and text in logs
+    torch_threads: Annotated[int, Meta(ge=0, le=256)] = 0  # intra-op threads; 0 = torch's default
 
 
 class TestnetPeers(Struct, forbid_unknown_fields=True, kw_only=True):
     model: str  # MODEL string of these peers
     count: Count = 1  # how many processes
-    capacity_sessions: Count = 8
+    capacity_sessions: Count = 8  # sessions each serves at once
+    threads: Annotated[int, Meta(ge=0, le=256)] = 1  # torch threads per process (0 = default)
 
 
 class Workload(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--key", metavar="FILE", help="Ed25519 identity key (created 0600)")
     peer.add_argument("--capacity", type=int, metavar="N", help="sessions served at once")
     peer.add_argument("--dtype", choices=["float32", "bfloat16"])
+    peer.add_argument("--threads", type=int, metavar="N", help="torch threads (0 = default)")
+    peer.add_argument("--advert-interval", type=float, metavar="SECONDS")
+    peer.add_argument("--record-ttl", type=float, metavar="SECONDS")
     peer.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
 
     models = sub.add_parser("models", help="the embedded default models")
@@ -231,8 +234,15 @@ def _peer(args: argparse.Namespace) -> int:
             "key_file": args.key,
             "capacity_sessions": args.capacity,
             "dtype": args.dtype,
+            "torch_threads": args.threads,
+            "advert_interval_s": args.advert_interval,
+            "record_ttl_s": args.record_ttl,
         },
     )
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
     if config.role is None or config.model is None:
         raise UserError("a peer needs --role drafter|verifier and --model MODEL")
     key_path = config.key_file or _default_key_path(config.role)
@@ -255,7 +265,10 @@ def _peer(args: argparse.Namespace) -> int:
 def _generate_remote(args: argparse.Namespace) -> int:
     import trio
 
+    from p2pspec import logs
     from p2pspec.client import Client, ClientError
+
+    logs.configure(level="warning")
 
     async def run() -> int:
         try:
