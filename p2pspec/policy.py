@@ -1,0 +1,676 @@
+"""The scheduling policy and its cost model: pure functions and small state, no I/O.
+
+Notation as in research.md and Leviathan et al. 2023 (arXiv 2211.17192):
+
+* ``α`` (``alpha``): per-token acceptance rate of a drafter / verifier pair.
+* ``γ`` (``gamma``): drafted tokens per round.
+* ``E(α, γ) = (1 − α^(γ+1)) / (1 − α)``: expected tokens committed per round
+  (:func:`p2pspec.speculative.expected_tokens_per_round`).
+* ``t_draft``: seconds per drafted token on the drafter.
+* ``t_verify``: seconds of one verifier forward pass (one round), assumed independent of
+  ``γ`` for the small ``γ`` used here (a pass over ``γ + 1`` tokens is memory-bound).
+* ``t_send``: seconds to put a draft on the wire (serialisation and bandwidth).
+* ``RTT``: network round trip between drafter and verifier.
+* ``L = t_send + RTT + t_verify``: the verification latency of one round as the drafter
+  sees it, from sending a draft to holding its verdict.
+
+Acceptances are modelled as independent with probability ``α`` per position, as in the
+paper. Real acceptances are autocorrelated, so predictions run a little high; they are
+used to *rank* options (peers, draft lengths), where a shared bias largely cancels.
+
+What lives here: :func:`predicted_tokens_per_second` and :func:`best_draft_length` (the
+cost model), :class:`AcceptanceEstimate` and :class:`EWMA` (online estimates of its
+inputs), :func:`choose_drafter` and :func:`choose_verifier` (matching, each returning a
+:class:`Decision` that records every candidate's inputs, score and exclusion reason, to be
+logged as one structured event), and :class:`AdaptiveDraftLength` (per-session ``γ``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from p2pspec.speculative import expected_tokens_per_round
+from p2pspec.wire import MAX_DRAFT_TOKENS, PeerRecord, Role
+
+__all__ = [
+    "DEFAULT_HALF_LIFE_ROUNDS",
+    "DEFAULT_PRIOR_ALPHA",
+    "DEFAULT_PRIOR_TRIALS",
+    "EWMA",
+    "AcceptanceEstimate",
+    "AdaptiveDraftLength",
+    "Assessment",
+    "Candidate",
+    "Decision",
+    "ExclusionReason",
+    "assess_drafters",
+    "assess_verifiers",
+    "best_draft_length",
+    "choose_drafter",
+    "choose_verifier",
+    "effective_verify_time",
+    "pipeline_hit_probability",
+    "predicted_tokens_per_second",
+]
+
+# A new drafter / verifier pair is assumed to accept this often until observed otherwise.
+DEFAULT_PRIOR_ALPHA = 0.6
+# The prior counts as this many tested draft positions (≈ 3.7 rounds at α = 0.6, γ = 4,
+# where a round tests (1 − α^γ) / (1 − α) ≈ 2.2 positions on average).
+DEFAULT_PRIOR_TRIALS = 8.0
+# Observations lose half their weight after this many rounds (acceptance drifts with the
+# text being generated; twenty rounds is a few sentences).
+DEFAULT_HALF_LIFE_ROUNDS = 20.0
+# Timing samples lose half their weight after this many samples.
+DEFAULT_HALF_LIFE_SAMPLES = 8.0
+
+JSONScalar = float | int | str | bool | None
+ExclusionReason = Literal["wrong_role", "excluded", "incompatible_tokenizer", "full"]
+
+
+# -- the cost model ------------------------------------------------------------------------
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+
+
+def _check_seconds(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{name} must be finite and >= 0 seconds, got {value!r}")
+
+
+def pipeline_hit_probability(alpha: float, gamma: int) -> float:
+    """Probability ``α^(γ+1)`` that a block drafted ahead survives its predecessor's verdict.
+
+    The drafter drafts ahead on the assumption that the round in flight commits exactly its
+    own continuation: all ``γ`` drafted tokens accepted *and* the verifier's extra token
+    equal to the drafter's next token. Under independent acceptance that is ``γ + 1``
+    successes in a row. (In :func:`p2pspec.speculative.verify_rejection` the extra token is
+    the drafter's own ``x_{γ+1}`` accepted by the same test, so this is exact there; in
+    greedy mode it is the chance that the two argmaxes agree, which is again ``α``.)
+    """
+    _check_alpha(alpha)
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    return math.pow(alpha, gamma + 1)
+
+
+def predicted_tokens_per_second(
+    *,
+    alpha: float,
+    gamma: int,
+    t_draft_s: float,
+    t_verify_s: float,
+    rtt_s: float,
+    t_send_s: float = 0.0,
+    pipelined: bool = False,
+) -> float:
+    """Expected committed tokens per second of one session, from research.md's arithmetic.
+
+    Synchronous (draft, send, wait for the verdict, repeat)::
+
+        rate = E(α, γ) / (γ·t_draft + t_send + RTT + t_verify)
+
+    Pipelined. Assumptions, stated so they can be checked against measurements:
+
+    1. One verify request in flight per session (the verifier sees a session's rounds in
+       order and never verifies a draft whose base is unconfirmed), and the drafter drafts
+       *one* block ahead, on the optimistic branch, while the verdict travels.
+    2. When the verdict confirms the optimistic branch (a *hit*, probability
+       ``a = α^(γ+1)``, :func:`pipeline_hit_probability`) the next block is ready, so the
+       two stages overlap and the round costs the slower one: ``max(γ·t_draft, L)`` with
+       ``L = t_send + RTT + t_verify``.
+    3. On a *miss* the block drafted ahead is thrown away and the next block is drafted
+       from the corrected prefix before it can be sent: that round costs a synchronous
+       ``γ·t_draft + L``; afterwards the pipeline is primed again.
+    4. Hits and misses are independent from round to round.
+
+    So a round costs ``T = a·max(γ·t_draft, L) + (1 − a)·(γ·t_draft + L)`` on average and::
+
+        rate = E(α, γ) / T
+
+    Limits: ``α = 0`` gives the synchronous rate (every block ahead is wasted); ``α = 1``
+    gives ``E / max(γ·t_draft, L)``; pipelined is never below synchronous (``max ≤ sum``);
+    when ``L ≥ γ·t_draft``, ``T = L + (1 − a)·γ·t_draft``, so for a large RTT both rates
+    approach ``E / (t_send + RTT + t_verify)``: pipelining hides the drafting, not the
+    round trip. With ``γ = 0`` there is nothing to overlap and both are ``1 / L``.
+    """
+    _check_alpha(alpha)
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    for name, value in (
+        ("t_draft_s", t_draft_s),
+        ("t_verify_s", t_verify_s),
+        ("rtt_s", rtt_s),
+        ("t_send_s", t_send_s),
+    ):
+        _check_seconds(name, value)
+    drafting = gamma * t_draft_s
+    latency = t_send_s + rtt_s + t_verify_s
+    synchronous = drafting + latency
+    if synchronous <= 0.0:
+        raise ValueError("a round must take some time: all of the times are zero")
+    if pipelined:
+        hit = pipeline_hit_probability(alpha, gamma)
+        round_s = hit * max(drafting, latency) + (1.0 - hit) * synchronous
+    else:
+        round_s = synchronous
+    return expected_tokens_per_round(alpha, gamma) / round_s
+
+
+def best_draft_length(
+    *,
+    alpha: float,
+    t_draft_s: float,
+    t_verify_s: float,
+    rtt_s: float,
+    t_send_s: float = 0.0,
+    max_gamma: int = MAX_DRAFT_TOKENS,
+    pipelined: bool = False,
+) -> int:
+    """The ``γ`` in ``1..max_gamma`` that maximises :func:`predicted_tokens_per_second`;
+    the smallest such ``γ`` on ties (less work wasted on a rejection).
+
+    Synchronous, for ``L = t_send + RTT + t_verify ≫ γ·t_draft`` the optimum satisfies
+    ``α^(γ+1) ≈ t_draft / (L·ln(1/α))``, i.e. ``γ* + 1 ≈ ln(L·ln(1/α) / t_draft) / ln(1/α)``:
+    it grows only logarithmically with the round trip (each tenfold RTT adds about
+    ``ln 10 / ln(1/α)`` tokens), falls as ``α`` falls, and is 1 at ``α = 0`` (every
+    drafted token beyond the first costs time and yields nothing).
+    """
+    if max_gamma < 1:
+        raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
+    best_gamma, best_rate = 1, -math.inf
+    for gamma in range(1, max_gamma + 1):
+        rate = predicted_tokens_per_second(
+            alpha=alpha,
+            gamma=gamma,
+            t_draft_s=t_draft_s,
+            t_verify_s=t_verify_s,
+            rtt_s=rtt_s,
+            t_send_s=t_send_s,
+            pipelined=pipelined,
+        )
+        if rate > best_rate:
+            best_gamma, best_rate = gamma, rate
+    return best_gamma
+
+
+def effective_verify_time(t_verify_s: float, *, load: int, capacity: int) -> float:
+    """The verify time a new session should expect on a verifier serving ``load`` sessions.
+
+    Model: ``t_verify_eff = t_verify · (1 + load / capacity)``. The verifier batches the
+    pending rounds of its sessions into one forward pass (design.md, VerifierWorker); a
+    batch costs ``t_verify`` alone and grows about linearly with the sessions in it, and a
+    verifier advertises as ``capacity`` the number of sessions at which a pass costs about
+    twice a lone one. So an idle verifier answers in ``t_verify`` and a nearly full one in
+    nearly ``2·t_verify``. (Without batching, round-robin service would be worse, up to
+    ``(load + 1)·t_verify``; the linear factor is the optimistic, batching, case.)
+    """
+    _check_seconds("t_verify_s", t_verify_s)
+    if load < 0 or capacity <= 0:
+        raise ValueError(f"need load >= 0 and capacity > 0, got {load} and {capacity}")
+    return t_verify_s * (1.0 + load / capacity)
+
+
+# -- online estimates -------------------------------------------------------------------
+
+
+def _decay(half_life: float) -> float:
+    if not (math.isfinite(half_life) and half_life > 0.0):
+        raise ValueError(f"half-life must be finite and > 0, got {half_life!r}")
+    return math.pow(0.5, 1.0 / half_life)
+
+
+class AcceptanceEstimate:
+    """Online, exponentially weighted estimate of a pair's acceptance rate ``α``.
+
+    A round that drafts ``γ`` tokens and accepts ``n`` of them tested ``n + 1`` positions
+    when ``n < γ`` (the last one rejected) and ``γ`` positions when all were accepted. Under
+    independent acceptance the maximum-likelihood estimate over many rounds is::
+
+        α̂ = Σ accepted / Σ (accepted + rejections),   rejections = 1 if n < γ else 0
+
+    (the ratio of expectations is exactly ``α``). Each sum is exponentially weighted: on
+    every observed round both decay by ``2^(−1/half_life_rounds)``, so a round's weight
+    halves after ``half_life_rounds`` rounds. A prior of ``prior_alpha`` worth
+    ``prior_trials`` tested positions starts both sums and decays like any observation,
+    so a new pair is not judged on its first round and, in the long run, only the data
+    counts. A round that drafted nothing tells nothing and changes nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        prior_alpha: float = DEFAULT_PRIOR_ALPHA,
+        prior_trials: float = DEFAULT_PRIOR_TRIALS,
+        half_life_rounds: float = DEFAULT_HALF_LIFE_ROUNDS,
+    ) -> None:
+        _check_alpha(prior_alpha)
+        if not (math.isfinite(prior_trials) and prior_trials > 0.0):
+            raise ValueError(f"prior_trials must be finite and > 0, got {prior_trials!r}")
+        self._decay = _decay(half_life_rounds)
+        self.half_life_rounds = half_life_rounds
+        self._accepted = prior_alpha * prior_trials
+        self._trials = prior_trials
+        self.rounds = 0  # rounds observed (drafting at least one token)
+
+    def observe(self, accepted: int, drafted: int) -> None:
+        """Record one round: ``accepted`` of ``drafted`` tokens kept by the verifier."""
+        if drafted < 0 or not 0 <= accepted <= drafted:
+            raise ValueError(f"need 0 <= accepted <= drafted, got {accepted} of {drafted}")
+        if drafted == 0:
+            return
+        rejections = 1 if accepted < drafted else 0
+        self._accepted = self._decay * self._accepted + accepted
+        self._trials = self._decay * self._trials + accepted + rejections
+        self.rounds += 1
+
+    @property
+    def alpha(self) -> float:
+        """The current estimate of ``α``, in ``[0, 1]``."""
+        return min(1.0, max(0.0, self._accepted / self._trials))
+
+    @property
+    def weight(self) -> float:
+        """The (decayed) number of tested positions behind the estimate, prior included."""
+        return self._trials
+
+
+class EWMA:
+    """Exponentially weighted moving average of a non-negative quantity (seconds).
+
+    ``value ← w·value + (1 − w)·x`` with ``w = 2^(−1/half_life_samples)``: a sample's
+    weight halves after ``half_life_samples`` further samples. The first sample sets the
+    value outright unless an ``initial`` value was given.
+    """
+
+    def __init__(
+        self,
+        *,
+        half_life_samples: float = DEFAULT_HALF_LIFE_SAMPLES,
+        initial: float | None = None,
+    ) -> None:
+        self._decay = _decay(half_life_samples)
+        self.half_life_samples = half_life_samples
+        if initial is not None:
+            _check_seconds("initial", initial)
+        self._value = initial
+        self.samples = 0
+
+    def observe(self, x: float) -> None:
+        _check_seconds("sample", x)
+        self.samples += 1
+        if self._value is None:
+            self._value = x
+        else:
+            self._value = self._decay * self._value + (1.0 - self._decay) * x
+
+    @property
+    def value(self) -> float | None:
+        """The average, or None before any sample (and no initial value)."""
+        return self._value
+
+
+class AdaptiveDraftLength:
+    """Per-session choice of ``γ`` for the next round, from what the session has observed.
+
+    Feeds :func:`best_draft_length` with the session's :class:`AcceptanceEstimate` and
+    EWMAs of ``t_draft`` (per drafted token), ``t_verify`` (the verifier's compute per
+    round, e.g. ``Verdict.compute_seconds``) and ``RTT`` (the verify round trip seen by the
+    drafter minus the verifier's compute, so it includes ``t_send``). Until each of the
+    three times has a value (observed, or given as a starting estimate) it returns
+    ``initial_gamma``. Always in ``1..max_gamma``; deterministic: the same observations in
+    the same order give the same ``γ``.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_gamma: int = MAX_DRAFT_TOKENS,
+        initial_gamma: int = 4,
+        pipelined: bool = False,
+        acceptance: AcceptanceEstimate | None = None,
+        half_life_samples: float = DEFAULT_HALF_LIFE_SAMPLES,
+        t_draft_s: float | None = None,
+        t_verify_s: float | None = None,
+        rtt_s: float | None = None,
+    ) -> None:
+        if max_gamma < 1:
+            raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
+        self.max_gamma = max_gamma
+        self.initial_gamma = min(max(initial_gamma, 1), max_gamma)
+        self.pipelined = pipelined
+        self.acceptance = acceptance if acceptance is not None else AcceptanceEstimate()
+        self.t_draft = EWMA(half_life_samples=half_life_samples, initial=t_draft_s)
+        self.t_verify = EWMA(half_life_samples=half_life_samples, initial=t_verify_s)
+        self.rtt = EWMA(half_life_samples=half_life_samples, initial=rtt_s)
+
+    def observe_round(
+        self,
+        *,
+        accepted: int,
+        drafted: int,
+        draft_s: float | None = None,
+        verify_s: float | None = None,
+        rtt_s: float | None = None,
+    ) -> None:
+        """Record one round. ``draft_s`` is the round's total drafting time (divided by
+        ``drafted`` here); ``verify_s`` the verifier's compute; ``rtt_s`` the network part
+        of the round trip. Any time may be omitted (not measured this round)."""
+        self.acceptance.observe(accepted, drafted)
+        if draft_s is not None and drafted > 0:
+            _check_seconds("draft_s", draft_s)
+            self.t_draft.observe(draft_s / drafted)
+        if verify_s is not None:
+            self.t_verify.observe(verify_s)
+        if rtt_s is not None:
+            self.rtt.observe(rtt_s)
+
+    def next_gamma(self) -> int:
+        """``γ`` for the next round."""
+        t_draft, t_verify, rtt = self.t_draft.value, self.t_verify.value, self.rtt.value
+        if t_draft is None or t_verify is None or rtt is None:
+            return self.initial_gamma
+        if t_draft + t_verify + rtt <= 0.0:
+            return self.initial_gamma  # nothing measurable yet: no basis to move
+        return best_draft_length(
+            alpha=self.acceptance.alpha,
+            t_draft_s=t_draft,
+            t_verify_s=t_verify,
+            rtt_s=rtt,
+            max_gamma=self.max_gamma,
+            pipelined=self.pipelined,
+        )
+
+
+# -- matching ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A peer the scheduler may pick, with what this peer has measured of it.
+
+    ``rtt_s``: round trip to it from whoever will talk to it (the user's side for a
+    drafter, the drafter for a verifier); None = not measured yet. ``alpha``: acceptance
+    observed for the drafter / verifier pair; None = never paired (the prior is used).
+    ``t_verify_s``: this verifier's observed compute per round; None = use the default.
+    """
+
+    record: PeerRecord
+    rtt_s: float | None = None
+    alpha: float | None = None
+    t_verify_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rtt_s is not None:
+            _check_seconds("rtt_s", self.rtt_s)
+        if self.alpha is not None:
+            _check_alpha(self.alpha)
+        if self.t_verify_s is not None:
+            _check_seconds("t_verify_s", self.t_verify_s)
+
+    @property
+    def peer_id(self) -> str:
+        return self.record.peer_id
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One candidate as the policy saw it: its inputs, its score, or why it was excluded.
+
+    ``score`` is None for an excluded candidate, and for an eligible one whose RTT is not
+    measured (it then ranks after every measured one)."""
+
+    candidate: Candidate
+    inputs: dict[str, JSONScalar]
+    score: float | None = None
+    excluded: ExclusionReason | None = None
+    rank_key: tuple[float, ...] = field(default=(), compare=False, repr=False)
+
+    def as_dict(self) -> dict[str, JSONScalar]:
+        return {**self.inputs, "score": self.score, "excluded": self.excluded}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A choice and everything it was made from, to log as one structured event.
+
+    ``score`` means ``score_name``: ``"rtt_s"`` (lower is better; None when the chosen
+    drafter is unmeasured) for drafters, ``"tokens_per_s"`` (higher is better) for
+    verifiers. ``candidates`` maps every candidate's peer id to its inputs, score and
+    exclusion reason (None when eligible).
+    """
+
+    role: Role
+    chosen: PeerRecord
+    score: float | None
+    score_name: str
+    candidates: dict[str, dict[str, JSONScalar]]
+
+    def as_event(self) -> dict[str, object]:
+        """A flat, JSON-ready event: ``{"event": "choose_<role>", "chosen": ..., ...}``."""
+        return {
+            "event": f"choose_{self.role}",
+            "chosen": self.chosen.peer_id,
+            "score_name": self.score_name,
+            "score": self.score,
+            "candidates": self.candidates,
+        }
+
+
+def _screen(
+    candidate: Candidate,
+    *,
+    role: Role,
+    tokenizer_fingerprint: str | None,
+    exclude: Collection[str],
+) -> ExclusionReason | None:
+    record = candidate.record
+    if record.role != role:
+        return "wrong_role"
+    if record.peer_id in exclude:
+        return "excluded"
+    if tokenizer_fingerprint is not None and record.tokenizer_fingerprint != tokenizer_fingerprint:
+        return "incompatible_tokenizer"
+    if record.load >= record.capacity:
+        return "full"
+    return None
+
+
+def _base_inputs(candidate: Candidate) -> dict[str, JSONScalar]:
+    record = candidate.record
+    return {
+        "role": record.role,
+        "model_id": record.model_id,
+        "tokenizer_fingerprint": record.tokenizer_fingerprint,
+        "load": record.load,
+        "capacity": record.capacity,
+        "rtt_s": candidate.rtt_s,
+    }
+
+
+def _unique(candidates: Iterable[Candidate]) -> list[Candidate]:
+    out = list(candidates)
+    seen: set[str] = set()
+    for c in out:
+        if c.peer_id in seen:
+            raise ValueError(f"peer {c.peer_id} appears twice among the candidates")
+        seen.add(c.peer_id)
+    return out
+
+
+def _utilisation(record: PeerRecord) -> float:
+    return record.load / record.capacity if record.capacity > 0 else math.inf
+
+
+def assess_drafters(
+    candidates: Iterable[Candidate],
+    *,
+    tokenizer_fingerprint: str | None,
+    exclude: Collection[str] = (),
+) -> list[Assessment]:
+    """Every candidate, screened and scored as a drafter, best first (excluded last).
+
+    Eligible: role drafter, not in ``exclude``, same tokenizer fingerprint (when one is
+    required), ``load < capacity``. Ranked by measured RTT, nearest first; unmeasured ones
+    after all measured ones; ties by utilisation ``load / capacity``, then peer id."""
+    out = []
+    for c in _unique(candidates):
+        inputs = _base_inputs(c)
+        reason = _screen(
+            c, role="drafter", tokenizer_fingerprint=tokenizer_fingerprint, exclude=exclude
+        )
+        if reason is not None:
+            out.append(Assessment(c, inputs, excluded=reason))
+            continue
+        measured = c.rtt_s is not None
+        key = (0.0 if measured else 1.0, c.rtt_s or 0.0, _utilisation(c.record))
+        out.append(Assessment(c, inputs, score=c.rtt_s, rank_key=key))
+    return _ranked(out)
+
+
+def _ranked(assessments: list[Assessment]) -> list[Assessment]:
+    eligible = [a for a in assessments if a.excluded is None]
+    excluded = [a for a in assessments if a.excluded is not None]
+    eligible.sort(key=lambda a: (a.rank_key, a.candidate.peer_id))
+    excluded.sort(key=lambda a: a.candidate.peer_id)
+    return eligible + excluded
+
+
+def _decision(role: Role, score_name: str, assessments: list[Assessment]) -> Decision | None:
+    if not assessments or assessments[0].excluded is not None:
+        return None
+    best = assessments[0]
+    return Decision(
+        role=role,
+        chosen=best.candidate.record,
+        score=best.score,
+        score_name=score_name,
+        candidates={a.candidate.peer_id: a.as_dict() for a in assessments},
+    )
+
+
+def choose_drafter(
+    candidates: Iterable[Candidate],
+    *,
+    tokenizer_fingerprint: str | None,
+    exclude: Collection[str] = (),
+) -> Decision | None:
+    """The nearest compatible drafter with capacity (see :func:`assess_drafters`), or None
+    when there is none; :func:`assess_drafters` then says why each candidate was refused."""
+    assessments = assess_drafters(
+        candidates, tokenizer_fingerprint=tokenizer_fingerprint, exclude=exclude
+    )
+    return _decision("drafter", "rtt_s", assessments)
+
+
+def assess_verifiers(
+    candidates: Iterable[Candidate],
+    *,
+    tokenizer_fingerprint: str | None,
+    t_draft_s: float,
+    t_verify_s_default: float,
+    gamma_max: int = MAX_DRAFT_TOKENS,
+    exclude: Collection[str] = (),
+    alpha_prior: float = DEFAULT_PRIOR_ALPHA,
+    pipelined: bool = False,
+    rtt_s_unmeasured: float | None = None,
+) -> list[Assessment]:
+    """Every candidate, screened and scored as a verifier, best first (excluded last).
+
+    Eligible as for drafters, with role verifier. The score of an eligible verifier is the
+    predicted tokens per second of this session on it, at its best ``γ`` in
+    ``1..gamma_max`` (the session adapts ``γ``)::
+
+        score = max_γ predicted_tokens_per_second(α_pair, γ, t_draft, t_verify_eff, RTT)
+
+    with ``α_pair`` the pair's observed acceptance (``alpha_prior`` if never paired) and
+    ``t_verify_eff = effective_verify_time(t_verify, load, capacity)`` (the queueing
+    model), ``t_verify`` being the candidate's observed compute time or
+    ``t_verify_s_default``. A candidate whose RTT is unmeasured is scored with
+    ``rtt_s_unmeasured`` if given; otherwise it gets no score and ranks after every
+    measured one (among themselves by their score at RTT = 0, an upper bound). Ties by
+    utilisation ``load / capacity``, then peer id.
+    """
+    _check_seconds("t_draft_s", t_draft_s)
+    _check_seconds("t_verify_s_default", t_verify_s_default)
+    _check_alpha(alpha_prior)
+    if rtt_s_unmeasured is not None:
+        _check_seconds("rtt_s_unmeasured", rtt_s_unmeasured)
+    out = []
+    for c in _unique(candidates):
+        inputs = _base_inputs(c)
+        reason = _screen(
+            c, role="verifier", tokenizer_fingerprint=tokenizer_fingerprint, exclude=exclude
+        )
+        if reason is not None:
+            out.append(Assessment(c, inputs, excluded=reason))
+            continue
+        record = c.record
+        alpha = c.alpha if c.alpha is not None else alpha_prior
+        t_verify = c.t_verify_s if c.t_verify_s is not None else t_verify_s_default
+        t_verify_eff = effective_verify_time(t_verify, load=record.load, capacity=record.capacity)
+        rtt = c.rtt_s if c.rtt_s is not None else rtt_s_unmeasured
+        gamma = best_draft_length(
+            alpha=alpha,
+            t_draft_s=t_draft_s,
+            t_verify_s=t_verify_eff,
+            rtt_s=rtt if rtt is not None else 0.0,
+            max_gamma=gamma_max,
+            pipelined=pipelined,
+        )
+        rate = predicted_tokens_per_second(
+            alpha=alpha,
+            gamma=gamma,
+            t_draft_s=t_draft_s,
+            t_verify_s=t_verify_eff,
+            rtt_s=rtt if rtt is not None else 0.0,
+            pipelined=pipelined,
+        )
+        inputs.update(
+            alpha=alpha,
+            alpha_observed=c.alpha is not None,
+            t_draft_s=t_draft_s,
+            t_verify_s=t_verify,
+            t_verify_eff_s=t_verify_eff,
+            rtt_assumed_s=rtt,
+            gamma=gamma,
+            pipelined=pipelined,
+        )
+        key = (0.0 if rtt is not None else 1.0, -rate, _utilisation(record))
+        score = rate if rtt is not None else None
+        out.append(Assessment(c, inputs, score=score, rank_key=key))
+    return _ranked(out)
+
+
+def choose_verifier(
+    candidates: Iterable[Candidate],
+    *,
+    tokenizer_fingerprint: str | None,
+    t_draft_s: float,
+    t_verify_s_default: float,
+    gamma_max: int = MAX_DRAFT_TOKENS,
+    exclude: Collection[str] = (),
+    alpha_prior: float = DEFAULT_PRIOR_ALPHA,
+    pipelined: bool = False,
+    rtt_s_unmeasured: float | None = None,
+) -> Decision | None:
+    """The compatible verifier with capacity and the best predicted tokens per second for
+    this session (see :func:`assess_verifiers`), or None when there is none."""
+    assessments = assess_verifiers(
+        candidates,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        t_draft_s=t_draft_s,
+        t_verify_s_default=t_verify_s_default,
+        gamma_max=gamma_max,
+        exclude=exclude,
+        alpha_prior=alpha_prior,
+        pipelined=pipelined,
+        rtt_s_unmeasured=rtt_s_unmeasured,
+    )
+    return _decision("verifier", "tokens_per_s", assessments)

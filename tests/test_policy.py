@@ -1,0 +1,723 @@
+"""Tests of the scheduling policy and its cost model (pure: no network, no models).
+
+Expected numbers are computed by hand or from the formulas in policy.py's docstrings,
+never by calling the code under test a second way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pspec.policy import (
+    EWMA,
+    AcceptanceEstimate,
+    AdaptiveDraftLength,
+    Candidate,
+    assess_drafters,
+    assess_verifiers,
+    best_draft_length,
+    choose_drafter,
+    choose_verifier,
+    effective_verify_time,
+    pipeline_hit_probability,
+    predicted_tokens_per_second,
+)
+from p2pspec.speculative import expected_tokens_per_round
+from p2pspec.wire import PeerRecord, Role
+
+TOK = "tok-A"
+
+
+def record(
+    peer_id: str,
+    *,
+    role: Role = "verifier",
+    tokenizer: str = TOK,
+    capacity: int = 10,
+    load: int = 0,
+) -> PeerRecord:
+    return PeerRecord(
+        peer_id=peer_id,
+        addrs=[],
+        role=role,
+        model_id="model",
+        tokenizer_fingerprint=tokenizer,
+        weights_fingerprint="weights",
+        dtype="float32",
+        capacity=capacity,
+        load=load,
+        protocol_version="1.0.0",
+        issued_at_ms=0,
+        ttl_ms=60_000,
+    )
+
+
+def sync_rate(
+    alpha: float, gamma: int, t_d: float, t_v: float, rtt: float, t_s: float = 0.0
+) -> float:
+    e = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1.0
+    return e / (gamma * t_d + t_s + rtt + t_v)
+
+
+# -- predicted_tokens_per_second ---------------------------------------------------------
+
+
+def test_synchronous_rate_by_hand() -> None:
+    # α = 0.5, γ = 3: E = (1 − 0.5^4) / 0.5 = 1.875; round = 3·0.01 + 0.01 + 0.04 + 0.05.
+    got = predicted_tokens_per_second(
+        alpha=0.5, gamma=3, t_draft_s=0.01, t_verify_s=0.05, rtt_s=0.04, t_send_s=0.01
+    )
+    assert got == pytest.approx(1.875 / 0.13)
+
+
+def test_pipelined_rate_by_hand() -> None:
+    # L = 0.01 + 0.04 + 0.05 = 0.1, γ·t_draft = 0.03, hit a = 0.5^4 = 0.0625:
+    # T = 0.0625·max(0.03, 0.1) + 0.9375·0.13 = 0.128125.
+    got = predicted_tokens_per_second(
+        alpha=0.5,
+        gamma=3,
+        t_draft_s=0.01,
+        t_verify_s=0.05,
+        rtt_s=0.04,
+        t_send_s=0.01,
+        pipelined=True,
+    )
+    assert got == pytest.approx(1.875 / 0.128125)
+    assert pipeline_hit_probability(0.5, 3) == pytest.approx(0.0625)
+
+
+def test_rate_edge_cases() -> None:
+    def rate(alpha: float, gamma: int, pipelined: bool = False) -> float:
+        return predicted_tokens_per_second(
+            alpha=alpha,
+            gamma=gamma,
+            t_draft_s=0.01,
+            t_verify_s=0.05,
+            rtt_s=0.02,
+            pipelined=pipelined,
+        )
+
+    # α = 1: every token accepted, E = γ + 1; pipelined costs max(γ·t_draft, L) = max(0.04, 0.07).
+    assert rate(1.0, 4) == pytest.approx(5 / 0.11)
+    assert rate(1.0, 4, pipelined=True) == pytest.approx(5 / 0.07)
+    # α = 0: one token per round; pipelining never hits, so it is exactly synchronous.
+    for pipelined in (False, True):
+        assert rate(0.0, 4, pipelined) == pytest.approx(1 / 0.11)
+    # γ = 0: plain decoding across the link, one token per L, nothing to overlap.
+    for pipelined in (False, True):
+        assert rate(0.7, 0, pipelined) == pytest.approx(1 / 0.07)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"alpha": 1.5},
+        {"alpha": -0.1},
+        {"gamma": -1},
+        {"rtt_s": -0.01},
+        {"t_draft_s": math.nan},
+        {"t_verify_s": math.inf},
+        {"t_draft_s": 0.0, "t_verify_s": 0.0, "rtt_s": 0.0},
+    ],
+)
+def test_rate_rejects_nonsense(kwargs: dict[str, float]) -> None:
+    args: dict[str, float] = {
+        "alpha": 0.6,
+        "gamma": 4,
+        "t_draft_s": 0.01,
+        "t_verify_s": 0.05,
+        "rtt_s": 0.02,
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        predicted_tokens_per_second(**args)  # type: ignore[arg-type]
+
+
+alphas = st.floats(min_value=0.0, max_value=1.0)
+seconds = st.floats(min_value=1e-4, max_value=2.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    alpha=alphas,
+    gamma=st.integers(0, 16),
+    t_d=seconds,
+    t_v=seconds,
+    rtt=st.floats(0.0, 2.0),
+)
+def test_pipelined_never_below_synchronous(
+    alpha: float, gamma: int, t_d: float, t_v: float, rtt: float
+) -> None:
+    args = {"alpha": alpha, "gamma": gamma, "t_draft_s": t_d, "t_verify_s": t_v, "rtt_s": rtt}
+    sync = predicted_tokens_per_second(**args)  # type: ignore[arg-type]
+    pipe = predicted_tokens_per_second(pipelined=True, **args)  # type: ignore[arg-type]
+    assert pipe >= sync * (1 - 1e-12)
+    assert sync == pytest.approx(sync_rate(alpha, gamma, t_d, t_v, rtt), rel=1e-9)
+
+
+def test_pipelined_with_zero_rtt_beats_synchronous_by_the_overlap() -> None:
+    # α = 0.9, γ = 4, t_draft = 0.01, t_verify = 0.04, RTT = 0: sync round 0.08; pipelined
+    # a = 0.9^5, T = a·0.04 + (1 − a)·0.08.
+    a = 0.9**5
+    e = (1 - 0.9**5) / 0.1
+    sync = predicted_tokens_per_second(alpha=0.9, gamma=4, t_draft_s=0.01, t_verify_s=0.04, rtt_s=0)
+    pipe = predicted_tokens_per_second(
+        alpha=0.9, gamma=4, t_draft_s=0.01, t_verify_s=0.04, rtt_s=0, pipelined=True
+    )
+    assert sync == pytest.approx(e / 0.08)
+    assert pipe == pytest.approx(e / (a * 0.04 + (1 - a) * 0.08))
+    assert pipe > 1.4 * sync
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("rtt", [1.0, 10.0, 100.0])
+def test_large_rtt_pipelining_hides_drafting_not_the_round_trip(alpha: float, rtt: float) -> None:
+    gamma, t_d, t_v = 4, 0.01, 0.05
+    e = expected_tokens_per_round(alpha, gamma)
+    pipe = predicted_tokens_per_second(
+        alpha=alpha, gamma=gamma, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt, pipelined=True
+    )
+    sync = predicted_tokens_per_second(
+        alpha=alpha, gamma=gamma, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt
+    )
+    # T = L + (1 − a)·γ·t_draft when L ≥ γ·t_draft: within γ·t_draft / RTT of E / (RTT + t_v).
+    assert pipe == pytest.approx(e / (rtt + t_v), rel=gamma * t_d / rtt)
+    assert pipe == pytest.approx(e / (rtt + t_v + (1 - alpha ** (gamma + 1)) * gamma * t_d))
+    assert pipe / sync == pytest.approx(1.0, abs=gamma * t_d / rtt)
+
+
+def test_a_50ms_rtt_can_turn_a_gain_into_a_slowdown() -> None:
+    """research.md: without pipelining, 50 ms of RTT can undo a 2x gain."""
+    t_d, t_v = 0.002, 0.02  # a drafter 10x cheaper than the verifier
+    local = predicted_tokens_per_second(alpha=0.8, gamma=4, t_draft_s=t_d, t_verify_s=t_v, rtt_s=0)
+    assert local * t_v > 2.0  # > 2x over the verifier's own 1 / t_verify
+    remote = predicted_tokens_per_second(
+        alpha=0.8, gamma=4, t_draft_s=t_d, t_verify_s=t_v, rtt_s=0.05
+    )
+    assert remote * t_v < 1.0  # slower than the verifier decoding alone, locally
+
+
+# -- best_draft_length -------------------------------------------------------------------
+
+
+def brute_force_gamma(alpha: float, t_d: float, t_v: float, rtt: float, max_gamma: int) -> int:
+    rates = [sync_rate(alpha, g, t_d, t_v, rtt) for g in range(1, max_gamma + 1)]
+    return 1 + max(range(max_gamma), key=lambda i: (rates[i], -i))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 0.7, 0.85, 0.95, 1.0])
+@pytest.mark.parametrize("rtt", [0.0, 0.01, 0.05, 0.2])
+def test_best_gamma_is_the_argmax(alpha: float, rtt: float) -> None:
+    got = best_draft_length(alpha=alpha, t_draft_s=0.005, t_verify_s=0.03, rtt_s=rtt)
+    assert got == brute_force_gamma(alpha, 0.005, 0.03, rtt, 16)
+    assert 1 <= got <= 16
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+@pytest.mark.parametrize("alpha", [0.3, 0.6, 0.8, 0.9])
+def test_best_gamma_grows_with_rtt(alpha: float, pipelined: bool) -> None:
+    rtts = [i * 0.005 for i in range(200)]  # 0 .. 1 s
+    gammas = [
+        best_draft_length(
+            alpha=alpha, t_draft_s=0.005, t_verify_s=0.03, rtt_s=r, pipelined=pipelined
+        )
+        for r in rtts
+    ]
+    assert gammas == sorted(gammas)
+    assert gammas[-1] > gammas[0] or gammas[0] == 16
+
+
+@pytest.mark.parametrize("alpha", [0.6, 0.8, 0.9])
+def test_best_gamma_grows_only_logarithmically(alpha: float) -> None:
+    # Each tenfold RTT adds about ln 10 / ln(1/α) tokens (policy.best_draft_length).
+    per_decade = math.log(10) / math.log(1 / alpha)
+    gammas = [
+        best_draft_length(
+            alpha=alpha, t_draft_s=0.005, t_verify_s=0.03, rtt_s=10.0**k, max_gamma=500
+        )
+        for k in range(0, 4)
+    ]
+    steps = [b - a for a, b in itertools.pairwise(gammas)]
+    assert all(abs(s - per_decade) <= 2 for s in steps), (gammas, per_decade)
+
+
+def test_best_gamma_shrinks_as_alpha_falls() -> None:
+    alphas = [i / 50 for i in range(51)]
+    for rtt in (0.0, 0.05, 0.3):
+        for pipelined in (False, True):
+            gammas = [
+                best_draft_length(
+                    alpha=a, t_draft_s=0.005, t_verify_s=0.03, rtt_s=rtt, pipelined=pipelined
+                )
+                for a in alphas
+            ]
+            assert gammas == sorted(gammas), (rtt, pipelined)
+            assert gammas[0] == 1  # α = 0: drafting more than one token only costs
+            assert gammas[2] <= 2  # α = 0.04
+
+
+def test_best_gamma_bounds() -> None:
+    # Free drafting, perfect acceptance: as long as allowed.
+    assert best_draft_length(alpha=1.0, t_draft_s=0.0, t_verify_s=0.03, rtt_s=0.1) == 16
+    assert best_draft_length(alpha=1.0, t_draft_s=0.0, t_verify_s=0.03, rtt_s=0.1, max_gamma=5) == 5
+    with pytest.raises(ValueError):
+        best_draft_length(alpha=0.5, t_draft_s=0.01, t_verify_s=0.03, rtt_s=0.1, max_gamma=0)
+
+
+# -- AcceptanceEstimate and EWMA ---------------------------------------------------------
+
+
+def bernoulli_round(rng: random.Random, alpha: float, gamma: int) -> int:
+    accepted = 0
+    while accepted < gamma and rng.random() < alpha:
+        accepted += 1
+    return accepted
+
+
+def test_acceptance_starts_at_the_prior_and_one_round_does_not_condemn() -> None:
+    est = AcceptanceEstimate()
+    assert est.alpha == pytest.approx(0.6)
+    est.observe(0, 4)
+    # Prior 0.6 x 8 trials, decayed by 2^(-1/20), plus one rejection.
+    d = 0.5 ** (1 / 20)
+    assert est.alpha == pytest.approx(0.6 * 8 * d / (8 * d + 1))
+    assert est.alpha > 0.5
+    assert est.rounds == 1
+
+
+def test_acceptance_counts_one_rejection_per_incomplete_round() -> None:
+    est = AcceptanceEstimate(prior_alpha=0.5, prior_trials=1e-9, half_life_rounds=1e9)
+    est.observe(3, 4)  # 3 accepted, 1 rejected
+    est.observe(4, 4)  # 4 accepted, no rejection
+    est.observe(0, 2)  # 0 accepted, 1 rejected
+    assert est.alpha == pytest.approx(7 / 9)
+    before = est.alpha
+    est.observe(0, 0)  # nothing drafted: no information
+    assert est.alpha == before
+    assert est.rounds == 3
+    with pytest.raises(ValueError):
+        est.observe(5, 4)
+    with pytest.raises(ValueError):
+        est.observe(-1, 4)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.75, 0.95])
+@pytest.mark.parametrize("gamma", [1, 4, 8])
+def test_acceptance_converges_on_bernoulli_rounds(alpha: float, gamma: int) -> None:
+    rng = random.Random(1234)
+    long = AcceptanceEstimate(half_life_rounds=2000)
+    short = AcceptanceEstimate()  # the default half-life: noisier, but unbiased on average
+    tail = []
+    for i in range(4000):
+        accepted = bernoulli_round(rng, alpha, gamma)
+        long.observe(accepted, gamma)
+        short.observe(accepted, gamma)
+        if i >= 1000:
+            tail.append(short.alpha)
+    assert long.alpha == pytest.approx(alpha, abs=0.02)
+    assert sum(tail) / len(tail) == pytest.approx(alpha, abs=0.03)
+
+
+def test_acceptance_tracks_a_change() -> None:
+    rng = random.Random(7)
+    est = AcceptanceEstimate(half_life_rounds=10)
+    for _ in range(300):
+        est.observe(bernoulli_round(rng, 0.9, 4), 4)
+    assert est.alpha > 0.8
+    for _ in range(100):  # ten half-lives at the new rate
+        est.observe(bernoulli_round(rng, 0.3, 4), 4)
+    assert est.alpha == pytest.approx(0.3, abs=0.1)
+
+
+def test_ewma() -> None:
+    e = EWMA(half_life_samples=4)
+    assert e.value is None
+    e.observe(1.0)
+    assert e.value == 1.0  # the first sample sets the value
+    for _ in range(4):
+        e.observe(0.0)
+    assert e.value == pytest.approx(0.5)  # one half-life later
+    assert e.samples == 5
+    primed = EWMA(half_life_samples=1, initial=2.0)
+    primed.observe(0.0)
+    assert primed.value == pytest.approx(1.0)
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            e.observe(bad)
+    with pytest.raises(ValueError):
+        EWMA(half_life_samples=0)
+
+
+# -- AdaptiveDraftLength -----------------------------------------------------------------
+
+
+def test_adaptive_starts_at_initial_gamma_until_times_are_known() -> None:
+    adapt = AdaptiveDraftLength(initial_gamma=4)
+    assert adapt.next_gamma() == 4
+    adapt.observe_round(accepted=4, drafted=4, draft_s=0.02, verify_s=0.03)
+    assert adapt.next_gamma() == 4  # RTT still unknown
+    adapt.observe_round(accepted=4, drafted=4, rtt_s=0.05)
+    expected = best_draft_length(
+        alpha=adapt.acceptance.alpha,
+        t_draft_s=0.005,
+        t_verify_s=0.03,
+        rtt_s=0.05,
+    )
+    assert adapt.next_gamma() == expected
+    assert AdaptiveDraftLength(initial_gamma=0).next_gamma() == 1
+    assert AdaptiveDraftLength(initial_gamma=40, max_gamma=8).next_gamma() == 8
+
+
+def run_session(seed: int, alpha: float, rtt: float, rounds: int = 200) -> list[int]:
+    rng = random.Random(seed)
+    adapt = AdaptiveDraftLength(t_draft_s=0.005, t_verify_s=0.03, rtt_s=rtt)
+    gammas = []
+    for _ in range(rounds):
+        gamma = adapt.next_gamma()
+        gammas.append(gamma)
+        accepted = bernoulli_round(rng, alpha, gamma)
+        adapt.observe_round(
+            accepted=accepted,
+            drafted=gamma,
+            draft_s=gamma * 0.005 * (1 + 0.1 * rng.random()),
+            verify_s=0.03 * (1 + 0.1 * rng.random()),
+            rtt_s=rtt * (1 + 0.1 * rng.random()),
+        )
+    return gammas
+
+
+def test_adaptive_is_deterministic_and_bounded() -> None:
+    a = run_session(3, 0.8, 0.05)
+    assert a == run_session(3, 0.8, 0.05)
+    assert all(1 <= g <= 16 for g in a)
+
+
+def test_adaptive_follows_acceptance_and_rtt() -> None:
+    near_good = run_session(5, 0.9, 0.005)[-50:]
+    far_good = run_session(5, 0.9, 0.5)[-50:]
+    near_bad = run_session(5, 0.1, 0.005)[-50:]
+    assert min(far_good) >= max(near_good)
+    assert max(near_bad) <= 2
+    assert sum(near_good) > sum(near_bad)
+
+
+# -- matching: drafters ------------------------------------------------------------------
+
+
+def drafter(peer_id: str, rtt: float | None, **kw: object) -> Candidate:
+    return Candidate(record(peer_id, role="drafter", **kw), rtt_s=rtt)  # type: ignore[arg-type]
+
+
+def test_drafter_nearest_wins() -> None:
+    d = choose_drafter(
+        [drafter("far", 0.08), drafter("near", 0.01), drafter("mid", 0.03)],
+        tokenizer_fingerprint=TOK,
+    )
+    assert d is not None
+    assert d.chosen.peer_id == "near"
+    assert d.score == 0.01
+    assert d.score_name == "rtt_s"
+    assert set(d.candidates) == {"far", "near", "mid"}
+
+
+def test_drafter_ties_by_load_then_peer_id() -> None:
+    d = choose_drafter(
+        [drafter("b", 0.01, load=5), drafter("c", 0.01, load=1), drafter("a", 0.01, load=1)],
+        tokenizer_fingerprint=TOK,
+    )
+    assert d is not None and d.chosen.peer_id == "a"
+
+
+def test_drafter_unmeasured_ranks_after_measured() -> None:
+    d = choose_drafter([drafter("unknown", None), drafter("far", 0.2)], tokenizer_fingerprint=TOK)
+    assert d is not None and d.chosen.peer_id == "far"
+    d = choose_drafter(
+        [drafter("u2", None, load=3), drafter("u1", None, load=7)], tokenizer_fingerprint=TOK
+    )
+    assert d is not None and d.chosen.peer_id == "u2"
+    assert d.score is None
+
+
+def test_drafter_exclusions_are_recorded() -> None:
+    cands = [
+        drafter("other-tok", 0.001, tokenizer="tok-B"),
+        drafter("full", 0.002, capacity=2, load=2),
+        drafter("zero-capacity", 0.002, capacity=0, load=0),
+        drafter("dead", 0.003),
+        Candidate(record("verifier", role="verifier"), rtt_s=0.0),
+        drafter("ok", 0.5),
+    ]
+    d = choose_drafter(cands, tokenizer_fingerprint=TOK, exclude={"dead"})
+    assert d is not None and d.chosen.peer_id == "ok"
+    reasons = {pid: c["excluded"] for pid, c in d.candidates.items()}
+    assert reasons == {
+        "other-tok": "incompatible_tokenizer",
+        "full": "full",
+        "zero-capacity": "full",
+        "dead": "excluded",
+        "verifier": "wrong_role",
+        "ok": None,
+    }
+    # Without a tokenizer requirement, the other tokenizer is fine and nearest.
+    d = choose_drafter(cands, tokenizer_fingerprint=None, exclude={"dead"})
+    assert d is not None and d.chosen.peer_id == "other-tok"
+
+
+def test_no_drafter_gives_none_and_the_reasons() -> None:
+    cands = [drafter("full", 0.01, capacity=1, load=1), drafter("x", 0.01, tokenizer="tok-B")]
+    assert choose_drafter(cands, tokenizer_fingerprint=TOK) is None
+    assert choose_drafter([], tokenizer_fingerprint=TOK) is None
+    why = {
+        a.candidate.peer_id: a.excluded for a in assess_drafters(cands, tokenizer_fingerprint=TOK)
+    }
+    assert why == {"full": "full", "x": "incompatible_tokenizer"}
+
+
+def test_duplicate_peer_ids_are_a_caller_error() -> None:
+    with pytest.raises(ValueError):
+        choose_drafter([drafter("a", 0.1), drafter("a", 0.2)], tokenizer_fingerprint=TOK)
+
+
+def test_candidate_validation() -> None:
+    with pytest.raises(ValueError):
+        Candidate(record("a"), rtt_s=-1.0)
+    with pytest.raises(ValueError):
+        Candidate(record("a"), alpha=1.2)
+
+
+# -- matching: verifiers -----------------------------------------------------------------
+
+T_D, T_V = 0.005, 0.05
+
+
+def expected_score(alpha: float, rtt: float, load: int, capacity: int, t_v: float = T_V) -> float:
+    """The documented score: the best rate over γ in 1..16 with t_verify·(1 + load/capacity)."""
+    t_eff = t_v * (1 + load / capacity)
+    return max(sync_rate(alpha, g, T_D, t_eff, rtt) for g in range(1, 17))
+
+
+def verifier(
+    peer_id: str, rtt: float | None, *, alpha: float | None = None, **kw: object
+) -> Candidate:
+    return Candidate(record(peer_id, role="verifier", **kw), rtt_s=rtt, alpha=alpha)  # type: ignore[arg-type]
+
+
+def pick(cands: list[Candidate], **kw: object) -> str:
+    d = choose_verifier(
+        cands,
+        tokenizer_fingerprint=TOK,
+        t_draft_s=T_D,
+        t_verify_s_default=T_V,
+        **kw,  # type: ignore[arg-type]
+    )
+    assert d is not None
+    return d.chosen.peer_id
+
+
+def test_effective_verify_time() -> None:
+    assert effective_verify_time(0.05, load=0, capacity=8) == 0.05
+    assert effective_verify_time(0.05, load=4, capacity=8) == pytest.approx(0.075)
+    assert effective_verify_time(0.05, load=7, capacity=8) == pytest.approx(0.05 * 15 / 8)
+    with pytest.raises(ValueError):
+        effective_verify_time(0.05, load=0, capacity=0)
+
+
+def test_verifier_near_beats_far_at_equal_load() -> None:
+    cands = [verifier("far", 0.1, load=2), verifier("near", 0.01, load=2)]
+    d = choose_verifier(cands, tokenizer_fingerprint=TOK, t_draft_s=T_D, t_verify_s_default=T_V)
+    assert d is not None and d.chosen.peer_id == "near"
+    assert d.score_name == "tokens_per_s"
+    assert d.score == pytest.approx(expected_score(0.6, 0.01, 2, 10))
+    assert d.candidates["far"]["score"] == pytest.approx(expected_score(0.6, 0.1, 2, 10))
+
+
+def test_verifier_idle_beats_loaded_when_equally_near() -> None:
+    assert pick([verifier("busy", 0.02, load=6), verifier("idle", 0.02, load=0)]) == "idle"
+
+
+def test_far_idle_can_beat_near_overloaded_as_the_formula_says() -> None:
+    near_busy = verifier("near-busy", 0.01, load=9, capacity=10)  # t_verify_eff = 0.095
+    far_idle = verifier("far-idle", 0.03, load=0, capacity=10)  # t_verify_eff = 0.05
+    s_near, s_far = expected_score(0.6, 0.01, 9, 10), expected_score(0.6, 0.03, 0, 10)
+    assert s_far > s_near
+    assert pick([near_busy, far_idle]) == "far-idle"
+    # Further away, the same idle verifier loses: it is the numbers, not a rule.
+    very_far_idle = verifier("very-far-idle", 0.2, load=0, capacity=10)
+    assert expected_score(0.6, 0.2, 0, 10) < s_near
+    assert pick([near_busy, very_far_idle]) == "near-busy"
+
+
+def test_verifier_pair_acceptance_counts() -> None:
+    # Same link and load; the pair that accepts more is worth a little more distance.
+    good = verifier("good-pair", 0.04, alpha=0.9)
+    poor = verifier("poor-pair", 0.02, alpha=0.3)
+    assert expected_score(0.9, 0.04, 0, 10) > expected_score(0.3, 0.02, 0, 10)
+    assert pick([good, poor]) == "good-pair"
+    # An unknown pair gets the prior (0.6), between the two.
+    d = choose_verifier(
+        [verifier("new", 0.02)], tokenizer_fingerprint=TOK, t_draft_s=T_D, t_verify_s_default=T_V
+    )
+    assert d is not None
+    assert d.candidates["new"]["alpha"] == 0.6
+    assert d.candidates["new"]["alpha_observed"] is False
+
+
+def test_verifier_observed_compute_time_overrides_the_default() -> None:
+    slow = Candidate(record("slow"), rtt_s=0.01, t_verify_s=0.2)
+    fast = Candidate(record("fast"), rtt_s=0.02)
+    assert pick([slow, fast]) == "fast"
+
+
+def test_verifier_unmeasured_rtt() -> None:
+    cands = [verifier("unknown", None), verifier("measured-far", 0.3, load=8)]
+    assert pick(cands) == "measured-far"
+    # Given an assumed RTT, unmeasured ones compete on the numbers.
+    d = choose_verifier(
+        cands,
+        tokenizer_fingerprint=TOK,
+        t_draft_s=T_D,
+        t_verify_s_default=T_V,
+        rtt_s_unmeasured=0.05,
+    )
+    assert d is not None and d.chosen.peer_id == "unknown"
+    assert d.score == pytest.approx(expected_score(0.6, 0.05, 0, 10))
+    # Only unmeasured ones: the best at RTT = 0 (least loaded here), with no score.
+    d = choose_verifier(
+        [verifier("u-busy", None, load=5), verifier("u-idle", None)],
+        tokenizer_fingerprint=TOK,
+        t_draft_s=T_D,
+        t_verify_s_default=T_V,
+    )
+    assert d is not None and d.chosen.peer_id == "u-idle" and d.score is None
+
+
+def test_verifier_exclusions_and_none() -> None:
+    cands = [
+        verifier("other-tok", 0.001, tokenizer="tok-B"),
+        verifier("full", 0.001, capacity=3, load=3),
+        verifier("failed", 0.001),
+        Candidate(record("a-drafter", role="drafter"), rtt_s=0.001),
+    ]
+    kw = {"tokenizer_fingerprint": TOK, "t_draft_s": T_D, "t_verify_s_default": T_V}
+    assert choose_verifier(cands, exclude={"failed"}, **kw) is None  # type: ignore[arg-type]
+    why = {
+        a.candidate.peer_id: a.excluded
+        for a in assess_verifiers(cands, exclude={"failed"}, **kw)  # type: ignore[arg-type]
+    }
+    assert why == {
+        "other-tok": "incompatible_tokenizer",
+        "full": "full",
+        "failed": "excluded",
+        "a-drafter": "wrong_role",
+    }
+    d = choose_verifier([*cands, verifier("ok", 1.0)], exclude={"failed"}, **kw)  # type: ignore[arg-type]
+    assert d is not None and d.chosen.peer_id == "ok"
+    assert d.candidates["full"]["excluded"] == "full"
+    assert d.candidates["full"]["score"] is None
+
+
+def test_decision_is_one_json_event() -> None:
+    d = choose_verifier(
+        [verifier("a", 0.02), verifier("b", None), verifier("c", 0.01, tokenizer="x")],
+        tokenizer_fingerprint=TOK,
+        t_draft_s=T_D,
+        t_verify_s_default=T_V,
+        pipelined=True,
+    )
+    assert d is not None
+    event = json.loads(json.dumps(d.as_event(), allow_nan=False))
+    assert event["event"] == "choose_verifier"
+    assert event["chosen"] == "a"
+    assert event["candidates"]["a"]["rtt_s"] == 0.02
+    assert event["candidates"]["a"]["gamma"] >= 1
+    assert event["candidates"]["c"]["excluded"] == "incompatible_tokenizer"
+
+
+# -- the policy never picks what it must not (property) ----------------------------------
+
+candidate_specs = st.lists(
+    st.tuples(
+        st.sampled_from(["drafter", "verifier"]),
+        st.sampled_from([TOK, "tok-B"]),
+        st.integers(0, 4),  # capacity
+        st.integers(0, 5),  # load
+        st.one_of(st.none(), st.floats(0.0, 1.0)),  # rtt
+        st.one_of(st.none(), st.floats(0.0, 1.0)),  # alpha
+        st.booleans(),  # excluded
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    specs=candidate_specs,
+    role=st.sampled_from(["drafter", "verifier"]),
+    need_tok=st.sampled_from([TOK, None]),
+)
+def test_never_picks_an_excluded_incompatible_or_full_candidate(
+    specs: list[tuple[Role, str, int, int, float | None, float | None, bool]],
+    role: Role,
+    need_tok: str | None,
+) -> None:
+    cands = [
+        Candidate(
+            record(f"p{i}", role=r, tokenizer=tok, capacity=cap, load=load), rtt_s=rtt, alpha=a
+        )
+        for i, (r, tok, cap, load, rtt, a, _) in enumerate(specs)
+    ]
+    exclude = {f"p{i}" for i, spec in enumerate(specs) if spec[6]}
+
+    def eligible(c: Candidate) -> bool:
+        rec = c.record
+        return (
+            rec.role == role
+            and rec.peer_id not in exclude
+            and (need_tok is None or rec.tokenizer_fingerprint == need_tok)
+            and rec.load < rec.capacity
+        )
+
+    if role == "drafter":
+        d = choose_drafter(cands, tokenizer_fingerprint=need_tok, exclude=exclude)
+    else:
+        d = choose_verifier(
+            cands,
+            tokenizer_fingerprint=need_tok,
+            t_draft_s=T_D,
+            t_verify_s_default=T_V,
+            exclude=exclude,
+        )
+    ok = [c for c in cands if eligible(c)]
+    if not ok:
+        assert d is None
+        return
+    assert d is not None
+    chosen = next(c for c in cands if c.peer_id == d.chosen.peer_id)
+    assert eligible(chosen)
+    assert set(d.candidates) == {c.peer_id for c in cands}
+    for c in cands:
+        assert (d.candidates[c.peer_id]["excluded"] is None) == eligible(c)
+    measured = [c for c in ok if c.rtt_s is not None]
+    if measured:
+        assert chosen.rtt_s is not None  # a measured candidate always beats an unmeasured one
+        if role == "drafter":
+            assert chosen.rtt_s == min(c.rtt_s for c in measured if c.rtt_s is not None)
+        else:
+            best = max(
+                expected_score(
+                    c.alpha if c.alpha is not None else 0.6,
+                    c.rtt_s,
+                    c.record.load,
+                    c.record.capacity,
+                )
+                for c in measured
+                if c.rtt_s is not None
+            )
+            assert d.score == pytest.approx(best)
