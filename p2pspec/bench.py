@@ -171,7 +171,11 @@ def _table(report: dict[str, Any]) -> str:
         ):
             m = s[method]
             acc = f"{m['acceptance']:.2f}" if "acceptance" in m else "-"
-            tpp = f"{m['tokens_per_verifier_pass']:.2f}" if "tokens_per_verifier_pass" in m else "1.00"
+            tpp = (
+                f"{m['tokens_per_verifier_pass']:.2f}"
+                if "tokens_per_verifier_pass" in m
+                else "1.00"
+            )
             eq = f"{m['equal']} of {n}" if "equal" in m else "(reference)"
             lines.append(
                 f"| {run['dtype']} | {label} | {m['tokens_per_second']:.2f} "

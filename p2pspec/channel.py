@@ -94,7 +94,9 @@ class Channel:
         """Tell the peer why it is refused; best effort, the stream is closing anyway."""
         try:
             with trio.move_on_after(2.0):
-                await self.send(wire.ErrorMessage(code=code, message=message, session_id=session_id))
+                await self.send(
+                    wire.ErrorMessage(code=code, message=message, session_id=session_id)
+                )
         except ChannelError:
             # The peer is gone or its stream is broken: there is no one left to tell.
             return

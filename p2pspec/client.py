@@ -15,6 +15,7 @@ drafter with the most spare capacity, and talks to it on one session stream. Lea
 
 from __future__ import annotations
 
+import contextlib
 import random
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -145,10 +146,11 @@ class Stream:
         stream, self._stream = self._stream, None
         with trio.CancelScope(shield=True), trio.move_on_after(2.0):
             if self.result is None and self._channel is not None:
-                try:
-                    await self._channel.send(wire.CancelSession(session_id=self._request.session_id))
-                except P2PSpecError:
-                    pass  # the drafter is gone already: closing the stream is all that is left
+                # If the drafter is gone already, closing the stream is all that is left.
+                with contextlib.suppress(P2PSpecError):
+                    await self._channel.send(
+                        wire.CancelSession(session_id=self._request.session_id)
+                    )
             await stream.close()
 
 
@@ -162,9 +164,7 @@ class Client:
     ) -> None:
         if not bootstrap:
             raise ValueError("a client needs at least one bootstrap multiaddr")
-        self.config = msgspec.structs.replace(
-            config or PeerConfig(), bootstrap=list(bootstrap)
-        )
+        self.config = msgspec.structs.replace(config or PeerConfig(), bootstrap=list(bootstrap))
         self.identity = identity or Identity.generate()
         self.node = Node(self.identity, listen="/ip4/127.0.0.1/tcp/0")
         self.directory = Directory(self.identity.peer_id)

@@ -31,6 +31,8 @@ from p2pspec.speculative import (
     verify_rejection,
 )
 
+GREEDY = SamplingParams()
+
 # The drafter's q is sent sparsely; keeping its 256 most probable tokens costs almost no
 # acceptance and bounds a drafted token's wire size. Exactness does not depend on it:
 # the verifier's rejection sampling corrects for whatever q was sent.
@@ -127,7 +129,6 @@ class Drafter:
             pending = [token]
         return Draft(tokens=tokens, q=qs if sampling else None)
 
-
     def rollback(self, committed: Sequence[int]) -> None:
         """Drop drafted tokens the verifier rejected: the cache becomes committed[:-1]."""
         self.sequence.sync(committed)
@@ -205,6 +206,14 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "eos" | "stop" | "length"
     stats: GenerationStats
+
+
+def sampling_params(temperature: float, top_k: int, top_p: float, seed: int) -> SamplingParams:
+    """SamplingParams from user input; nonsense becomes an InvalidRequestError."""
+    try:
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
 
 
 def validate_request(
@@ -297,7 +306,7 @@ class LocalEngine:
         prompt_ids: Sequence[int],
         *,
         max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
+        params: SamplingParams = GREEDY,
         stop: Sequence[str] = (),
         stats: GenerationStats | None = None,
     ) -> Iterator[list[int]]:
@@ -348,7 +357,7 @@ class LocalEngine:
         prompt_ids: Sequence[int],
         *,
         max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
+        params: SamplingParams = GREEDY,
         stop: Sequence[str] = (),
     ) -> GenerationResult:
         stats = GenerationStats()

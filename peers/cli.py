@@ -7,6 +7,7 @@ traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -108,17 +109,16 @@ def _prompt_ids(lm: Any, prompt: str, raw: bool) -> list[int]:
 
 def _generate_local(args: argparse.Namespace) -> int:
     # Imported here so that `p2pspec --help` and argument errors stay fast.
-    from p2pspec.engine import GenerationStats, LocalEngine, StopChecker, TextDeltas
-    from p2pspec.models import check_compatible, load_model
-    from p2pspec.speculative import SamplingParams
-
-    params = SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    from p2pspec.engine import (
+        GenerationStats,
+        LocalEngine,
+        StopChecker,
+        TextDeltas,
+        sampling_params,
     )
-    try:
-        params.validate()
-    except ValueError as e:
-        raise InvalidRequestError(str(e)) from e
+    from p2pspec.models import check_compatible, load_model
+
+    params = sampling_params(args.temperature, args.top_k, args.top_p, args.seed)
     if args.draft_tokens < 0:
         raise InvalidRequestError(f"--draft-tokens must be >= 0, got {args.draft_tokens}")
     if args.max_new_tokens <= 0:
@@ -214,12 +214,12 @@ def _default_key_path(role: str) -> str:
 
 def _peer(args: argparse.Namespace) -> int:
     import trio
+    from p2pspec.crypto.identity import Identity, KeyFileError
+    from p2pspec.peers.run import Peer, run_until_signalled
 
     from p2pspec import logs
     from p2pspec.config import PeerConfig, load_toml, merge
-    from p2pspec.crypto.identity import Identity, KeyFileError
     from p2pspec.models import load_model
-    from p2pspec.peers.run import Peer, run_until_signalled
 
     logs.configure(level=args.log_level)
     config = load_toml(args.config, PeerConfig) if args.config else PeerConfig()
@@ -255,10 +255,9 @@ def _peer(args: argparse.Namespace) -> int:
     def ready(address: str) -> None:
         print(address, flush=True)  # the ready line: alone on stdout
 
-    try:
+    # Ctrl-C before the signal handler is installed: nothing was serving yet.
+    with contextlib.suppress(KeyboardInterrupt):
         trio.run(run_until_signalled, Peer(config, lm, identity), ready)
-    except KeyboardInterrupt:
-        pass  # Ctrl-C before the signal handler was installed: nothing was serving yet
     return 0
 
 

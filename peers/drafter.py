@@ -20,7 +20,7 @@ import trio
 from p2pspec import wire
 from p2pspec.channel import Channel, ChannelError, PeerTimeoutError, ProtocolError
 from p2pspec.config import PeerConfig
-from p2pspec.engine import Drafter, StopChecker, TextDeltas, validate_request
+from p2pspec.engine import Drafter, StopChecker, TextDeltas, sampling_params, validate_request
 from p2pspec.errors import UserError
 from p2pspec.models import LoadedModel
 from p2pspec.speculative import SamplingParams, SparseDistribution
@@ -108,8 +108,10 @@ class DrafterService:
                 "overloaded", f"this drafter serves {self.load} sessions, its most", sid
             )
             return
-        params = SamplingParams(request.temperature, request.top_k, request.top_p, request.seed)
         try:
+            params = sampling_params(
+                request.temperature, request.top_k, request.top_p, request.seed
+            )
             prompt_ids = self._prompt_ids(request)
             validate_request(prompt_ids, request.max_new_tokens, self.lm.max_context, params)
         except UserError as e:
@@ -192,9 +194,7 @@ class DrafterService:
                     log.debug("verify_close_not_sent", session=sid)
                 await close()
 
-    async def _watch_client(
-        self, channel: Channel, scope: trio.CancelScope, sid: str
-    ) -> None:
+    async def _watch_client(self, channel: Channel, scope: trio.CancelScope, sid: str) -> None:
         """End the session when the client cancels or goes away."""
         while True:
             try:

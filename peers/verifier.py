@@ -114,7 +114,7 @@ class VerifierService:
                 f"context of {self.lm.max_context}"
             )
         try:
-            SamplingParams(m.temperature, m.top_k, m.top_p, m.seed).validate()
+            SamplingParams(m.temperature, m.top_k, m.top_p, m.seed)
         except ValueError as e:
             return "bad_request", str(e)
         return None

@@ -9,6 +9,7 @@ echo "== ruff" >&2
 ruff check .
 ruff format --check .
 echo "== mypy (strict on the pure core)" >&2
-mypy --strict p2pspec/speculative.py p2pspec/errors.py crypto/
+mypy --strict p2pspec/speculative.py p2pspec/errors.py p2pspec/wire.py p2pspec/config.py \
+  p2pspec/directory.py p2pspec/policy.py p2pspec/framing.py crypto/
 echo "== pytest" >&2
 python -m pytest "$@"

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from p2pspec.peers.cli import main
 
 TINY = ["--drafter", "tiny-random:11:noise=0.01", "--verifier", "tiny-random:11", "--raw"]
@@ -31,8 +30,14 @@ def test_generate_json_carries_text_ids_and_stats(capsys: pytest.CaptureFixture[
     assert len(result["token_ids"]) == 12
     assert isinstance(result["text"], str)
     stats = result["stats"]
-    for key in ("rounds", "drafted", "accepted", "verifier_forward_passes", "draft_seconds",
-                "verify_seconds"):
+    for key in (
+        "rounds",
+        "drafted",
+        "accepted",
+        "verifier_forward_passes",
+        "draft_seconds",
+        "verify_seconds",
+    ):
         assert key in stats
     assert stats["verifier_forward_passes"] == stats["rounds"] > 0
 
@@ -68,10 +73,11 @@ def test_user_errors_exit_2_with_one_clear_line(
 
 
 def test_a_missing_model_package_names_what_to_install(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import p2pspec.models.embedded as embedded
 
+    monkeypatch.setenv("P2PSPEC_CACHE_DIR", str(tmp_path))  # no converted copy to fall back on
     monkeypatch.setattr(embedded, "find_package_dir", lambda name: None)
     code, _, err = _run(
         capsys,
@@ -90,8 +96,18 @@ def test_a_missing_model_package_names_what_to_install(
 def test_the_installed_command_exits_non_zero_without_a_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "p2pspec.peers.cli", "generate", "--local", "--drafter", "bogus::",
-         "--verifier", "tiny-random:1", "hi"],
+        [
+            sys.executable,
+            "-m",
+            "p2pspec.peers.cli",
+            "generate",
+            "--local",
+            "--drafter",
+            "bogus::",
+            "--verifier",
+            "tiny-random:1",
+            "hi",
+        ],
         capture_output=True,
         text=True,
         env=env,

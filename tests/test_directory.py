@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import msgspec
+from p2pspec.crypto.identity import Identity
 
 from p2pspec import wire
-from p2pspec.crypto.identity import Identity
 from p2pspec.directory import Directory, sign_record
 
 
-def _record(identity: Identity, *, issued: int = 1000, ttl: int = 6000, seq: int = 0,
-            load: int = 0) -> wire.PeerRecord:
+def _record(
+    identity: Identity, *, issued: int = 1000, ttl: int = 6000, seq: int = 0, load: int = 0
+) -> wire.PeerRecord:
     return wire.PeerRecord(
         peer_id=identity.peer_id,
         addrs=[f"/ip4/127.0.0.1/tcp/4001/p2p/{identity.peer_id}"],
@@ -57,7 +58,9 @@ def test_records_with_a_bad_signature_or_tampered_fields_are_refused() -> None:
     assert not d.add(forged, 2000)
     # A field changed after signing.
     changed = msgspec.structs.replace(_record(me), capacity=999)
-    assert not d.add(wire.SignedRecord(record=wire.encode(changed), signature=signed.signature), 2000)
+    assert not d.add(
+        wire.SignedRecord(record=wire.encode(changed), signature=signed.signature), 2000
+    )
     # Garbage bytes.
     assert not d.add(wire.SignedRecord(record=b"\x00garbage", signature=b"x" * 64), 2000)
     assert d.rejected == 3 and len(d) == 0

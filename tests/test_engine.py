@@ -74,7 +74,10 @@ def test_seeded_sampling_is_the_same_for_every_draft_length(params: SamplingPara
     assert len(outputs) == 1
     other_seed = SamplingParams(params.temperature, params.top_k, params.top_p, params.seed + 1)
     engine = LocalEngine(model(TARGET + ":noise=0.03"), model(TARGET), draft_tokens=3)
-    assert tuple(engine.generate(PROMPTS[1], max_new_tokens=30, params=other_seed).token_ids) not in outputs
+    assert (
+        tuple(engine.generate(PROMPTS[1], max_new_tokens=30, params=other_seed).token_ids)
+        not in outputs
+    )
 
 
 def test_seeded_sampling_is_the_same_whichever_drafter_instance_drafts() -> None:

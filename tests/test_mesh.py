@@ -1,0 +1,223 @@
+"""The mesh with real libp2p hosts in separate processes on loopback (tiny models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pspec import wire
+from p2pspec.client import Client, ClientError
+from p2pspec.config import PeerConfig
+from p2pspec.directory import Directory
+from p2pspec.discovery import exchange, now_ms
+from p2pspec.engine import LocalEngine
+from p2pspec.launch import PeerProcess, start_peer, stop_all
+from p2pspec.models import load_model
+from p2pspec.speculative import SamplingParams
+
+VERIFIER = "tiny-random:11"
+DRAFTER = "tiny-random:11:noise=0.007"
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--threads", "1"]
+
+
+def local_tokens(prompt: str, max_new: int, params: SamplingParams, k: int = 4) -> list[int]:
+    verifier, drafter = load_model(VERIFIER), load_model(DRAFTER)
+    ids = verifier.tokenizer.encode(prompt)
+    engine = LocalEngine(drafter, verifier, draft_tokens=k)
+    return engine.generate(ids, max_new_tokens=max_new, params=params).token_ids
+
+
+class Mesh:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.peers: list[PeerProcess] = []
+
+    async def start(
+        self, name: str, role: str, model: str, *, bootstrap: str = "", args: list[str] = ()
+    ) -> PeerProcess:
+        p = await start_peer(
+            name,
+            role,
+            model,
+            workdir=self.workdir,
+            bootstrap=[bootstrap] if bootstrap else [],
+            extra_args=[*FAST, *args],
+            ready_timeout_s=120,
+        )
+        self.peers.append(p)
+        return p
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    m = Mesh(tmp_path)
+    try:
+        yield m
+    finally:
+        await stop_all(m.peers)
+        for p in m.peers:
+            assert p.process.returncode is not None
+
+
+async def test_mesh_output_equals_the_in_process_engine_and_sampling_is_reproducible(
+    mesh: Mesh,
+) -> None:
+    v = await mesh.start("v", "verifier", VERIFIER)
+    d = await mesh.start("d", "drafter", DRAFTER, bootstrap=v.address)
+    async with Client([v.address]) as client:
+        greedy = await client.generate("hello mesh", max_new_tokens=24, raw=True)
+        assert greedy.token_ids == local_tokens("hello mesh", 24, SamplingParams())
+        assert greedy.drafter_peer_id == d.peer_id
+        assert greedy.verifier_peer_id == v.peer_id
+        assert greedy.prompt_token_ids == list(b"hello mesh")
+        assert greedy.stats["rounds"] > 0
+        # Seeded sampling: the same tokens twice, and the same as in one process.
+        params = SamplingParams(temperature=0.9, top_k=50, seed=7)
+        kwargs = {"max_new_tokens": 24, "temperature": 0.9, "top_k": 50, "seed": 7, "raw": True}
+        a = await client.generate("sample me", **kwargs)
+        b = await client.generate("sample me", **kwargs, draft_tokens=2)
+        assert a.token_ids == b.token_ids == local_tokens("sample me", 24, params)
+        # Streaming: chunks arrive round by round and add up to the result.
+        chunks = []
+        async with client.stream("stream me", max_new_tokens=20, raw=True) as stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+        assert stream.result is not None
+        assert [t for c in chunks for t in c.tokens] == stream.result.token_ids
+        assert len(chunks) > 1
+
+    # The CLI against the same mesh: the same JSON fields as --local, plus peer ids.
+    proc = await trio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "p2pspec.peers.cli",
+            "generate",
+            "--bootstrap",
+            v.address,
+            "--raw",
+            "--max-new-tokens",
+            "24",
+            "--json",
+            "hello mesh",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert out["token_ids"] == greedy.token_ids
+    assert out["drafter_peer_id"] == d.peer_id and out["verifier_peer_id"] == v.peer_id
+    for key in ("text", "prompt_token_ids", "stats", "finish_reason"):
+        assert key in out
+
+
+async def _drafter_view(client: Client, drafter: PeerProcess) -> Directory:
+    view = Directory()
+    ok = await exchange(client.node, view, drafter.address, config=client.config)
+    assert ok
+    return view
+
+
+async def test_a_dead_verifier_leaves_every_directory_within_the_bound(mesh: Mesh) -> None:
+    boot = await mesh.start("v0", "verifier", VERIFIER)
+    short = await mesh.start(
+        "v-short",
+        "verifier",
+        VERIFIER,
+        bootstrap=boot.address,
+        args=["--record-ttl", "3", "--advert-interval", "1"],
+    )
+    default = await mesh.start("v-default", "verifier", VERIFIER, bootstrap=boot.address)
+    d = await mesh.start("d", "drafter", DRAFTER, bootstrap=boot.address)
+    async with Client([boot.address]) as client:
+        view = await _drafter_view(client, d)
+        live = {r.peer_id for r in view.live(now_ms())}
+        assert {boot.peer_id, short.peer_id, default.peer_id, d.peer_id} <= live
+
+        async def seconds_until_gone(victim: PeerProcess, bound_s: float) -> float:
+            victim.kill()
+            t0 = time.monotonic()
+            with trio.fail_after(bound_s + 5):
+                while True:
+                    view = await _drafter_view(client, d)
+                    if view.get(victim.peer_id, now_ms()) is None:
+                        return time.monotonic() - t0
+                    await trio.sleep(0.25)
+
+        # A record is refreshed every interval and expires one TTL after its last refresh.
+        assert await seconds_until_gone(short, 3 + 1) <= 4.5  # configured: ttl 3 s
+        assert await seconds_until_gone(default, 10) <= 10  # default bound: 10 s
+        # The drafter still serves, through the verifier that is left.
+        result = await client.generate("still here", max_new_tokens=8, raw=True)
+        assert result.verifier_peer_id == boot.peer_id
+
+
+async def test_a_client_that_cancels_frees_the_session_on_every_peer(mesh: Mesh) -> None:
+    v = await mesh.start("v", "verifier", VERIFIER, args=["--advert-interval", "0.5"])
+    d = await mesh.start(
+        "d", "drafter", DRAFTER, bootstrap=v.address, args=["--advert-interval", "0.5"]
+    )
+    async with Client([v.address]) as client:
+        async with client.stream("a long answer", max_new_tokens=2000, raw=True) as stream:
+            async for _ in stream:
+                break  # leave after the first chunk: the session is cancelled
+        # Both peers advertise load 0 again long before 2000 tokens could be done.
+        with trio.fail_after(10):
+            while True:
+                view = await _drafter_view(client, d)
+                loads = [view.get(p.peer_id, now_ms()) for p in (v, d)]
+                if all(r is not None and r.load == 0 for r in loads):
+                    break
+                await trio.sleep(0.25)
+    assert "session_cancelled" in d.log_path.read_text()
+    assert "verify_session_closed" in v.log_path.read_text()
+
+
+async def test_testnet_serves_20_sessions_on_2_verifiers_and_3_drafters() -> None:
+    proc = await trio.run_process(
+        [
+            sys.executable,
+            str(ROOT / "testnet" / "testnet.py"),
+            "--topology",
+            str(ROOT / "configs" / "testnet-tiny.toml"),
+            "--json",
+            "--quiet",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    rep = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert rep["sessions"] == rep["completed"] == 20
+    for r in rep["results"]:
+        assert r["token_ids"] == local_tokens(r["prompt"], 32, SamplingParams()), r["prompt"]
+    assert len(rep["drafters"]) >= 2  # the load was spread
+    for p in rep["peers"]:  # every peer process is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(p["pid"], 0)
+
+
+def test_peer_config_defaults_keep_the_vanish_bound() -> None:
+    cfg = PeerConfig()
+    assert cfg.record_ttl_s + cfg.advert_interval_s <= 10.0
+
+
+async def test_a_request_with_no_drafter_in_the_mesh_is_refused_clearly(mesh: Mesh) -> None:
+    v = await mesh.start("v", "verifier", VERIFIER)
+    async with Client([v.address]) as client:
+        with pytest.raises(ClientError, match="no_drafter"):
+            await client.generate("anyone?", max_new_tokens=4)
+        assert [r.role for r in client.peers()] == ["verifier"]
+        assert client.peers()[0].protocol_version == wire.PROTOCOL_VERSION
