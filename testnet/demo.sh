@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# README command (a): set up, then run speculative decoding on the embedded default
-# models (Qwen2.5-Coder 0.5B drafting for Qwen2.5-Coder 1.5B) and stream an answer.
+# README command (a): set up, then start a local mesh on the embedded default models (a
+# Qwen2.5-Coder-1.5B verifier and a Qwen2.5-Coder-0.5B drafter, each its own process) and
+# stream an answer back through the Python client.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$root/testnet/setup.sh"
-prompt="${1:-Write a Python function that returns the n-th Fibonacci number.}"
-exec p2pspec generate --local --max-new-tokens "${MAX_NEW_TOKENS:-96}" "$prompt"
+cd "$root"
+args=(--topology configs/testnet-qwen.toml --stream)
+if [ $# -gt 0 ]; then args+=(--prompt "$*"); fi
+exec python testnet/testnet.py "${args[@]}"

@@ -13,8 +13,16 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-# pip's exit status is kept; only its noise about absent local index folders is filtered.
-pip_q() { python -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+# pip's output goes to a log that is shown only when pip fails.
+pip_log="$(mktemp)"
+trap 'rm -f "$pip_log"' EXIT
+pip_q() {
+  if ! python -m pip install --disable-pip-version-check -q "$@" >"$pip_log" 2>&1; then
+    grep -v "^WARNING: Location" "$pip_log" >&2
+    echo "setup: pip install $* failed" >&2
+    return 1
+  fi
+}
 if ! python -c "import torch" 2>/dev/null; then
   echo "setup: installing torch 2.13.0 (CPU)" >&2
   pip_q torch==2.13.0

@@ -167,6 +167,8 @@ async def main_async(args: argparse.Namespace) -> int:
     topology = load_toml(args.topology, Topology)
     if args.sessions:
         topology.workload.sessions = args.sessions
+    if args.prompt:
+        topology.workload.prompts = [args.prompt]
     peers: list[PeerProcess] = []
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="p2pspec-testnet-"))
 
@@ -207,6 +209,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--topology", default="configs/testnet-tiny.toml", metavar="FILE")
     parser.add_argument("--sessions", type=int, default=0, help="override the workload's count")
+    parser.add_argument("--prompt", help="override the workload's prompts with this one")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON report here")
     parser.add_argument("--stream", action="store_true", help="stream the first answer")

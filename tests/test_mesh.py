@@ -209,6 +209,12 @@ async def test_testnet_serves_20_sessions_on_2_verifiers_and_3_drafters() -> Non
             os.kill(p["pid"], 0)
 
 
+def test_the_client_is_importable_from_the_package_root() -> None:
+    import p2pspec
+
+    assert p2pspec.Client is Client
+
+
 def test_peer_config_defaults_keep_the_vanish_bound() -> None:
     cfg = PeerConfig()
     assert cfg.record_ttl_s + cfg.advert_interval_s <= 10.0
