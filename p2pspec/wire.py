@@ -118,6 +118,9 @@ class SessionStats(Base, tag="session_stats"):
     verify_seconds: float = 0.0  # round trip to the verifier, as the drafter sees it
     verifier_compute_seconds: float = 0.0  # the verifier's own forward passes
     total_seconds: float = 0.0
+    # Per round: the verify round trip minus the verifier's compute (network, framing,
+    # (de)serialisation, queueing), in milliseconds.
+    round_overhead_ms: Annotated[list[float], Meta(max_length=MAX_PROMPT_TOKENS)] = []
 
 
 class SessionFinished(Base, tag="session_finished"):

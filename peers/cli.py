@@ -214,12 +214,12 @@ def _default_key_path(role: str) -> str:
 
 def _peer(args: argparse.Namespace) -> int:
     import trio
-    from p2pspec.crypto.identity import Identity, KeyFileError
-    from p2pspec.peers.run import Peer, run_until_signalled
 
     from p2pspec import logs
     from p2pspec.config import PeerConfig, load_toml, merge
+    from p2pspec.crypto.identity import Identity, KeyFileError
     from p2pspec.models import load_model
+    from p2pspec.peers.run import Peer, run_until_signalled
 
     logs.configure(level=args.log_level)
     config = load_toml(args.config, PeerConfig) if args.config else PeerConfig()

@@ -256,6 +256,7 @@ class DrafterService:
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
             stats.verifier_compute_seconds += verdict.compute_seconds
+            stats.round_overhead_ms.append(1000 * (t2 - t1 - verdict.compute_seconds))
             stats.verifier_forward_passes += 1
             stats.drafter_forward_passes = drafter.forward_passes
             new = [*draft.tokens[: verdict.accepted], verdict.token]

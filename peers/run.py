@@ -12,18 +12,18 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 import trio
-from p2pspec.crypto.identity import Identity
-from p2pspec.peers.drafter import DrafterService
-from p2pspec.peers.verifier import VerifierService
 
 from p2pspec import wire
 from p2pspec.channel import Channel, ChannelError
 from p2pspec.config import PeerConfig
+from p2pspec.crypto.identity import Identity
 from p2pspec.directory import Directory
 from p2pspec.discovery import Advertiser, now_ms, serve_exchange
 from p2pspec.errors import P2PSpecError
 from p2pspec.models import LoadedModel
 from p2pspec.node import Node, NodeStream
+from p2pspec.peers.drafter import DrafterService
+from p2pspec.peers.verifier import VerifierService
 
 log = structlog.get_logger("p2pspec.peer")
 

@@ -127,8 +127,16 @@ async def run_workload(
     return results
 
 
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def report(results: list[dict[str, Any]], wall_s: float, ready_s: float) -> dict[str, Any]:
     done = [r for r in results if r.get("ok")]
+    overhead = [x for r in done for x in r["stats"].get("round_overhead_ms", [])]
     tokens = sum(len(r["token_ids"]) for r in done)
     drafted = sum(r["stats"]["drafted"] for r in done)
     accepted = sum(r["stats"]["accepted"] for r in done)
@@ -141,6 +149,9 @@ def report(results: list[dict[str, Any]], wall_s: float, ready_s: float) -> dict
         "tokens_per_second": tokens / wall_s if wall_s else 0.0,
         "workload_seconds": wall_s,
         "mesh_ready_seconds": ready_s,
+        "rounds": len(overhead),
+        "round_overhead_ms_median": _percentile(overhead, 0.5),
+        "round_overhead_ms_p99": _percentile(overhead, 0.99),
         "drafters": dict(Counter(r["drafter_peer_id"] for r in done)),
         "verifiers": dict(Counter(r["verifier_peer_id"] for r in done)),
         "results": results,
@@ -153,6 +164,12 @@ def print_report(rep: dict[str, Any], peers: list[PeerProcess]) -> None:
         f"sessions {rep['completed']}/{rep['sessions']} completed, {rep['tokens']} tokens, "
         f"acceptance {rep['acceptance']:.2f}, {rep['tokens_per_second']:.1f} tokens/s "
         f"aggregate; mesh ready in {rep['mesh_ready_seconds']:.1f} s",
+        file=sys.stderr,
+    )
+    print(
+        f"  per-round network overhead (round trip minus verifier compute) over "
+        f"{rep['rounds']} rounds: median {rep['round_overhead_ms_median']:.2f} ms, "
+        f"p99 {rep['round_overhead_ms_p99']:.2f} ms",
         file=sys.stderr,
     )
     for role in ("drafters", "verifiers"):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from p2pspec.peers.cli import main
 
 TINY = ["--drafter", "tiny-random:11:noise=0.01", "--verifier", "tiny-random:11", "--raw"]

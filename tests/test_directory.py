@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import msgspec
-from p2pspec.crypto.identity import Identity
 
 from p2pspec import wire
+from p2pspec.crypto.identity import Identity
 from p2pspec.directory import Directory, sign_record
 
 

@@ -9,6 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from p2pspec.crypto import (
     ENVELOPE_OVERHEAD,
     REPLAY_WINDOW,

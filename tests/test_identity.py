@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
 from libp2p.peer.id import ID
+
 from p2pspec.crypto import (
     Identity,
     InvalidPeerIdError,

@@ -24,8 +24,8 @@ import structlog
 import trio
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from multiaddr import Multiaddr
-from p2pspec.crypto import Identity
 
+from p2pspec.crypto import Identity
 from p2pspec.framing import EndOfStreamError, FrameTooLargeError
 from p2pspec.node import (
     AGENT_VERSION,

@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 import trio
-from p2pspec.crypto import Identity
 
+from p2pspec.crypto import Identity
 from p2pspec.node import DEFAULT_LISTEN_ADDR, Node, NodeStream
 from p2pspec.wire import DIRECTORY_PROTOCOL, SESSION_PROTOCOL, VERIFY_PROTOCOL
 

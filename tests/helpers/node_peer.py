@@ -16,8 +16,8 @@ import sys
 
 import structlog
 import trio
-from p2pspec.crypto import Identity
 
+from p2pspec.crypto import Identity
 from p2pspec.framing import EndOfStreamError
 from p2pspec.node import DEFAULT_LISTEN_ADDR, Node, NodeStream
 
