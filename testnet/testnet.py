@@ -26,7 +26,7 @@ import trio
 from p2pspec import logs
 from p2pspec.client import Client, ClientError
 from p2pspec.config import Topology, load_toml
-from p2pspec.errors import UserError
+from p2pspec.errors import P2PSpecError, UserError
 from p2pspec.launch import PeerProcess, start_peer, stop_all
 
 
@@ -35,6 +35,13 @@ def _peer_args(topology: Topology, capacity: int, threads: int) -> list[str]:
     cfg = topology.peer
     args += ["--advert-interval", str(cfg.advert_interval_s), "--record-ttl", str(cfg.record_ttl_s)]
     return args
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 async def start_mesh(
@@ -66,16 +73,23 @@ async def start_mesh(
         peers.append(p)
         log(f"{name} ready at {p.address}")
 
-    # Verifiers first, so that each drafter's first exchange already lists them all.
-    async with trio.open_nursery() as nursery:
-        for name, v in rest:
-            nursery.start_soon(one, name, "verifier", v.model, v.capacity_sessions, v.threads)
-    async with trio.open_nursery() as nursery:
-        for i, d in enumerate(topology.drafters):
-            for j in range(d.count):
-                nursery.start_soon(
-                    one, f"drafter-{i}-{j}", "drafter", d.model, d.capacity_sessions, d.threads
-                )
+    try:
+        # Verifiers first, so that each drafter's first exchange already lists them all.
+        async with trio.open_nursery() as nursery:
+            for name, v in rest:
+                nursery.start_soon(one, name, "verifier", v.model, v.capacity_sessions, v.threads)
+        async with trio.open_nursery() as nursery:
+            for i, d in enumerate(topology.drafters):
+                for j in range(d.count):
+                    nursery.start_soon(
+                        one, f"drafter-{i}-{j}", "drafter", d.model, d.capacity_sessions, d.threads
+                    )
+    except BaseExceptionGroup as group:
+        # Peers started side by side fail side by side: report the first start failure.
+        failures = [e for e in _leaves(group) if isinstance(e, P2PSpecError)]
+        if failures:
+            raise failures[0] from None
+        raise
     return boot.address
 
 
@@ -238,6 +252,9 @@ def main() -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except P2PSpecError as e:  # a peer that would not start, a mesh that failed
+        print(f"testnet failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("testnet: interrupted; every peer was stopped", file=sys.stderr)
         return 130

@@ -227,3 +227,45 @@ async def test_a_request_with_no_drafter_in_the_mesh_is_refused_clearly(mesh: Me
             await client.generate("anyone?", max_new_tokens=4)
         assert [r.role for r in client.peers()] == ["verifier"]
         assert client.peers()[0].protocol_version == wire.PROTOCOL_VERSION
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+async def test_a_testnet_that_fails_to_start_leaves_no_process_behind(tmp_path: Path) -> None:
+    topology = tmp_path / "broken.toml"
+    topology.write_text(
+        (ROOT / "configs" / "testnet-tiny.toml")
+        .read_text()
+        .replace('model = "tiny-random:11:noise=0.007"', 'model = "no-such-model"')
+    )
+    workdir = tmp_path / "work"
+    proc = await trio.run_process(
+        [
+            sys.executable,
+            str(ROOT / "testnet" / "testnet.py"),
+            "--topology",
+            str(topology),
+            "--workdir",
+            str(workdir),
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=ROOT,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert "testnet failed" in err and "no-such-model" in err
+    assert "stopped 2 peers" in err  # the two verifiers that had started
+    assert _processes_mentioning(str(workdir)) == []
