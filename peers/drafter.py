@@ -177,10 +177,13 @@ class DrafterService:
                     prompt_token_ids=prompt_ids,
                 )
             )
+            finished: wire.SessionFinished | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_client, channel, nursery.cancel_scope, sid)
                 finished = await self._rounds(channel, vch, request, prompt_ids, params)
                 nursery.cancel_scope.cancel()
+            if finished is None:  # the client cancelled; _watch_client logged it
+                return
             await channel.send(finished)
             log.info("session_finished", session=sid, reason=finished.finish_reason)
         except ChannelError as e:
