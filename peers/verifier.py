@@ -16,7 +16,7 @@ import structlog
 import trio
 
 from p2pspec import wire
-from p2pspec.channel import Channel, ChannelError
+from p2pspec.channel import Channel, ChannelError, ProtocolError
 from p2pspec.config import PeerConfig
 from p2pspec.engine import Draft, Verifier
 from p2pspec.models import LoadedModel
@@ -133,6 +133,10 @@ class VerifierService:
         while True:
             try:
                 message = await channel.receive(timeout_s=self.config.idle_timeout_s)
+            except ProtocolError as e:  # malformed, oversized, unknown: refused as at the open
+                log.info("verify_request_refused", session=sid, peer=remote_peer_id, error=str(e))
+                await channel.refuse("bad_request", str(e), sid)
+                return
             except ChannelError as e:
                 log.info("verify_session_ended", session=sid, peer=remote_peer_id, error=str(e))
                 return
