@@ -144,6 +144,7 @@ class VerifierService:
                 return
             if not isinstance(message, wire.VerifyRequest) or message.session_id != sid:
                 code = "unknown_session" if isinstance(message, wire.VerifyRequest) else "protocol"
+                log.info("verify_request_refused", session=sid, peer=remote_peer_id, error=code)
                 await channel.refuse(code, f"unexpected {type(message).__name__}", sid)
                 return
             try:
