@@ -170,14 +170,18 @@ class VerifierService:
                 return
             elapsed = time.perf_counter() - started
             committed.extend([*draft.tokens[: verdict.accepted], verdict.token])
-            await channel.send(
-                wire.Verdict(
-                    session_id=sid,
-                    round=message.round,
-                    base_len=message.base_len,
-                    accepted=verdict.accepted,
-                    token=verdict.token,
-                    compute_seconds=elapsed,
-                    model_fingerprint=self.lm.weights_fingerprint,
+            try:
+                await channel.send(
+                    wire.Verdict(
+                        session_id=sid,
+                        round=message.round,
+                        base_len=message.base_len,
+                        accepted=verdict.accepted,
+                        token=verdict.token,
+                        compute_seconds=elapsed,
+                        model_fingerprint=self.lm.weights_fingerprint,
+                    )
                 )
-            )
+            except ChannelError as e:  # the drafter left during the round: no one to answer
+                log.info("verify_session_ended", session=sid, peer=remote_peer_id, error=str(e))
+                return
