@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
+import structlog
 import trio
 
 from p2pspec import wire
@@ -34,6 +35,8 @@ from p2pspec.directory import Directory
 from p2pspec.discovery import exchange, now_ms
 from p2pspec.errors import P2PSpecError
 from p2pspec.node import Node, NodeStream
+
+log = structlog.get_logger("p2pspec.client")
 
 
 class ClientError(P2PSpecError):
@@ -86,11 +89,26 @@ class Stream:
         self.started: wire.SessionStarted | None = None
         self.result: Result | None = None
         self._tokens: list[int] = []
+        self._drafter = ""
+        self._failed_drafters: list[str] = []
 
     async def __aenter__(self) -> Stream:
-        self._stream, self._channel = await self._client._open_session(self._request)
+        await self._open()
+        return self
+
+    async def _open(self) -> None:
+        """Open the session on a drafter (another one after a failover)."""
+        request = self._request
+        if self._failed_drafters:
+            # Resume after the tokens already committed, under a fresh session id.
+            request = msgspec.structs.replace(
+                request, session_id=secrets.token_hex(16), resume=list(self._tokens)
+            )
+        self._stream, self._channel, self._drafter = await self._client._open_session(
+            request, exclude=frozenset(self._failed_drafters)
+        )
         try:
-            self.started = await self._channel.expect(
+            started = await self._channel.expect(
                 wire.SessionStarted, timeout_s=self._client.config.request_timeout_s
             )
         except RemoteError as e:
@@ -99,7 +117,8 @@ class Stream:
         except BaseException:
             await self.aclose()
             raise
-        return self
+        if self.started is None:
+            self.started = started
 
     async def __aexit__(
         self,
@@ -113,16 +132,20 @@ class Stream:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[Chunk]:
-        assert self._channel is not None and self.started is not None
+        cfg = self._client.config
         while self.result is None:
+            assert self._channel is not None and self.started is not None
             try:
-                message = await self._channel.receive(
-                    timeout_s=self._client.config.verify_timeout_s
+                message = await self._channel.receive_alive(
+                    timeout_s=cfg.verify_timeout_s,
+                    ping_interval_s=cfg.liveness_interval_s,
+                    liveness_timeout_s=cfg.liveness_timeout_s,
                 )
             except RemoteError as e:
                 raise ClientError(e.code, e.remote_message) from None
             except ChannelError as e:
-                raise ClientError("drafter_failed", str(e)) from None
+                await self._fail_over(str(e))
+                continue
             if isinstance(message, wire.TokensCommitted):
                 self._tokens.extend(message.tokens)
                 yield Chunk(tokens=list(message.tokens), text=message.text, round=message.round)
@@ -132,12 +155,27 @@ class Stream:
                     prompt_token_ids=list(self.started.prompt_token_ids),
                     token_ids=list(message.token_ids),
                     finish_reason=message.finish_reason,
-                    drafter_peer_id=self.started.drafter_peer_id,
+                    drafter_peer_id=self._drafter,
                     verifier_peer_id=self.started.verifier_peer_id,
-                    stats=msgspec.to_builtins(message.stats),
+                    stats={
+                        **msgspec.to_builtins(message.stats),
+                        "drafter_failovers": len(self._failed_drafters),
+                    },
                 )
             else:
                 raise ClientError("protocol", f"unexpected {type(message).__name__}")
+
+    async def _fail_over(self, reason: str) -> None:
+        """The drafter died or hung: continue the session on another drafter."""
+        log.warning("drafter_failover", drafter=self._drafter, error=reason)
+        self._failed_drafters.append(self._drafter)
+        if len(self._failed_drafters) > self._client.config.max_failovers:
+            raise ClientError("drafter_failed", f"{len(self._failed_drafters)} drafters failed")
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await stream.reset()
+        await self._open()
 
     async def aclose(self) -> None:
         """Cancel the session on every peer unless it finished; close the stream."""
@@ -208,13 +246,17 @@ class Client:
     def peers(self, role: str | None = None) -> list[wire.PeerRecord]:
         return [r for r in self.directory.live(now_ms()) if role is None or r.role == role]
 
-    async def _open_session(self, request: wire.GenerateRequest) -> tuple[NodeStream, Channel]:
-        drafters = [r for r in self.peers("drafter") if r.load < r.capacity] or self.peers(
-            "drafter"
-        )
+    async def _open_session(
+        self, request: wire.GenerateRequest, *, exclude: frozenset[str] = frozenset()
+    ) -> tuple[NodeStream, Channel, str]:
+        def candidates() -> list[wire.PeerRecord]:
+            known = [r for r in self.peers("drafter") if r.peer_id not in exclude]
+            return [r for r in known if r.load < r.capacity] or known
+
+        drafters = candidates()
         if not drafters:
             await self.refresh()
-            drafters = self.peers("drafter")
+            drafters = candidates()
         if not drafters:
             raise ClientError("no_drafter", "no drafter is known in the mesh")
         least = min(r.load / r.capacity for r in drafters)
@@ -231,7 +273,7 @@ class Client:
                 continue
             channel = Channel(stream, max_frame_bytes=self.config.max_frame_bytes)
             await channel.send(request)
-            return stream, channel
+            return stream, channel, record.peer_id
         raise ClientError("drafter_unreachable", f"{record.peer_id}: {'; '.join(errors)}")
 
     def stream(

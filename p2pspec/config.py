@@ -38,6 +38,9 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     request_timeout_s: Seconds = 10.0  # deadline of a directory exchange or session open
     verify_timeout_s: Seconds = 120.0  # deadline of one verify round trip (CPU verifiers)
     idle_timeout_s: Seconds = 300.0  # a session silent this long is freed
+    liveness_interval_s: Seconds = 1.0  # ping a peer this often while waiting on it
+    liveness_timeout_s: Seconds = 5.0  # a peer silent this long (no pong) is taken for dead
+    max_failovers: Annotated[int, Meta(ge=0, le=16)] = 3  # peers a session may move away from
     max_frame_bytes: Annotated[int, Meta(ge=4096, le=64 << 20)] = 1 << 20  # frame size limit
     draft_tokens: Annotated[int, Meta(ge=0, le=16)] = 4  # default draft length k
     log_tokens: bool = False  # debug only: allow token ids and text in logs

@@ -90,6 +90,9 @@ class GenerateRequest(Base, tag="generate"):
     raw: bool = False  # skip the chat template
     draft_tokens: Annotated[int, Meta(ge=0, le=MAX_DRAFT_TOKENS)] = 4
     verifier: str = ""  # a preferred verifier peer id; empty = the drafter chooses
+    # Failover: tokens already committed by an earlier drafter; generation resumes after
+    # them and the output is the same as without the failure.
+    resume: Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)] = []
 
 
 class SessionStarted(Base, tag="session_started"):
@@ -121,6 +124,7 @@ class SessionStats(Base, tag="session_stats"):
     # Per round: the verify round trip minus the verifier's compute (network, framing,
     # (de)serialisation, queueing), in milliseconds.
     round_overhead_ms: Annotated[list[float], Meta(max_length=MAX_PROMPT_TOKENS)] = []
+    verifier_failovers: NonNegative = 0  # verifiers replaced during the session
 
 
 class SessionFinished(Base, tag="session_finished"):
@@ -134,6 +138,16 @@ class SessionFinished(Base, tag="session_finished"):
 
 class CancelSession(Base, tag="cancel"):
     session_id: SessionId
+
+
+class Ping(Base, tag="ping"):
+    """Liveness check on a session stream, answered at once even while the peer computes."""
+
+    nonce: NonNegative
+
+
+class Pong(Base, tag="pong"):
+    nonce: NonNegative
 
 
 class ErrorMessage(Base, tag="error"):
@@ -206,6 +220,8 @@ Message = (
     | TokensCommitted
     | SessionFinished
     | CancelSession
+    | Ping
+    | Pong
     | ErrorMessage
     | VerifyOpen
     | VerifyOpened

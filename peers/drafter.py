@@ -114,6 +114,10 @@ class DrafterService:
             )
             prompt_ids = self._prompt_ids(request)
             validate_request(prompt_ids, request.max_new_tokens, self.lm.max_context, params)
+            if len(request.resume) >= request.max_new_tokens or any(
+                t >= self.lm.vocab_size for t in request.resume
+            ):
+                raise UserError("the resumed tokens do not fit this session")
         except UserError as e:
             await channel.refuse("invalid_request", str(e), sid)
             return
@@ -138,67 +142,99 @@ class DrafterService:
         prompt_ids: list[int],
         params: SamplingParams,
     ) -> None:
+        """Run the session, moving to another verifier whenever one fails or hangs.
+
+        The committed tokens are the session's only essential state (design.md): a new
+        verifier is opened with them as its prefix, and the output is the same as if
+        nothing had failed.
+        """
         sid = request.session_id
-        cfg = self.config
-        record = choose_verifier(
-            self.verifiers(), self.lm.tokenizer.fingerprint, preferred=request.verifier
-        )
-        if record is None:
-            log.info("session_refused", session=sid, reason="no_verifier")
-            await channel.refuse(
-                "no_verifier", "no compatible verifier with free capacity is known", sid
+        state = _SessionState(self.lm, request, prompt_ids, params)
+        failed: set[str] = set()
+        started = False
+        while True:
+            record = choose_verifier(
+                self.verifiers(),
+                self.lm.tokenizer.fingerprint,
+                preferred=request.verifier,
+                exclude=frozenset(failed),
             )
-            return
-        log.info("session_placed", session=sid, verifier=record.peer_id, load=record.load)
-        try:
-            vch, close = await self.open_verify_channel(record)
-        except ChannelError as e:
-            await channel.refuse("verifier_unreachable", str(e), sid)
-            return
-        try:
-            await vch.send(
-                wire.VerifyOpen(
-                    session_id=sid,
-                    prefix=prompt_ids,
-                    max_new_tokens=request.max_new_tokens,
-                    tokenizer_fingerprint=self.lm.tokenizer.fingerprint,
-                    temperature=params.temperature,
-                    top_k=params.top_k,
-                    top_p=params.top_p,
-                    seed=params.seed,
+            if record is None:
+                code = "verifier_failed" if failed else "no_verifier"
+                log.info("session_refused", session=sid, reason=code, failed=len(failed))
+                await channel.refuse(
+                    code, "no compatible verifier with free capacity is known", sid
                 )
-            )
-            await vch.expect(wire.VerifyOpened, timeout_s=cfg.request_timeout_s)
-            await channel.send(
-                wire.SessionStarted(
-                    session_id=sid,
-                    drafter_peer_id=self.peer_id,
-                    verifier_peer_id=record.peer_id,
-                    prompt_token_ids=prompt_ids,
-                )
-            )
-            finished: wire.SessionFinished | None = None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, channel, nursery.cancel_scope, sid)
-                finished = await self._rounds(channel, vch, request, prompt_ids, params)
-                nursery.cancel_scope.cancel()
-            if finished is None:  # the client cancelled; _watch_client logged it
                 return
-            await channel.send(finished)
-            log.info("session_finished", session=sid, reason=finished.finish_reason)
+            log.info("session_placed", session=sid, verifier=record.peer_id, load=record.load)
+            try:
+                vch, close = await self.open_verify_channel(record)
+            except ChannelError as e:
+                failed.add(record.peer_id)
+                log.info("verifier_unreachable", session=sid, verifier=record.peer_id, error=str(e))
+                continue
+            try:
+                await vch.send(state.verify_open(self.lm.tokenizer.fingerprint))
+                await vch.expect(wire.VerifyOpened, timeout_s=self.config.request_timeout_s)
+                if not started:
+                    await self._to_client(
+                        channel,
+                        wire.SessionStarted(
+                            session_id=sid,
+                            drafter_peer_id=self.peer_id,
+                            verifier_peer_id=record.peer_id,
+                            prompt_token_ids=prompt_ids,
+                        ),
+                    )
+                    started = True
+                finished: wire.SessionFinished | None = None
+                failure: ChannelError | _ClientGoneError | None = None
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_client, channel, nursery.cancel_scope, sid)
+                    try:
+                        finished = await self._rounds(channel, vch, state)
+                    except (ChannelError, _ClientGoneError) as e:
+                        failure = e  # raised below, outside the nursery's ExceptionGroup
+                    nursery.cancel_scope.cancel()
+                if failure is not None:
+                    raise failure
+                if finished is None:  # the client cancelled; _watch_client logged it
+                    return
+                await self._to_client(channel, finished)
+                log.info("session_finished", session=sid, reason=finished.finish_reason)
+                return
+            except _ClientGoneError as e:
+                log.info("session_cancelled", session=sid, reason=str(e))
+                return
+            except ChannelError as e:
+                failed.add(record.peer_id)
+                state.stats.verifier_failovers += 1
+                log.warning(
+                    "verifier_failover",
+                    session=sid,
+                    verifier=record.peer_id,
+                    error=str(e),
+                    committed=len(state.generated),
+                )
+                if len(failed) > self.config.max_failovers:
+                    await channel.refuse("verifier_failed", f"{len(failed)} verifiers failed", sid)
+                    return
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                    try:
+                        await vch.send(wire.VerifyClose(session_id=sid))
+                    except ChannelError:
+                        log.debug("verify_close_not_sent", session=sid)
+                    await close()
+
+    async def _to_client(self, channel: Channel, message: wire.Message) -> None:
+        try:
+            await channel.send(message)
         except ChannelError as e:
-            log.info("session_failed", session=sid, verifier=record.peer_id, error=str(e))
-            await channel.refuse("verifier_failed", f"verifier {record.peer_id}: {e}", sid)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                try:
-                    await vch.send(wire.VerifyClose(session_id=sid))
-                except ChannelError:
-                    log.debug("verify_close_not_sent", session=sid)
-                await close()
+            raise _ClientGoneError(str(e)) from None
 
     async def _watch_client(self, channel: Channel, scope: trio.CancelScope, sid: str) -> None:
-        """End the session when the client cancels or goes away."""
+        """End the session when the client cancels or goes away; answer its pings."""
         while True:
             try:
                 message = await channel.receive(timeout_s=self.config.idle_timeout_s)
@@ -214,41 +250,36 @@ class DrafterService:
                 return
 
     async def _rounds(
-        self,
-        channel: Channel,
-        vch: Channel,
-        request: wire.GenerateRequest,
-        prompt_ids: list[int],
-        params: SamplingParams,
+        self, channel: Channel, vch: Channel, state: _SessionState
     ) -> wire.SessionFinished:
-        sid = request.session_id
-        drafter = Drafter(self.lm, params)
-        checker = StopChecker(self.lm, request.stop, request.max_new_tokens)
-        deltas = TextDeltas(self.lm)
-        committed = list(prompt_ids)
-        generated: list[int] = []
-        stats = wire.SessionStats()
-        started = time.perf_counter()
-        for round_no in range(request.max_new_tokens):
-            k = min(request.draft_tokens, request.max_new_tokens - len(generated) - 1)
+        cfg = self.config
+        sid = state.request.session_id
+        stats = state.stats
+        while True:
+            k = min(state.request.draft_tokens, state.remaining - 1)
             t0 = time.perf_counter()
             async with self.compute:
-                draft = await trio.to_thread.run_sync(drafter.propose, committed, k)
+                draft = await trio.to_thread.run_sync(state.drafter.propose, state.committed, k)
             t1 = time.perf_counter()
             await vch.send(
                 wire.VerifyRequest(
                     session_id=sid,
-                    round=round_no,
-                    base_len=len(committed),
+                    round=state.round,
+                    base_len=len(state.committed),
                     draft=draft.tokens,
                     q=[q_to_wire(q) for q in draft.q or []],
                 )
             )
-            verdict = await vch.expect(wire.Verdict, timeout_s=self.config.verify_timeout_s)
+            verdict = await vch.receive_alive(
+                timeout_s=cfg.verify_timeout_s,
+                ping_interval_s=cfg.liveness_interval_s,
+                liveness_timeout_s=cfg.liveness_timeout_s,
+            )
             t2 = time.perf_counter()
             if (
-                verdict.round != round_no
-                or verdict.base_len != len(committed)
+                not isinstance(verdict, wire.Verdict)
+                or verdict.round != state.round
+                or verdict.base_len != len(state.committed)
                 or verdict.accepted > k
                 or verdict.token >= self.lm.vocab_size
             ):
@@ -259,27 +290,79 @@ class DrafterService:
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
             stats.verifier_compute_seconds += verdict.compute_seconds
-            stats.round_overhead_ms.append(1000 * (t2 - t1 - verdict.compute_seconds))
             stats.verifier_forward_passes += 1
-            stats.drafter_forward_passes = drafter.forward_passes
-            new = [*draft.tokens[: verdict.accepted], verdict.token]
-            kept, reason = checker.cut(generated + new)
-            fresh = kept[len(generated) :]
-            generated = kept
-            committed.extend(fresh)
+            stats.drafter_forward_passes = state.drafter.forward_passes
+            stats.round_overhead_ms.append(1000 * (t2 - t1 - verdict.compute_seconds))
+            fresh, reason = state.commit([*draft.tokens[: verdict.accepted], verdict.token])
             if fresh:
-                await channel.send(
+                await self._to_client(
+                    channel,
                     wire.TokensCommitted(
-                        session_id=sid, round=round_no, tokens=fresh, text=deltas.push(fresh)
-                    )
+                        session_id=sid,
+                        round=state.round,
+                        tokens=fresh,
+                        text=state.deltas.push(fresh),
+                    ),
                 )
+            state.round += 1
             if reason is not None:
-                stats.total_seconds = time.perf_counter() - started
+                stats.total_seconds = time.perf_counter() - state.started
                 return wire.SessionFinished(
                     session_id=sid,
                     finish_reason=reason,  # type: ignore[arg-type]
                     stats=stats,
-                    text=checker.text(generated, reason),
-                    token_ids=generated,
+                    text=state.checker.text(state.generated, reason),
+                    token_ids=state.generated,
                 )
-        raise AssertionError("every round commits at least one token")
+
+
+class _ClientGoneError(Exception):
+    """The client's stream broke: the session ends here, there is no one to answer."""
+
+
+class _SessionState:
+    """What a session has committed; all that survives a verifier failover."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        request: wire.GenerateRequest,
+        prompt_ids: list[int],
+        params: SamplingParams,
+    ) -> None:
+        self.request = request
+        self.params = params
+        self.prompt_ids = prompt_ids
+        self.generated: list[int] = list(request.resume)
+        self.committed: list[int] = prompt_ids + self.generated
+        self.drafter = Drafter(lm, params)
+        self.checker = StopChecker(lm, request.stop, request.max_new_tokens)
+        self.deltas = TextDeltas(lm)
+        self.deltas.push(self.generated)  # text the client already has from a failed drafter
+        self.stats = wire.SessionStats()
+        self.round = 0
+        self.started = time.perf_counter()
+
+    @property
+    def remaining(self) -> int:
+        return self.request.max_new_tokens - len(self.generated)
+
+    def verify_open(self, tokenizer_fingerprint: str) -> wire.VerifyOpen:
+        return wire.VerifyOpen(
+            session_id=self.request.session_id,
+            prefix=self.committed,
+            max_new_tokens=self.remaining,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            temperature=self.params.temperature,
+            top_k=self.params.top_k,
+            top_p=self.params.top_p,
+            seed=self.params.seed,
+        )
+
+    def commit(self, new: list[int]) -> tuple[list[int], str | None]:
+        kept, reason = self.checker.cut(self.generated + new)
+        fresh = kept[len(self.generated) :]
+        self.generated = kept
+        self.committed.extend(fresh)
+        self.drafter.rollback(self.committed)
+        return fresh, reason

@@ -24,6 +24,9 @@ from p2pspec.speculative import SamplingParams, SparseDistribution
 
 log = structlog.get_logger("p2pspec.verifier")
 
+# Verify requests a session may have queued (pipelined drafters send ahead).
+MAILBOX_REQUESTS = 8
+
 
 def q_from_wire(q: wire.SparseQ, vocab_size: int) -> SparseDistribution:
     """Decode a sparse q and check it (ids sorted, in range, probabilities positive)."""
@@ -127,61 +130,101 @@ class VerifierService:
         opening: wire.VerifyOpen,
         remote_peer_id: str,
     ) -> None:
+        """A reader task answers liveness pings and queues requests; this task computes.
+
+        Reading apart from computing is what lets a drafter tell a slow verifier (busy CPU,
+        still answering pings) from a hung or dead one.
+        """
+        requests_in, requests_out = trio.open_memory_channel[wire.VerifyRequest](MAILBOX_REQUESTS)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_requests, channel, requests_in, opening, remote_peer_id)
+            async with requests_out:
+                async for message in requests_out:
+                    if not await self._verify_one(channel, verifier, committed, opening, message):
+                        break
+            nursery.cancel_scope.cancel()
+
+    async def _read_requests(
+        self,
+        channel: Channel,
+        requests: trio.MemorySendChannel[wire.VerifyRequest],
+        opening: wire.VerifyOpen,
+        remote_peer_id: str,
+    ) -> None:
+        sid = opening.session_id
+        async with requests:
+            while True:
+                try:
+                    message = await channel.receive(timeout_s=self.config.idle_timeout_s)
+                except ProtocolError as e:  # malformed, oversized, unknown: refused as at the open
+                    log.info(
+                        "verify_request_refused", session=sid, peer=remote_peer_id, error=str(e)
+                    )
+                    await channel.refuse("bad_request", str(e), sid)
+                    return
+                except ChannelError as e:
+                    log.info("verify_session_ended", session=sid, peer=remote_peer_id, error=str(e))
+                    return
+                if isinstance(message, wire.VerifyClose):
+                    return
+                if not isinstance(message, wire.VerifyRequest) or message.session_id != sid:
+                    code = (
+                        "unknown_session" if isinstance(message, wire.VerifyRequest) else "protocol"
+                    )
+                    log.info("verify_request_refused", session=sid, peer=remote_peer_id, error=code)
+                    await channel.refuse(code, f"unexpected {type(message).__name__}", sid)
+                    return
+                await requests.send(message)
+
+    async def _verify_one(
+        self,
+        channel: Channel,
+        verifier: Verifier,
+        committed: list[int],
+        opening: wire.VerifyOpen,
+        message: wire.VerifyRequest,
+    ) -> bool:
+        """Check and verify one request; False when the session must end."""
         sid = opening.session_id
         limit = len(opening.prefix) + opening.max_new_tokens
         sampling = opening.temperature > 0
-        while True:
-            try:
-                message = await channel.receive(timeout_s=self.config.idle_timeout_s)
-            except ProtocolError as e:  # malformed, oversized, unknown: refused as at the open
-                log.info("verify_request_refused", session=sid, peer=remote_peer_id, error=str(e))
-                await channel.refuse("bad_request", str(e), sid)
-                return
-            except ChannelError as e:
-                log.info("verify_session_ended", session=sid, peer=remote_peer_id, error=str(e))
-                return
-            if isinstance(message, wire.VerifyClose):
-                return
-            if not isinstance(message, wire.VerifyRequest) or message.session_id != sid:
-                code = "unknown_session" if isinstance(message, wire.VerifyRequest) else "protocol"
-                log.info("verify_request_refused", session=sid, peer=remote_peer_id, error=code)
-                await channel.refuse(code, f"unexpected {type(message).__name__}", sid)
-                return
-            try:
-                wire.check_verify_request(message, sampling=sampling, vocab_size=self.lm.vocab_size)
-                if message.base_len != len(committed):
-                    raise wire.WireError(
-                        f"base_len {message.base_len} but {len(committed)} tokens are committed"
-                    )
-                if len(committed) + len(message.draft) + 1 > limit:
-                    raise wire.WireError("the draft runs past the session's max_new_tokens")
-                qs = [q_from_wire(q, self.lm.vocab_size) for q in message.q]
-            except ValueError as e:  # WireError is a ValueError too
-                log.info("verify_request_refused", session=sid, peer=remote_peer_id, error=str(e))
-                await channel.refuse("bad_request", str(e), sid)
-                return
-            draft = Draft(tokens=list(message.draft), q=qs if sampling else None)
-            started = time.perf_counter()
-            try:
-                async with self.compute:
-                    verdict = await trio.to_thread.run_sync(verifier.verify, committed, draft)
-            except ValueError as e:  # a sampled draft that its own q cannot have drawn
-                await channel.refuse("bad_draft", str(e), sid)
-                return
-            elapsed = time.perf_counter() - started
-            committed.extend([*draft.tokens[: verdict.accepted], verdict.token])
-            try:
-                await channel.send(
-                    wire.Verdict(
-                        session_id=sid,
-                        round=message.round,
-                        base_len=message.base_len,
-                        accepted=verdict.accepted,
-                        token=verdict.token,
-                        compute_seconds=elapsed,
-                        model_fingerprint=self.lm.weights_fingerprint,
-                    )
+        try:
+            wire.check_verify_request(message, sampling=sampling, vocab_size=self.lm.vocab_size)
+            if message.base_len != len(committed):
+                raise wire.WireError(
+                    f"base_len {message.base_len} but {len(committed)} tokens are committed"
                 )
-            except ChannelError as e:  # the drafter left during the round: no one to answer
-                log.info("verify_session_ended", session=sid, peer=remote_peer_id, error=str(e))
-                return
+            if len(committed) + len(message.draft) + 1 > limit:
+                raise wire.WireError("the draft runs past the session's max_new_tokens")
+            qs = [q_from_wire(q, self.lm.vocab_size) for q in message.q]
+        except ValueError as e:  # WireError is a ValueError too
+            log.info("verify_request_refused", session=sid, error=str(e))
+            await channel.refuse("bad_request", str(e), sid)
+            return False
+        draft = Draft(tokens=list(message.draft), q=qs if sampling else None)
+        started = time.perf_counter()
+        try:
+            async with self.compute:
+                verdict = await trio.to_thread.run_sync(verifier.verify, committed, draft)
+        except ValueError as e:  # a sampled draft that its own q cannot have drawn
+            log.info("verify_request_refused", session=sid, error=str(e))
+            await channel.refuse("bad_draft", str(e), sid)
+            return False
+        elapsed = time.perf_counter() - started
+        committed.extend([*draft.tokens[: verdict.accepted], verdict.token])
+        try:
+            await channel.send(
+                wire.Verdict(
+                    session_id=sid,
+                    round=message.round,
+                    base_len=message.base_len,
+                    accepted=verdict.accepted,
+                    token=verdict.token,
+                    compute_seconds=elapsed,
+                    model_fingerprint=self.lm.weights_fingerprint,
+                )
+            )
+        except ChannelError as e:
+            log.info("verify_session_ended", session=sid, error=str(e))
+            return False
+        return True

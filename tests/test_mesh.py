@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import support
 import trio
 
 from p2pspec import wire
@@ -17,9 +18,7 @@ from p2pspec.client import Client, ClientError
 from p2pspec.config import PeerConfig
 from p2pspec.directory import Directory
 from p2pspec.discovery import exchange, now_ms
-from p2pspec.engine import LocalEngine
 from p2pspec.launch import PeerProcess, start_peer, stop_all
-from p2pspec.models import load_model
 from p2pspec.speculative import SamplingParams
 
 VERIFIER = "tiny-random:11"
@@ -29,10 +28,7 @@ FAST = ["--threads", "1"]
 
 
 def local_tokens(prompt: str, max_new: int, params: SamplingParams, k: int = 4) -> list[int]:
-    verifier, drafter = load_model(VERIFIER), load_model(DRAFTER)
-    ids = verifier.tokenizer.encode(prompt)
-    engine = LocalEngine(drafter, verifier, draft_tokens=k)
-    return engine.generate(ids, max_new_tokens=max_new, params=params).token_ids
+    return support.local_tokens(VERIFIER, DRAFTER, prompt, max_new, params, k)
 
 
 class Mesh:

@@ -1,0 +1,131 @@
+"""Sessions survive their verifier or drafter dying or hanging mid-answer (real processes).
+
+The committed tokens are a session's only essential state: after a failover the session
+continues from them elsewhere, and its output equals an undisturbed run.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+from support import local_tokens
+
+from p2pspec.client import Client
+from p2pspec.launch import PeerProcess, start_peer, stop_all
+from p2pspec.speculative import SamplingParams
+
+VERIFIER = "tiny-random:11"
+DRAFTER = "tiny-random:11:noise=0.007"
+FAST = ["--threads", "1", "--advert-interval", "0.5"]
+LONG = 400  # tokens: long enough that the session is mid-answer when a peer fails
+
+
+@pytest.fixture
+async def peers(tmp_path: Path) -> AsyncIterator[list[PeerProcess]]:
+    started: list[PeerProcess] = []
+    try:
+        yield started
+    finally:
+        for p in started:  # a stopped (SIGSTOP) peer must run again to take SIGTERM
+            if p.process.returncode is None:
+                p.process.send_signal(signal.SIGCONT)
+        await stop_all(started)
+
+
+async def _start(
+    peers: list[PeerProcess], tmp: Path, name: str, role: str, model: str, boot: str = ""
+) -> PeerProcess:
+    p = await start_peer(
+        name,
+        role,
+        model,
+        workdir=tmp,
+        bootstrap=[boot] if boot else [],
+        extra_args=FAST,
+        ready_timeout_s=120,
+    )
+    peers.append(p)
+    return p
+
+
+async def _run_and_disturb(
+    client: Client, disturb: object, **kwargs: object
+) -> tuple[list[int], dict]:
+    """Stream a long answer; after its first chunk, call `disturb(started)`."""
+    chunks: list[int] = []
+    async with client.stream("failover please", max_new_tokens=LONG, raw=True, **kwargs) as s:
+        async for chunk in s:
+            if not chunks:
+                assert s.started is not None
+                disturb(s.started)  # type: ignore[operator]
+            chunks.extend(chunk.tokens)
+    assert s.result is not None
+    assert chunks == s.result.token_ids  # the stream never repeated or skipped a token
+    return s.result.token_ids, s.result.stats
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+async def test_a_session_survives_its_verifier_dying_or_hanging(
+    peers: list[PeerProcess], tmp_path: Path, how: str
+) -> None:
+    v1 = await _start(peers, tmp_path, "v1", "verifier", VERIFIER)
+    v2 = await _start(peers, tmp_path, "v2", "verifier", VERIFIER, v1.address)
+    await _start(peers, tmp_path, "d", "drafter", DRAFTER, v1.address)
+    by_id = {v1.peer_id: v1, v2.peer_id: v2}
+    victims: list[PeerProcess] = []
+
+    def disturb(started: object) -> None:
+        victim = by_id[started.verifier_peer_id]  # type: ignore[attr-defined]
+        victims.append(victim)
+        victim.process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+
+    async with Client([v1.address]) as client:
+        with trio.fail_after(120):
+            tokens, stats = await _run_and_disturb(client, disturb)
+    assert tokens == local_tokens(VERIFIER, DRAFTER, "failover please", LONG, SamplingParams())
+    assert stats["verifier_failovers"] == 1
+    assert "verifier_failover" in peers[2].log_path.read_text()
+
+
+async def test_a_sampled_session_survives_its_verifier_dying_with_the_same_tokens(
+    peers: list[PeerProcess], tmp_path: Path
+) -> None:
+    v1 = await _start(peers, tmp_path, "v1", "verifier", VERIFIER)
+    v2 = await _start(peers, tmp_path, "v2", "verifier", VERIFIER, v1.address)
+    await _start(peers, tmp_path, "d", "drafter", DRAFTER, v1.address)
+    by_id = {v1.peer_id: v1, v2.peer_id: v2}
+    params = SamplingParams(temperature=0.8, seed=3)
+    async with Client([v1.address]) as client:
+        with trio.fail_after(120):
+            tokens, stats = await _run_and_disturb(
+                client,
+                lambda s: by_id[s.verifier_peer_id].kill(),  # type: ignore[attr-defined]
+                temperature=0.8,
+                seed=3,
+            )
+    assert stats["verifier_failovers"] == 1
+    assert tokens == local_tokens(VERIFIER, DRAFTER, "failover please", LONG, params)
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+async def test_a_session_survives_its_drafter_dying_or_hanging(
+    peers: list[PeerProcess], tmp_path: Path, how: str
+) -> None:
+    v = await _start(peers, tmp_path, "v", "verifier", VERIFIER)
+    d1 = await _start(peers, tmp_path, "d1", "drafter", DRAFTER, v.address)
+    d2 = await _start(peers, tmp_path, "d2", "drafter", DRAFTER, v.address)
+    by_id = {d1.peer_id: d1, d2.peer_id: d2}
+
+    def disturb(started: object) -> None:
+        victim = by_id[started.drafter_peer_id]  # type: ignore[attr-defined]
+        victim.process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+
+    async with Client([v.address]) as client:
+        with trio.fail_after(120):
+            tokens, stats = await _run_and_disturb(client, disturb)
+    assert tokens == local_tokens(VERIFIER, DRAFTER, "failover please", LONG, SamplingParams())
+    assert stats["drafter_failovers"] == 1
