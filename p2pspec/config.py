@@ -63,6 +63,8 @@ class Workload(Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int = 0
     raw: bool = False  # skip the chat template
     draft_tokens: Annotated[int, Meta(ge=0, le=16)] = 4
+    kill_peer: str = ""  # chaos: the name of a peer to SIGKILL mid-run (e.g. "verifier-0-1")
+    kill_after_tokens: Annotated[int, Meta(ge=0)] = 0  # ... once this many tokens streamed
 
 
 class Topology(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -48,6 +48,17 @@ class PeerProcess:
         except OSError:
             return "(no log)"
 
+    def peak_rss_mb(self) -> float | None:
+        """The process's peak resident memory so far (Linux /proc), None when unknown."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return None
+
     def kill(self) -> None:
         """SIGKILL, as a crash would (tests of failure handling)."""
         if self.process.returncode is None:

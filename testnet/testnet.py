@@ -94,9 +94,13 @@ async def start_mesh(
 
 
 async def run_workload(
-    topology: Topology, bootstrap: str, *, stream_first: bool
+    topology: Topology, bootstrap: str, peers: list[PeerProcess], *, stream_first: bool
 ) -> list[dict[str, Any]]:
     w = topology.workload
+    victim = next((p for p in peers if p.name == w.kill_peer), None)
+    if w.kill_peer and victim is None:
+        raise UserError(f"kill_peer {w.kill_peer!r} names no peer of this topology")
+    streamed = 0
     limiter = trio.CapacityLimiter(w.concurrency)
     results: list[dict[str, Any]] = [{} for _ in range(w.sessions)]
     expected = sum(v.count for v in topology.verifiers) + sum(d.count for d in topology.drafters)
@@ -107,6 +111,7 @@ async def run_workload(
             await client.refresh()
 
         async def session(i: int) -> None:
+            nonlocal streamed
             prompt = w.prompts[i % len(w.prompts)]
             async with limiter:
                 t0 = time.perf_counter()
@@ -120,6 +125,9 @@ async def run_workload(
                         draft_tokens=w.draft_tokens,
                     ) as chunks:
                         async for chunk in chunks:
+                            streamed += len(chunk.tokens)
+                            if victim is not None and streamed >= w.kill_after_tokens:
+                                victim.kill()  # chaos: the peer dies mid-run, as a crash would
                             if stream_first and i == 0:
                                 sys.stdout.write(chunk.text)
                                 sys.stdout.flush()
@@ -214,10 +222,17 @@ async def main_async(args: argparse.Namespace) -> int:
         ready_s = time.perf_counter() - t0
         log(f"mesh of {len(peers)} peers ready in {ready_s:.1f} s; logs in {workdir}")
         t1 = time.perf_counter()
-        results = await run_workload(topology, bootstrap, stream_first=args.stream)
+        results = await run_workload(topology, bootstrap, peers, stream_first=args.stream)
         rep = report(results, time.perf_counter() - t1, ready_s)
         rep["peers"] = [
-            {"name": p.name, "role": p.role, "model": p.model, "peer_id": p.peer_id, "pid": p.pid}
+            {
+                "name": p.name,
+                "role": p.role,
+                "model": p.model,
+                "peer_id": p.peer_id,
+                "pid": p.pid,
+                "peak_rss_mb": p.peak_rss_mb(),
+            }
             for p in peers
         ]
         print_report(rep, peers)
