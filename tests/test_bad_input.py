@@ -110,10 +110,7 @@ def frame(payload: bytes) -> bytes:
 
 def message_frame(message: Any) -> bytes:
     """A frame of `message` (a wire Struct or a plain dict), with no validation at all."""
-    encoded = (
-        wire.encode(message) if isinstance(message, wire.Base) else msgspec.msgpack.encode(message)
-    )
-    return frame(encoded)
+    return frame(msgspec.msgpack.encode(message))
 
 
 def new_session_id() -> str:
