@@ -38,6 +38,9 @@ from p2pspec.node import Node, NodeStream
 
 log = structlog.get_logger("p2pspec.client")
 
+# Refusals that mean "the mesh is full right now": worth retrying while the caller waits.
+ADMISSION_CODES = frozenset({"overloaded", "no_verifier", "no_drafter"})
+
 
 class ClientError(P2PSpecError):
     """A session could not be served; `code` says why (e.g. 'no_drafter', 'overloaded')."""
@@ -81,9 +84,10 @@ class Result:
 class Stream:
     """One session's committed chunks, as an async iterator; `result` once finished."""
 
-    def __init__(self, client: Client, request: wire.GenerateRequest) -> None:
+    def __init__(self, client: Client, request: wire.GenerateRequest, wait_s: float) -> None:
         self._client = client
         self._request = request
+        self._wait_s = wait_s
         self._stream: NodeStream | None = None
         self._channel: Channel | None = None
         self.started: wire.SessionStarted | None = None
@@ -93,8 +97,19 @@ class Stream:
         self._failed_drafters: list[str] = []
 
     async def __aenter__(self) -> Stream:
-        await self._open()
-        return self
+        """Open the session; when the mesh is full, retry until `wait_s` has passed."""
+        deadline = trio.current_time() + self._wait_s
+        backoff_s = 0.2
+        while True:
+            try:
+                await self._open()
+                return self
+            except ClientError as e:
+                if e.code not in ADMISSION_CODES or trio.current_time() + backoff_s > deadline:
+                    raise
+            await trio.sleep(backoff_s * random.uniform(0.5, 1.5))  # jitter spreads retries
+            backoff_s = min(2 * backoff_s, 2.0)
+            await self._client.refresh()
 
     async def _open(self) -> None:
         """Open the session on a drafter (another one after a failover)."""
@@ -158,7 +173,8 @@ class Stream:
                     drafter_peer_id=self._drafter,
                     verifier_peer_id=self.started.verifier_peer_id,
                     stats={
-                        **msgspec.to_builtins(message.stats),
+                        # Every field, defaults included (the wire omits them).
+                        **{f: getattr(message.stats, f) for f in message.stats.__struct_fields__},
                         "drafter_failovers": len(self._failed_drafters),
                     },
                 )
@@ -288,7 +304,16 @@ class Client:
         stop: Sequence[str] = (),
         raw: bool = False,
         draft_tokens: int = 4,
+        wait_s: float = 0.0,
     ) -> Stream:
+        """A session's chunks as they are committed.
+
+        `wait_s`: when every drafter or verifier is at capacity the session is refused
+        (`ClientError` with code 'overloaded' or 'no_verifier'); with `wait_s` > 0 the
+        client retries, with backoff, until that many seconds have passed.
+        """
+        if wait_s < 0:
+            raise ClientError("invalid_request", f"wait_s must be >= 0, got {wait_s}")
         try:
             request = wire.GenerateRequest(
                 session_id=secrets.token_hex(16),
@@ -305,7 +330,7 @@ class Client:
             request = msgspec.convert(msgspec.to_builtins(request), wire.GenerateRequest)
         except msgspec.ValidationError as e:
             raise ClientError("invalid_request", str(e)) from None
-        return Stream(self, request)
+        return Stream(self, request, wait_s)
 
     async def generate(self, prompt: str, **kwargs: Any) -> Result:
         async with self.stream(prompt, **kwargs) as chunks:

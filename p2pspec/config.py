@@ -63,6 +63,7 @@ class Workload(Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int = 0
     raw: bool = False  # skip the chat template
     draft_tokens: Annotated[int, Meta(ge=0, le=16)] = 4
+    wait_s: Annotated[float, Meta(ge=0.0)] = 0.0  # how long a session waits for capacity
     kill_peer: str = ""  # chaos: the name of a peer to SIGKILL mid-run (e.g. "verifier-0-1")
     kill_after_tokens: Annotated[int, Meta(ge=0)] = 0  # ... once this many tokens streamed
 

@@ -18,7 +18,7 @@ import structlog
 import trio
 
 from p2pspec import wire
-from p2pspec.channel import Channel, ChannelError, PeerTimeoutError, ProtocolError
+from p2pspec.channel import Channel, ChannelError, PeerTimeoutError, ProtocolError, RemoteError
 from p2pspec.config import PeerConfig
 from p2pspec.engine import Drafter, StopChecker, TextDeltas, sampling_params, validate_request
 from p2pspec.errors import UserError
@@ -151,20 +151,24 @@ class DrafterService:
         sid = request.session_id
         state = _SessionState(self.lm, request, prompt_ids, params)
         failed: set[str] = set()
+        full: set[str] = set()  # verifiers that refused for capacity: busy, not broken
         started = False
         while True:
             record = choose_verifier(
                 self.verifiers(),
                 self.lm.tokenizer.fingerprint,
                 preferred=request.verifier,
-                exclude=frozenset(failed),
+                exclude=frozenset(failed | full),
             )
             if record is None:
-                code = "verifier_failed" if failed else "no_verifier"
-                log.info("session_refused", session=sid, reason=code, failed=len(failed))
-                await channel.refuse(
-                    code, "no compatible verifier with free capacity is known", sid
-                )
+                if failed:
+                    code, why = "verifier_failed", f"{len(failed)} verifiers failed"
+                elif full:
+                    code, why = "overloaded", "every compatible verifier is at capacity"
+                else:
+                    code, why = "no_verifier", "no compatible verifier with free capacity"
+                log.info("session_refused", session=sid, reason=code)
+                await channel.refuse(code, why, sid)
                 return
             log.info("session_placed", session=sid, verifier=record.peer_id, load=record.load)
             try:
@@ -207,6 +211,10 @@ class DrafterService:
                 log.info("session_cancelled", session=sid, reason=str(e))
                 return
             except ChannelError as e:
+                if isinstance(e, RemoteError) and e.code == "overloaded" and not started:
+                    full.add(record.peer_id)  # busy, not broken: try the next one
+                    log.info("verifier_full", session=sid, verifier=record.peer_id)
+                    continue
                 failed.add(record.peer_id)
                 state.stats.verifier_failovers += 1
                 log.warning(

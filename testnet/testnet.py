@@ -123,6 +123,7 @@ async def run_workload(
                         seed=w.seed + i,
                         raw=w.raw,
                         draft_tokens=w.draft_tokens,
+                        wait_s=w.wait_s,
                     ) as chunks:
                         async for chunk in chunks:
                             streamed += len(chunk.tokens)
@@ -139,7 +140,7 @@ async def run_workload(
                         **chunks.result.as_dict(),
                     }
                 except ClientError as e:
-                    results[i] = {"ok": False, "prompt": prompt, "error": str(e)}
+                    results[i] = {"ok": False, "prompt": prompt, "error": str(e), "code": e.code}
             if stream_first and i == 0:
                 sys.stdout.write("\n")
 
@@ -166,6 +167,7 @@ def report(results: list[dict[str, Any]], wall_s: float, ready_s: float) -> dict
         "sessions": len(results),
         "completed": len(done),
         "failed": [r["error"] for r in results if not r.get("ok")],
+        "refused_by_code": dict(Counter(r["code"] for r in results if not r.get("ok"))),
         "tokens": tokens,
         "acceptance": accepted / drafted if drafted else 0.0,
         "tokens_per_second": tokens / wall_s if wall_s else 0.0,
