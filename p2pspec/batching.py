@@ -36,12 +36,12 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from p2pspec.engine import Draft, Verifier, _logits_to_numpy
+from p2pspec.engine import Draft, Verifier
 from p2pspec.errors import ContextOverflowError
 from p2pspec.models import KVCacheRunner
-from p2pspec.speculative import Verdict, target_distribution, verify_greedy, verify_rejection
+from p2pspec.speculative import Verdict
 
-__all__ = ["BatchVerifier", "batched_forward", "judge"]
+__all__ = ["BatchVerifier", "batched_forward"]
 
 # Input id of a pad token: any valid id works, its outputs are dropped and no real token
 # attends to it.
@@ -169,28 +169,6 @@ def _padded_cache(runners: Sequence[KVCacheRunner], width: int) -> DynamicCache:
     return DynamicCache(ddp_cache_data=data)
 
 
-def judge(verifier: Verifier, base: int, draft: Draft, logits: torch.Tensor) -> Verdict:
-    """The acceptance half of engine.Verifier.verify, given the pass's logits.
-
-    `base` = len(committed); `logits` are the rows of the feed (at least its last k + 1).
-    Truncates the verifier's cache to committed + the accepted draft tokens.
-    Copied from Verifier.verify (engine.py), which does not expose it separately.
-    """
-    k = len(draft.tokens)
-    scored = logits[-(k + 1) :]  # p_1..p_{k+1}
-    if verifier.params.greedy:
-        verdict = verify_greedy(draft.tokens, torch.argmax(scored, dim=-1).tolist())
-    else:
-        if draft.q is None:
-            raise ValueError("a sampling-mode draft must carry its q distributions")
-        p = [target_distribution(row, verifier.params) for row in _logits_to_numpy(scored)]
-        verdict = verify_rejection(
-            draft.tokens, draft.q, p, base_position=base, seed=verifier.params.seed
-        )
-    verifier.sequence.truncate(base + verdict.accepted)
-    return verdict
-
-
 class BatchVerifier:
     """Verifies several sessions' drafts in one forward pass of their shared model.
 
@@ -219,5 +197,5 @@ class BatchVerifier:
             # What CachedSequence.forward does besides the pass itself.
             verifier.sequence.tokens.extend(feed)
             verifier.sequence.forward_passes += 1
-            verdicts.append(judge(verifier, len(committed), draft, rows))
+            verdicts.append(verifier.judge(len(committed), draft, rows))
         return verdicts

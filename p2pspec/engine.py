@@ -150,8 +150,16 @@ class Verifier:
 
         Afterwards the cache holds exactly committed + the accepted draft tokens.
         """
-        base = len(committed)
         logits = self.sequence.forward(self.sequence.sync(committed) + draft.tokens)
+        return self.judge(len(committed), draft, logits)
+
+    def judge(self, base: int, draft: Draft, logits: torch.Tensor) -> Verdict:
+        """The acceptance half of `verify`, given the pass's logits (batching runs the pass
+        for several sessions at once and judges each with this).
+
+        `base` = len(committed); `logits` are the rows of the feed (at least its last k+1).
+        Truncates the cache to committed + the accepted draft tokens.
+        """
         k = len(draft.tokens)
         scored = logits[-(k + 1) :]  # p_1..p_{k+1}
         if self.params.greedy:
