@@ -41,6 +41,8 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     liveness_interval_s: Seconds = 1.0  # ping a peer this often while waiting on it
     liveness_timeout_s: Seconds = 5.0  # a peer silent this long (no pong) is taken for dead
     max_failovers: Annotated[int, Meta(ge=0, le=16)] = 3  # peers a session may move away from
+    batch_max_sessions: Annotated[int, Meta(ge=1, le=64)] = 8  # verify requests per batch
+    batch_max_wait_s: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.004  # wait for a batch to fill
     max_frame_bytes: Annotated[int, Meta(ge=4096, le=64 << 20)] = 1 << 20  # frame size limit
     draft_tokens: Annotated[int, Meta(ge=0, le=16)] = 4  # default draft length k
     log_tokens: bool = False  # debug only: allow token ids and text in logs
@@ -52,6 +54,8 @@ class TestnetPeers(Struct, forbid_unknown_fields=True, kw_only=True):
     count: Count = 1  # how many processes
     capacity_sessions: Count = 8  # sessions each serves at once
     threads: Annotated[int, Meta(ge=0, le=256)] = 1  # torch threads per process (0 = default)
+    # One-way delay added in front of these peers' addresses, in ms (a DelayProxy each).
+    delay_ms: Annotated[float, Meta(ge=0.0, le=10_000.0)] = 0.0
 
 
 class Workload(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -125,6 +125,7 @@ class SessionStats(Base, tag="session_stats"):
     # (de)serialisation, queueing), in milliseconds.
     round_overhead_ms: Annotated[list[float], Meta(max_length=MAX_PROMPT_TOKENS)] = []
     verifier_failovers: NonNegative = 0  # verifiers replaced during the session
+    max_batch_size: NonNegative = 0  # the most sessions verified with this one in one pass
 
 
 class SessionFinished(Base, tag="session_finished"):
@@ -203,6 +204,7 @@ class Verdict(Base, tag="verdict"):
     accepted: NonNegative
     token: TokenId
     compute_seconds: float = 0.0  # the verifier's forward pass, for cost models
+    batch_size: Annotated[int, Meta(ge=1)] = 1  # sessions verified in the same forward pass
     draft_hash: bytes = b""
     model_fingerprint: str = ""
     signature: bytes = b""

@@ -298,6 +298,7 @@ class DrafterService:
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += t2 - t1
             stats.verifier_compute_seconds += verdict.compute_seconds
+            stats.max_batch_size = max(stats.max_batch_size, verdict.batch_size)
             stats.verifier_forward_passes += 1
             stats.drafter_forward_passes = state.drafter.forward_passes
             stats.round_overhead_ms.append(1000 * (t2 - t1 - verdict.compute_seconds))

@@ -113,6 +113,8 @@ class Peer:
             wire.VERIFY_PROTOCOL if self.config.role == "verifier" else wire.SESSION_PROTOCOL
         )
         async with trio.open_nursery() as nursery:
+            if isinstance(self.service, VerifierService):
+                await nursery.start(self.service.worker.run)
             await nursery.start(self.node.run)
             self.node.set_handler(wire.DIRECTORY_PROTOCOL, self._serve_directory)
             self.node.set_handler(role_protocol, self._serve_role)

@@ -10,17 +10,19 @@ session with an `ErrorMessage`, never the peer.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import structlog
 import trio
 
 from p2pspec import wire
+from p2pspec.batching import batched_forward
 from p2pspec.channel import Channel, ChannelError, ProtocolError
 from p2pspec.config import PeerConfig
 from p2pspec.engine import Draft, Verifier
 from p2pspec.models import LoadedModel
-from p2pspec.speculative import SamplingParams, SparseDistribution
+from p2pspec.speculative import SamplingParams, SparseDistribution, Verdict
 
 log = structlog.get_logger("p2pspec.verifier")
 
@@ -38,6 +40,84 @@ def q_from_wire(q: wire.SparseQ, vocab_size: int) -> SparseDistribution:
     return dist
 
 
+@dataclass
+class _Job:
+    verifier: Verifier
+    committed: list[int]
+    draft: Draft
+    reply: trio.MemorySendChannel[tuple[Verdict | ValueError, int]]
+
+
+class VerifierWorker:
+    """The actor that runs this peer's model: gathers the verify requests of concurrent
+    sessions from its bounded mailbox and runs them as one batched forward pass.
+
+    After the first request arrives it waits at most `max_wait_s` for others (or until
+    `max_batch`), so a lone session pays at most that much extra latency. Outputs equal
+    verifying each session alone (float32; see p2pspec/batching.py).
+    """
+
+    def __init__(
+        self, compute: trio.Lock, *, max_batch: int, max_wait_s: float, mailbox: int
+    ) -> None:
+        self.compute = compute
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._inbox, self._mailbox = trio.open_memory_channel[_Job](mailbox)
+        self.batches = 0
+        self.requests = 0
+
+    def statistics(self) -> dict[str, float]:
+        return {
+            "batches": self.batches,
+            "requests": self.requests,
+            "mean_batch": self.requests / self.batches if self.batches else 0.0,
+            "queued": self._mailbox.statistics().current_buffer_used,
+        }
+
+    async def verify(
+        self, verifier: Verifier, committed: list[int], draft: Draft
+    ) -> tuple[Verdict, int]:
+        """Queue one session's request (waits while the mailbox is full); its verdict and
+        the size of the batch it was verified in."""
+        reply_in, reply_out = trio.open_memory_channel[tuple[Verdict | ValueError, int]](1)
+        await self._inbox.send(_Job(verifier, committed, draft, reply_in))
+        result, batch_size = await reply_out.receive()
+        if isinstance(result, ValueError):
+            raise result
+        return result, batch_size
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for job in self._mailbox:
+            batch = [job]
+            with trio.move_on_after(self.max_wait_s):
+                while len(batch) < self.max_batch:
+                    batch.append(await self._mailbox.receive())
+            async with self.compute:
+                results = await trio.to_thread.run_sync(self._run_batch, batch)
+            self.batches += 1
+            self.requests += len(batch)
+            for each, result in zip(batch, results, strict=True):
+                each.reply.send_nowait((result, len(batch)))
+
+    @staticmethod
+    def _run_batch(batch: list[_Job]) -> list[Verdict | ValueError]:
+        """One forward pass for the whole batch; each session judged on its own rows, so a
+        bad draft fails its own session only."""
+        feeds = [j.verifier.sequence.sync(j.committed) + j.draft.tokens for j in batch]
+        logits = batched_forward([j.verifier.sequence.runner for j in batch], feeds)
+        results: list[Verdict | ValueError] = []
+        for job, feed, rows in zip(batch, feeds, logits, strict=True):
+            job.verifier.sequence.tokens.extend(feed)
+            job.verifier.sequence.forward_passes += 1
+            try:
+                results.append(job.verifier.judge(len(job.committed), job.draft, rows))
+            except ValueError as e:  # a sampled draft that its own q cannot have drawn
+                results.append(e)
+        return results
+
+
 class VerifierService:
     """Verify sessions on one model; `load` of them at once, at most `capacity`."""
 
@@ -51,6 +131,12 @@ class VerifierService:
         self.sessions: dict[str, Verifier] = {}
         self.refused = 0
         self.served = 0
+        self.worker = VerifierWorker(
+            compute,
+            max_batch=config.batch_max_sessions,
+            max_wait_s=config.batch_max_wait_s,
+            mailbox=config.capacity_sessions * MAILBOX_REQUESTS,
+        )
 
     @property
     def load(self) -> int:
@@ -204,8 +290,7 @@ class VerifierService:
         draft = Draft(tokens=list(message.draft), q=qs if sampling else None)
         started = time.perf_counter()
         try:
-            async with self.compute:
-                verdict = await trio.to_thread.run_sync(verifier.verify, committed, draft)
+            verdict, batch_size = await self.worker.verify(verifier, committed, draft)
         except ValueError as e:  # a sampled draft that its own q cannot have drawn
             log.info("verify_request_refused", session=sid, error=str(e))
             await channel.refuse("bad_draft", str(e), sid)
@@ -221,6 +306,7 @@ class VerifierService:
                     accepted=verdict.accepted,
                     token=verdict.token,
                     compute_seconds=elapsed,
+                    batch_size=batch_size,
                     model_fingerprint=self.lm.weights_fingerprint,
                 )
             )

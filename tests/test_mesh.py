@@ -232,6 +232,8 @@ async def test_testnet_serves_20_sessions_on_2_verifiers_and_3_drafters() -> Non
     for r in rep["results"]:
         assert r["token_ids"] == local_tokens(r["prompt"], 32, SamplingParams()), r["prompt"]
     assert len(rep["drafters"]) >= 2  # the load was spread
+    # Concurrent sessions on one verifier share its forward passes.
+    assert max(r["stats"]["max_batch_size"] for r in rep["results"]) > 1
 
 
 async def test_testnet_of_3_verifiers_and_3_drafters_survives_a_verifier_killed_mid_run() -> None:
