@@ -21,7 +21,7 @@ import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import structlog
@@ -303,10 +303,13 @@ class Client:
         seed: int = 0,
         stop: Sequence[str] = (),
         raw: bool = False,
-        draft_tokens: int = 4,
+        draft_tokens: int | Literal["auto"] = "auto",
         wait_s: float = 0.0,
     ) -> Stream:
         """A session's chunks as they are committed.
+
+        `draft_tokens`: k per round, or "auto" (the default) for the drafter to adapt k to
+        the observed acceptance, compute times and round trip; outputs are the same either way.
 
         `wait_s`: when every drafter or verifier is at capacity the session is refused
         (`ClientError` with code 'overloaded' or 'no_verifier'); with `wait_s` > 0 the
@@ -325,7 +328,8 @@ class Client:
                 seed=seed,
                 stop=list(stop),
                 raw=raw,
-                draft_tokens=draft_tokens,
+                draft_tokens=4 if draft_tokens == "auto" else draft_tokens,
+                adaptive=draft_tokens == "auto",
             )
             request = msgspec.convert(msgspec.to_builtins(request), wire.GenerateRequest)
         except msgspec.ValidationError as e:

@@ -89,6 +89,9 @@ class GenerateRequest(Base, tag="generate"):
     stop: Annotated[list[Short], Meta(max_length=16)] = []
     raw: bool = False  # skip the chat template
     draft_tokens: Annotated[int, Meta(ge=0, le=MAX_DRAFT_TOKENS)] = 4
+    # Adapt k each round to the observed acceptance, compute times and RTT (research.md);
+    # `draft_tokens` is then the first round's k. Outputs do not depend on k.
+    adaptive: bool = False
     verifier: str = ""  # a preferred verifier peer id; empty = the drafter chooses
     # Failover: tokens already committed by an earlier drafter; generation resumes after
     # them and the output is the same as without the failure.
@@ -126,6 +129,7 @@ class SessionStats(Base, tag="session_stats"):
     round_overhead_ms: Annotated[list[float], Meta(max_length=MAX_PROMPT_TOKENS)] = []
     verifier_failovers: NonNegative = 0  # verifiers replaced during the session
     max_batch_size: NonNegative = 0  # the most sessions verified with this one in one pass
+    draft_lengths: Annotated[list[NonNegative], Meta(max_length=MAX_PROMPT_TOKENS)] = []  # k/round
 
 
 class SessionFinished(Base, tag="session_finished"):

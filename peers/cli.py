@@ -42,6 +42,15 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
 
+def _draft_tokens(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2pspec", description="Collaborative speculative decoding over a libp2p mesh."
@@ -53,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--local", action="store_true", help="run drafter and verifier here")
     gen.add_argument("--drafter", default=DEFAULT_DRAFTER, metavar="MODEL")
     gen.add_argument("--verifier", default=DEFAULT_VERIFIER, metavar="MODEL")
-    gen.add_argument("--draft-tokens", type=int, default=4, metavar="K")
+    gen.add_argument(
+        "--draft-tokens",
+        type=_draft_tokens,
+        default="auto",
+        metavar="K|auto",
+        help="tokens drafted per round; auto (default): adapted each round on the mesh, "
+        "4 with --local",
+    )
     _add_model_options(gen)
     _add_generation_options(gen)
 
@@ -119,8 +135,9 @@ def _generate_local(args: argparse.Namespace) -> int:
     from p2pspec.models import check_compatible, load_model
 
     params = sampling_params(args.temperature, args.top_k, args.top_p, args.seed)
-    if args.draft_tokens < 0:
-        raise InvalidRequestError(f"--draft-tokens must be >= 0, got {args.draft_tokens}")
+    k = 4 if args.draft_tokens == "auto" else args.draft_tokens
+    if k < 0:
+        raise InvalidRequestError(f"--draft-tokens must be >= 0, got {k}")
     if args.max_new_tokens <= 0:
         raise InvalidRequestError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if not args.prompt.strip():
@@ -128,7 +145,7 @@ def _generate_local(args: argparse.Namespace) -> int:
     verifier = load_model(args.verifier, dtype=args.dtype)
     drafter = load_model(args.drafter, dtype=args.dtype)
     check_compatible(drafter, verifier)
-    engine = LocalEngine(drafter, verifier, draft_tokens=args.draft_tokens)
+    engine = LocalEngine(drafter, verifier, draft_tokens=k)
     prompt_ids = _prompt_ids(verifier, args.prompt, args.raw)
     stats = GenerationStats()
     checker = StopChecker(verifier, args.stop, args.max_new_tokens)

@@ -23,9 +23,14 @@ from p2pspec.config import PeerConfig
 from p2pspec.engine import Drafter, StopChecker, TextDeltas, sampling_params, validate_request
 from p2pspec.errors import UserError
 from p2pspec.models import LoadedModel
+from p2pspec.policy import AdaptiveDraftLength
 from p2pspec.speculative import SamplingParams, SparseDistribution
 
 log = structlog.get_logger("p2pspec.drafter")
+
+# The longest draft the adaptive controller may choose (research.md: the best k grows only
+# logarithmically with the round trip).
+MAX_ADAPTIVE_DRAFT = 12
 
 # Opens a verify stream to a peer (given its record) and returns a channel and its closer.
 OpenChannel = Callable[[wire.PeerRecord], Awaitable[tuple[Channel, Callable[[], Awaitable[None]]]]]
@@ -264,7 +269,7 @@ class DrafterService:
         sid = state.request.session_id
         stats = state.stats
         while True:
-            k = min(state.request.draft_tokens, state.remaining - 1)
+            k = min(state.next_draft_length(), state.remaining - 1)
             t0 = time.perf_counter()
             async with self.compute:
                 draft = await trio.to_thread.run_sync(state.drafter.propose, state.committed, k)
@@ -302,6 +307,8 @@ class DrafterService:
             stats.verifier_forward_passes += 1
             stats.drafter_forward_passes = state.drafter.forward_passes
             stats.round_overhead_ms.append(1000 * (t2 - t1 - verdict.compute_seconds))
+            stats.draft_lengths.append(k)
+            state.observe(k, verdict.accepted, t1 - t0, verdict.compute_seconds, t2 - t1)
             fresh, reason = state.commit([*draft.tokens[: verdict.accepted], verdict.token])
             if fresh:
                 await self._to_client(
@@ -351,10 +358,32 @@ class _SessionState:
         self.stats = wire.SessionStats()
         self.round = 0
         self.started = time.perf_counter()
+        self.adaptive = (
+            AdaptiveDraftLength(
+                max_gamma=MAX_ADAPTIVE_DRAFT, initial_gamma=max(request.draft_tokens, 1)
+            )
+            if request.adaptive
+            else None
+        )
 
     @property
     def remaining(self) -> int:
         return self.request.max_new_tokens - len(self.generated)
+
+    def next_draft_length(self) -> int:
+        return self.adaptive.next_gamma() if self.adaptive else self.request.draft_tokens
+
+    def observe(
+        self, k: int, accepted: int, draft_s: float, compute_s: float, round_trip_s: float
+    ) -> None:
+        if self.adaptive and k > 0:
+            self.adaptive.observe_round(
+                accepted=accepted,
+                drafted=k,
+                draft_s=draft_s,
+                verify_s=compute_s,
+                rtt_s=max(round_trip_s - compute_s, 0.0),
+            )
 
     def verify_open(self, tokenizer_fingerprint: str) -> wire.VerifyOpen:
         return wire.VerifyOpen(

@@ -76,6 +76,11 @@ async def test_mesh_output_equals_the_in_process_engine_and_sampling_is_reproduc
         assert greedy.verifier_peer_id == v.peer_id
         assert greedy.prompt_token_ids == list(b"hello mesh")
         assert greedy.stats["rounds"] > 0
+        # Adaptive k is the default; a fixed k is honoured; outputs do not depend on k.
+        assert len(greedy.stats["draft_lengths"]) == greedy.stats["rounds"]
+        fixed = await client.generate("hello mesh", max_new_tokens=24, raw=True, draft_tokens=2)
+        assert fixed.token_ids == greedy.token_ids
+        assert set(fixed.stats["draft_lengths"]) <= {0, 1, 2}
         # Seeded sampling: the same tokens twice, and the same as in one process.
         params = SamplingParams(temperature=0.9, top_k=50, seed=7)
         kwargs = {"max_new_tokens": 24, "temperature": 0.9, "top_k": 50, "seed": 7, "raw": True}
