@@ -9,10 +9,11 @@ stream) ends the session here and on the verifier at once.
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable
 
+import msgspec
 import numpy as np
 import structlog
 import trio
@@ -23,10 +24,16 @@ from p2pspec.config import PeerConfig
 from p2pspec.engine import Drafter, StopChecker, TextDeltas, sampling_params, validate_request
 from p2pspec.errors import UserError
 from p2pspec.models import LoadedModel
-from p2pspec.policy import AdaptiveDraftLength
+from p2pspec.policy import EWMA, AcceptanceEstimate, AdaptiveDraftLength, Candidate, choose_verifier
 from p2pspec.speculative import SamplingParams, SparseDistribution
 
 log = structlog.get_logger("p2pspec.drafter")
+
+# Placement priors until this drafter has measured them (tiny CPU models are faster,
+# real ones slower; only the ranking between verifiers matters).
+DEFAULT_DRAFT_TOKEN_S = 0.05
+DEFAULT_VERIFY_S = 0.2
+UNMEASURED_RTT_S = 0.05  # a verifier not yet probed is assumed this far away
 
 # The longest draft the adaptive controller may choose (research.md: the best k grows only
 # logarithmically with the round trip).
@@ -43,34 +50,6 @@ def q_to_wire(q: SparseDistribution) -> wire.SparseQ:
     )
 
 
-def choose_verifier(
-    records: Sequence[wire.PeerRecord],
-    tokenizer_fingerprint: str,
-    *,
-    preferred: str = "",
-    exclude: frozenset[str] = frozenset(),
-    rng: random.Random | None = None,
-) -> wire.PeerRecord | None:
-    """The compatible verifier with the most spare capacity (ties broken at random)."""
-    candidates = [
-        r
-        for r in records
-        if r.role == "verifier"
-        and r.tokenizer_fingerprint == tokenizer_fingerprint
-        and r.load < r.capacity
-        and r.peer_id not in exclude
-        and r.protocol_version == wire.PROTOCOL_VERSION
-    ]
-    if not candidates:
-        return None
-    for r in candidates:
-        if r.peer_id == preferred:
-            return r
-    best = min(r.load / r.capacity for r in candidates)
-    ties = [r for r in candidates if r.load / r.capacity == best]
-    return (rng or random).choice(ties)
-
-
 class DrafterService:
     def __init__(
         self,
@@ -80,6 +59,7 @@ class DrafterService:
         compute: trio.Lock,
         verifiers: Callable[[], list[wire.PeerRecord]],
         open_verify_channel: OpenChannel,
+        rtt_s: Callable[[str], float | None] = lambda peer_id: None,
     ) -> None:
         self.lm = lm
         self.peer_id = peer_id
@@ -87,8 +67,14 @@ class DrafterService:
         self.compute = compute
         self.verifiers = verifiers  # live records from the directory
         self.open_verify_channel = open_verify_channel
+        self.rtt_s = rtt_s  # measured round trip to a verifier (the Prober), None if unknown
         self.sessions: set[str] = set()
         self.served = 0
+        # What this drafter has observed of each verifier, for placement (policy.py).
+        self.pair_alpha: dict[str, AcceptanceEstimate] = {}
+        self.verify_compute: dict[str, EWMA] = {}
+        self.draft_token_s = EWMA(half_life_samples=16)
+        self.active_on: Counter[str] = Counter()  # this drafter's live sessions per verifier
 
     @property
     def load(self) -> int:
@@ -159,12 +145,7 @@ class DrafterService:
         full: set[str] = set()  # verifiers that refused for capacity: busy, not broken
         started = False
         while True:
-            record = choose_verifier(
-                self.verifiers(),
-                self.lm.tokenizer.fingerprint,
-                preferred=request.verifier,
-                exclude=frozenset(failed | full),
-            )
+            record = self._place(sid, request.verifier, exclude=failed | full)
             if record is None:
                 if failed:
                     code, why = "verifier_failed", f"{len(failed)} verifiers failed"
@@ -175,7 +156,6 @@ class DrafterService:
                 log.info("session_refused", session=sid, reason=code)
                 await channel.refuse(code, why, sid)
                 return
-            log.info("session_placed", session=sid, verifier=record.peer_id, load=record.load)
             try:
                 vch, close = await self.open_verify_channel(record)
             except ChannelError as e:
@@ -198,13 +178,17 @@ class DrafterService:
                     started = True
                 finished: wire.SessionFinished | None = None
                 failure: ChannelError | _ClientGoneError | None = None
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch_client, channel, nursery.cancel_scope, sid)
-                    try:
-                        finished = await self._rounds(channel, vch, state)
-                    except (ChannelError, _ClientGoneError) as e:
-                        failure = e  # raised below, outside the nursery's ExceptionGroup
-                    nursery.cancel_scope.cancel()
+                self.active_on[record.peer_id] += 1
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._watch_client, channel, nursery.cancel_scope, sid)
+                        try:
+                            finished = await self._rounds(channel, vch, state, record.peer_id)
+                        except (ChannelError, _ClientGoneError) as e:
+                            failure = e  # raised below, outside the nursery's ExceptionGroup
+                        nursery.cancel_scope.cancel()
+                finally:
+                    self.active_on[record.peer_id] -= 1
                 if failure is not None:
                     raise failure
                 if finished is None:  # the client cancelled; _watch_client logged it
@@ -240,6 +224,54 @@ class DrafterService:
                         log.debug("verify_close_not_sent", session=sid)
                     await close()
 
+    def _place(self, sid: str, preferred: str, *, exclude: set[str]) -> wire.PeerRecord | None:
+        """Pick the verifier with the best predicted tokens/s (policy.choose_verifier) and
+        log the decision, with every candidate's inputs, as one event."""
+        records = self.verifiers()
+        if preferred and any(r.peer_id == preferred for r in records):
+            records = [r for r in records if r.peer_id == preferred]
+        candidates = []
+        for r in records:
+            # Records are up to one advert interval old: count this drafter's own sessions.
+            seen = msgspec.structs.replace(r, load=max(r.load, self.active_on[r.peer_id]))
+            alpha = self.pair_alpha.get(r.peer_id)
+            t_verify = self.verify_compute.get(r.peer_id)
+            candidates.append(
+                Candidate(
+                    record=seen,
+                    rtt_s=self.rtt_s(r.peer_id),
+                    alpha=alpha.alpha if alpha is not None else None,
+                    t_verify_s=t_verify.value if t_verify is not None else None,
+                )
+            )
+        decision = choose_verifier(
+            candidates,
+            tokenizer_fingerprint=self.lm.tokenizer.fingerprint,
+            t_draft_s=self.draft_token_s.value or DEFAULT_DRAFT_TOKEN_S,
+            t_verify_s_default=DEFAULT_VERIFY_S,
+            exclude=exclude,
+            rtt_s_unmeasured=UNMEASURED_RTT_S,
+        )
+        if decision is None:
+            return None
+        event = decision.as_event()
+        log.info(
+            "choose_verifier",
+            session=sid,
+            chosen=event["chosen"],
+            score=event["score"],
+            candidates=event["candidates"],
+        )
+        return decision.chosen
+
+    def _observe(
+        self, verifier: str, k: int, accepted: int, draft_s: float, compute_s: float
+    ) -> None:
+        if k > 0:
+            self.pair_alpha.setdefault(verifier, AcceptanceEstimate()).observe(accepted, k)
+            self.draft_token_s.observe(draft_s / k)
+        self.verify_compute.setdefault(verifier, EWMA(half_life_samples=16)).observe(compute_s)
+
     async def _to_client(self, channel: Channel, message: wire.Message) -> None:
         try:
             await channel.send(message)
@@ -263,7 +295,7 @@ class DrafterService:
                 return
 
     async def _rounds(
-        self, channel: Channel, vch: Channel, state: _SessionState
+        self, channel: Channel, vch: Channel, state: _SessionState, verifier_id: str
     ) -> wire.SessionFinished:
         cfg = self.config
         sid = state.request.session_id
@@ -309,6 +341,7 @@ class DrafterService:
             stats.round_overhead_ms.append(1000 * (t2 - t1 - verdict.compute_seconds))
             stats.draft_lengths.append(k)
             state.observe(k, verdict.accepted, t1 - t0, verdict.compute_seconds, t2 - t1)
+            self._observe(verifier_id, k, verdict.accepted, t1 - t0, verdict.compute_seconds)
             fresh, reason = state.commit([*draft.tokens[: verdict.accepted], verdict.token])
             if fresh:
                 await self._to_client(
