@@ -19,6 +19,8 @@ import trio
 
 from p2pspec.errors import P2PSpecError
 
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"  # loopback, any free port
+
 
 class PeerStartError(P2PSpecError):
     """A peer process exited, or said nothing, before its ready line."""
@@ -83,9 +85,10 @@ def peer_command(
     key_file: Path,
     bootstrap: Sequence[str] = (),
     extra_args: Sequence[str] = (),
+    listen: str = DEFAULT_LISTEN,
 ) -> list[str]:
     cmd = [sys.executable, "-m", "p2pspec.peers.cli", "peer", "--role", role, "--model", model]
-    cmd += ["--key", str(key_file), "--listen", "/ip4/127.0.0.1/tcp/0"]
+    cmd += ["--key", str(key_file), "--listen", listen]
     for addr in bootstrap:
         cmd += ["--bootstrap", addr]
     return cmd + list(extra_args)
@@ -112,12 +115,19 @@ async def start_peer(
     extra_args: Sequence[str] = (),
     ready_timeout_s: float = 300.0,
     env: dict[str, str] | None = None,
+    listen: str = DEFAULT_LISTEN,
 ) -> PeerProcess:
-    """Start one peer and return once it has printed its ready line."""
+    """Start one peer and return once it has printed its ready line (its announced
+    address when `extra_args` has --announce, else `listen` with the bound port)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     cmd = peer_command(
-        role, model, key_file=workdir / f"{name}.key", bootstrap=bootstrap, extra_args=extra_args
+        role,
+        model,
+        key_file=workdir / f"{name}.key",
+        bootstrap=bootstrap,
+        extra_args=extra_args,
+        listen=listen,
     )
     with open(log_path, "wb") as log_file:
         process = await trio.lowlevel.open_process(
