@@ -6,6 +6,14 @@ Starts the topology's verifiers and drafters as separate `p2pspec peer` processe
 ephemeral loopback ports (the first verifier is everyone's bootstrap peer), waits for each
 ready line, runs the workload's sessions through the Python client (several at once),
 prints a report, and stops every process it started, also on failure or Ctrl-C.
+
+Peers with `delay_ms` sit behind a DelayProxy (p2pspec/delayproxy.py) that adds that
+one-way delay: the peer listens on a private port and announces the proxy's, so every dial
+to it (from drafters, from the client) crosses the delay. Dials the peer makes itself do
+not: a far verifier that dials a drafter first holds an undelayed connection to it, which
+libp2p may then use for the drafter's streams too. Before the workload the client
+measures its round trip to every peer (one directory request/response, several times),
+and the report carries it beside the configured delay.
 Nothing imports this file.
 """
 
@@ -14,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -25,9 +35,15 @@ import trio
 
 from p2pspec import logs
 from p2pspec.client import Client, ClientError
-from p2pspec.config import Topology, load_toml
+from p2pspec.config import TestnetPeers, Topology, load_toml
+from p2pspec.delayproxy import DelayProxy
 from p2pspec.errors import P2PSpecError, UserError
-from p2pspec.launch import PeerProcess, start_peer, stop_all
+from p2pspec.launch import DEFAULT_LISTEN, PeerProcess, start_peer, stop_all
+from p2pspec.node import Node
+from p2pspec.prober import ProbeError, directory_round_trip
+
+RTT_SAMPLES = 7  # directory round trips per peer before the workload
+RTT_TIMEOUT_S = 10.0  # deadline of one of them, dial included
 
 
 def _peer_args(topology: Topology, capacity: int, threads: int) -> list[str]:
@@ -44,46 +60,86 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
+def _free_loopback_port() -> int:
+    """A port that was free a moment ago. Racy: another process may take it between our
+    close and the peer's bind; the peer then cannot listen and the run fails cleanly
+    (PeerStartError). The peer must bind the port itself, so there is no race-free way."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _start(
+    topology: Topology,
+    workdir: Path,
+    proxies: trio.Nursery,
+    name: str,
+    role: str,
+    spec: TestnetPeers,
+    bootstrap: list[str],
+) -> PeerProcess:
+    """Start one peer; behind a DelayProxy (run in `proxies`) if the spec has a delay."""
+    args = _peer_args(topology, spec.capacity_sessions, spec.threads)
+    listen = DEFAULT_LISTEN
+    if spec.delay_ms > 0:
+        port = _free_loopback_port()
+        proxy = DelayProxy("127.0.0.1", port, delay_s=spec.delay_ms / 1000.0)
+        proxy_port = await proxies.start(proxy.run)
+        listen = f"/ip4/127.0.0.1/tcp/{port}"
+        args += ["--announce", f"/ip4/127.0.0.1/tcp/{proxy_port}"]
+    peer = await start_peer(
+        name,
+        role,
+        spec.model,
+        workdir=workdir,
+        bootstrap=bootstrap,
+        extra_args=args,
+        ready_timeout_s=topology.ready_timeout_s,
+        listen=listen,
+    )
+    peer.extra.update(delay_ms=repr(spec.delay_ms), listen=listen)
+    return peer
+
+
+def _delay_note(p: PeerProcess) -> str:
+    delay_ms = float(p.extra.get("delay_ms", "0"))
+    return f" (behind a {delay_ms:g} ms one-way delay)" if delay_ms else ""
+
+
 async def start_mesh(
-    topology: Topology, workdir: Path, peers: list[PeerProcess], *, log: Any
+    topology: Topology,
+    workdir: Path,
+    peers: list[PeerProcess],
+    *,
+    log: Any,
+    proxies: trio.Nursery,
 ) -> str:
-    """Start every peer (appending to `peers` as they come up); return the bootstrap addr."""
-    timeout = topology.ready_timeout_s
+    """Start every peer (appending to `peers` as they come up); return the bootstrap addr.
+
+    Delay proxies run in `proxies`; the caller cancels it after stopping the peers."""
     first, *rest = [
         (f"verifier-{i}-{j}", v) for i, v in enumerate(topology.verifiers) for j in range(v.count)
     ]
     name, spec = first
-    args = _peer_args(topology, spec.capacity_sessions, spec.threads)
-    boot = await start_peer(
-        name, "verifier", spec.model, workdir=workdir, extra_args=args, ready_timeout_s=timeout
-    )
+    boot = await _start(topology, workdir, proxies, name, "verifier", spec, [])
     peers.append(boot)
-    log(f"{name} ready at {boot.address}")
+    log(f"{name} ready at {boot.address}{_delay_note(boot)}")
 
-    async def one(name: str, role: str, model: str, capacity: int, threads: int) -> None:
-        p = await start_peer(
-            name,
-            role,
-            model,
-            workdir=workdir,
-            bootstrap=[boot.address],
-            extra_args=_peer_args(topology, capacity, threads),
-            ready_timeout_s=timeout,
-        )
+    async def one(name: str, role: str, spec: TestnetPeers) -> None:
+        p = await _start(topology, workdir, proxies, name, role, spec, [boot.address])
         peers.append(p)
-        log(f"{name} ready at {p.address}")
+        log(f"{name} ready at {p.address}{_delay_note(p)}")
 
     try:
         # Verifiers first, so that each drafter's first exchange already lists them all.
         async with trio.open_nursery() as nursery:
             for name, v in rest:
-                nursery.start_soon(one, name, "verifier", v.model, v.capacity_sessions, v.threads)
+                nursery.start_soon(one, name, "verifier", v)
         async with trio.open_nursery() as nursery:
             for i, d in enumerate(topology.drafters):
                 for j in range(d.count):
-                    nursery.start_soon(
-                        one, f"drafter-{i}-{j}", "drafter", d.model, d.capacity_sessions, d.threads
-                    )
+                    nursery.start_soon(one, f"drafter-{i}-{j}", "drafter", d)
     except BaseExceptionGroup as group:
         # Peers started side by side fail side by side: report the first start failure.
         failures = [e for e in _leaves(group) if isinstance(e, P2PSpecError)]
@@ -93,9 +149,33 @@ async def start_mesh(
     return boot.address
 
 
+async def measure_rtts(node: Node, peers: list[PeerProcess]) -> dict[str, list[float]]:
+    """Round trips (seconds) from `node` to every peer, one peer at a time so that the
+    samples of one do not queue behind another's; a peer that fails gets no samples."""
+    rtts: dict[str, list[float]] = {}
+    for p in peers:
+        samples: list[float] = []
+        try:
+            for _ in range(RTT_SAMPLES):
+                samples.append(await directory_round_trip(node, p.address, timeout_s=RTT_TIMEOUT_S))
+        except ProbeError:
+            samples = []  # the peer is not answering: its RTT is unknown
+        rtts[p.name] = samples
+    return rtts
+
+
 async def run_workload(
-    topology: Topology, bootstrap: str, peers: list[PeerProcess], *, stream_first: bool
-) -> list[dict[str, Any]]:
+    topology: Topology,
+    bootstrap: str,
+    peers: list[PeerProcess],
+    *,
+    stream_first: bool,
+    rtts: dict[str, list[float]] | None = None,
+) -> tuple[list[dict[str, Any]], float]:
+    """Run the workload's sessions; return their results and the wall time they took.
+
+    First, if `rtts` is given, fill it with the client's round trips to every peer
+    (measure_rtts), outside the wall time."""
     w = topology.workload
     victim = next((p for p in peers if p.name == w.kill_peer), None)
     if w.kill_peer and victim is None:
@@ -104,11 +184,16 @@ async def run_workload(
     limiter = trio.CapacityLimiter(w.concurrency)
     results: list[dict[str, Any]] = [{} for _ in range(w.sessions)]
     expected = sum(v.count for v in topology.verifiers) + sum(d.count for d in topology.drafters)
+    started = time.perf_counter()
     async with Client([bootstrap]) as client:
         # The bootstrap peer learns each peer from that peer's first exchange, which
         # happens before its ready line: one pull sees the whole mesh.
         if len(client.peers()) < expected:
             await client.refresh()
+        if rtts is not None:
+            measuring = time.perf_counter()
+            rtts.update(await measure_rtts(client.node, peers))
+            started += time.perf_counter() - measuring
 
         async def session(i: int) -> None:
             nonlocal streamed
@@ -147,7 +232,7 @@ async def run_workload(
         async with trio.open_nursery() as nursery:
             for i in range(w.sessions):
                 nursery.start_soon(session, i)
-    return results
+    return results, time.perf_counter() - started
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -162,6 +247,12 @@ def report(results: list[dict[str, Any]], wall_s: float, ready_s: float) -> dict
     overhead = [x for r in done for x in r["stats"].get("round_overhead_ms", [])]
     tokens = sum(len(r["token_ids"]) for r in done)
     drafted = sum(r["stats"]["drafted"] for r in done)
+    # Per verifier (the one that finished the session), to see what distance costs.
+    by_verifier: dict[str, list[float]] = {}
+    for r in done:
+        by_verifier.setdefault(r["verifier_peer_id"], []).extend(
+            r["stats"].get("round_overhead_ms", [])
+        )
     accepted = sum(r["stats"]["accepted"] for r in done)
     return {
         "sessions": len(results),
@@ -176,6 +267,9 @@ def report(results: list[dict[str, Any]], wall_s: float, ready_s: float) -> dict
         "rounds": len(overhead),
         "round_overhead_ms_median": _percentile(overhead, 0.5),
         "round_overhead_ms_p99": _percentile(overhead, 0.99),
+        "round_overhead_ms_median_by_verifier": {
+            k: _percentile(v, 0.5) for k, v in by_verifier.items()
+        },
         "drafters": dict(Counter(r["drafter_peer_id"] for r in done)),
         "verifiers": dict(Counter(r["verifier_peer_id"] for r in done)),
         "results": results,
@@ -196,9 +290,21 @@ def print_report(rep: dict[str, Any], peers: list[PeerProcess]) -> None:
         f"p99 {rep['round_overhead_ms_p99']:.2f} ms",
         file=sys.stderr,
     )
+    by_verifier = rep["round_overhead_ms_median_by_verifier"]
+    if by_verifier:
+        medians = ", ".join(f"{names.get(k, k)}: {v:.1f}" for k, v in sorted(by_verifier.items()))
+        print(f"  per-verifier median round overhead, ms: {medians}", file=sys.stderr)
     for role in ("drafters", "verifiers"):
         served = ", ".join(f"{names.get(k, k)}: {v}" for k, v in sorted(rep[role].items()))
         print(f"  {role} served: {served or 'none'}", file=sys.stderr)
+    rtt = ", ".join(
+        f"{p['name']} {p['rtt_ms_median']:.1f} ms"
+        + (f" ({p['delay_ms']:g} ms one way added)" if p["delay_ms"] else "")
+        for p in rep.get("peers", [])
+        if p.get("rtt_ms_median") is not None
+    )
+    if rtt:
+        print(f"  client round trip (median): {rtt}", file=sys.stderr)
     for err in rep["failed"]:
         print(f"  failed: {err}", file=sys.stderr)
 
@@ -218,25 +324,19 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"testnet: {msg}", file=sys.stderr)
 
     ok = False
-    try:
+
+    async def run(proxies: trio.Nursery) -> int:
+        nonlocal ok
         t0 = time.perf_counter()
-        bootstrap = await start_mesh(topology, workdir, peers, log=log)
+        bootstrap = await start_mesh(topology, workdir, peers, log=log, proxies=proxies)
         ready_s = time.perf_counter() - t0
         log(f"mesh of {len(peers)} peers ready in {ready_s:.1f} s; logs in {workdir}")
-        t1 = time.perf_counter()
-        results = await run_workload(topology, bootstrap, peers, stream_first=args.stream)
-        rep = report(results, time.perf_counter() - t1, ready_s)
-        rep["peers"] = [
-            {
-                "name": p.name,
-                "role": p.role,
-                "model": p.model,
-                "peer_id": p.peer_id,
-                "pid": p.pid,
-                "peak_rss_mb": p.peak_rss_mb(),
-            }
-            for p in peers
-        ]
+        rtts: dict[str, list[float]] = {}
+        results, wall_s = await run_workload(
+            topology, bootstrap, peers, stream_first=args.stream, rtts=rtts
+        )
+        rep = report(results, wall_s, ready_s)
+        rep["peers"] = [_peer_report(p, rtts.get(p.name, [])) for p in peers]
         print_report(rep, peers)
         if args.json:
             print(json.dumps(rep))
@@ -244,13 +344,50 @@ async def main_async(args: argparse.Namespace) -> int:
             Path(args.out).write_text(json.dumps(rep, indent=2) + "\n")
         ok = rep["completed"] == rep["sessions"]
         return 0 if ok else 1
-    finally:
-        await stop_all(peers)
-        log(f"stopped {len(peers)} peers")
-        if ok and not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        elif not ok:
-            log(f"peer logs kept in {workdir}")
+
+    try:
+        # Delay proxies live in their own nursery, torn down right after the peers.
+        async with trio.open_nursery() as proxies:
+            try:
+                return await run(proxies)
+            finally:
+                await stop_all(peers)
+                proxies.cancel_scope.cancel()
+                log(f"stopped {len(peers)} peers")
+                if ok and not args.workdir:
+                    shutil.rmtree(workdir, ignore_errors=True)
+                elif not ok:
+                    log(f"peer logs kept in {workdir}")
+    except BaseExceptionGroup as group:
+        # The nursery wraps whatever the run raised: main() wants the error itself.
+        raise _first_meaningful(group) from None
+
+
+def _first_meaningful(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Ctrl-C first, then our own errors (a peer that would not start), else the group."""
+    leaves = _leaves(group)
+    for kind in (KeyboardInterrupt, P2PSpecError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return group
+
+
+def _peer_report(p: PeerProcess, rtts: list[float]) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "role": p.role,
+        "model": p.model,
+        "peer_id": p.peer_id,
+        "pid": p.pid,
+        "peak_rss_mb": p.peak_rss_mb(),
+        "address": p.address,  # what it announces (a proxy's port if delayed)
+        "listen": p.extra.get("listen", DEFAULT_LISTEN),  # what it was told to bind
+        "delay_ms": float(p.extra.get("delay_ms", "0")),
+        # The client's directory round trip to it, in ms (None if it did not answer).
+        "rtt_ms_min": min(rtts) * 1000 if rtts else None,
+        "rtt_ms_median": statistics.median(rtts) * 1000 if rtts else None,
+    }
 
 
 def main() -> int:
