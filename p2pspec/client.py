@@ -16,8 +16,10 @@ drafter with the most spare capacity, and talks to it on one session stream. Lea
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -35,8 +37,12 @@ from p2pspec.directory import Directory
 from p2pspec.discovery import exchange, now_ms
 from p2pspec.errors import P2PSpecError
 from p2pspec.node import Node, NodeStream
+from p2pspec.policy import Candidate, Decision, choose_drafter
+from p2pspec.prober import ProbeError, Prober
 
 log = structlog.get_logger("p2pspec.client")
+
+RTT_RESOLUTION_S = 0.005  # round trips closer than this count as equally near
 
 # Refusals that mean "the mesh is full right now": worth retrying while the caller waits.
 ADMISSION_CODES = frozenset({"overloaded", "no_verifier", "no_drafter"})
@@ -185,6 +191,7 @@ class Stream:
         """The drafter died or hung: continue the session on another drafter."""
         log.warning("drafter_failover", drafter=self._drafter, error=reason)
         self._failed_drafters.append(self._drafter)
+        self._client._active[self._drafter] -= 1
         if len(self._failed_drafters) > self._client.config.max_failovers:
             raise ClientError("drafter_failed", f"{len(self._failed_drafters)} drafters failed")
         stream, self._stream = self._stream, None
@@ -197,6 +204,7 @@ class Stream:
         """Cancel the session on every peer unless it finished; close the stream."""
         if self._stream is None:
             return
+        self._client._active[self._drafter] -= 1
         stream, self._stream = self._stream, None
         with trio.CancelScope(shield=True), trio.move_on_after(2.0):
             if self.result is None and self._channel is not None:
@@ -222,6 +230,8 @@ class Client:
         self.identity = identity or Identity.generate()
         self.node = Node(self.identity, listen="/ip4/127.0.0.1/tcp/0")
         self.directory = Directory(self.identity.peer_id)
+        self.prober = Prober(self.node)
+        self._active: Counter[str] = Counter()  # sessions this client has open per drafter
         self._nursery_cm: Any = None
         self._nursery: trio.Nursery | None = None
 
@@ -231,6 +241,7 @@ class Client:
         try:
             await self._nursery.start(self.node.run)
             await self.refresh()
+            await self.measure_drafters()
         except BaseException as e:
             await self.__aexit__(type(e), e, e.__traceback__)
             raise
@@ -259,37 +270,84 @@ class Client:
             )
         return answered
 
+    async def measure_drafters(self) -> None:
+        """Measure the round trip to every known drafter, side by side (for placement)."""
+
+        async def one(record: wire.PeerRecord) -> None:
+            try:
+                with trio.fail_after(self.config.request_timeout_s):
+                    await self.prober.measure(record.peer_id, record.addrs[0])
+            except (ProbeError, trio.TooSlowError) as e:
+                log.debug("drafter_unmeasured", drafter=record.peer_id, error=str(e))
+
+        async with trio.open_nursery() as nursery:
+            for record in self.peers("drafter"):
+                if record.addrs:
+                    nursery.start_soon(one, record)
+
+    def _place(self, exclude: frozenset[str]) -> Decision | None:
+        """The nearest drafter with capacity (policy.choose_drafter), logged with its inputs.
+
+        Round trips closer than RTT_RESOLUTION_S count as equal (measurement noise), so
+        equally near drafters share sessions by load; the client counts the sessions it
+        opened itself, because records are up to an advert interval old.
+        """
+        candidates = []
+        for r in self.peers("drafter"):
+            rtt = self.prober.rtt_s(r.peer_id)
+            if rtt is not None:
+                rtt = RTT_RESOLUTION_S * math.floor(rtt / RTT_RESOLUTION_S)
+            load = max(r.load, self._active[r.peer_id])
+            candidates.append(Candidate(record=msgspec.structs.replace(r, load=load), rtt_s=rtt))
+        decision = choose_drafter(candidates, tokenizer_fingerprint=None, exclude=exclude)
+        if decision is not None:
+            log.debug(
+                "choose_drafter",
+                chosen=decision.chosen.peer_id,
+                score=decision.score,
+                candidates=decision.candidates,
+            )
+        return decision
+
     def peers(self, role: str | None = None) -> list[wire.PeerRecord]:
         return [r for r in self.directory.live(now_ms()) if role is None or r.role == role]
 
     async def _open_session(
         self, request: wire.GenerateRequest, *, exclude: frozenset[str] = frozenset()
     ) -> tuple[NodeStream, Channel, str]:
-        def candidates() -> list[wire.PeerRecord]:
-            known = [r for r in self.peers("drafter") if r.peer_id not in exclude]
-            return [r for r in known if r.load < r.capacity] or known
-
-        drafters = candidates()
-        if not drafters:
+        if not self.peers("drafter"):
             await self.refresh()
-            drafters = candidates()
-        if not drafters:
+        decision = self._place(exclude)
+        if decision is None:
+            if any(r.peer_id not in exclude for r in self.peers("drafter")):
+                raise ClientError("overloaded", "every drafter is at capacity")
             raise ClientError("no_drafter", "no drafter is known in the mesh")
-        least = min(r.load / r.capacity for r in drafters)
-        order = [r for r in drafters if r.load / r.capacity == least]
-        record = random.choice(order)
+        record = decision.chosen
+        # Counted at once, before any await: sessions opened side by side see each other.
+        # Stream.aclose or a failover gives the count back once the session has a stream.
+        self._active[record.peer_id] += 1
         errors = []
-        for addr in record.addrs:
-            try:
-                stream = await self.node.open_stream(
-                    addr, wire.SESSION_PROTOCOL, timeout_s=self.config.dial_timeout_s
-                )
-            except P2PSpecError as e:
-                errors.append(str(e))
-                continue
-            channel = Channel(stream, max_frame_bytes=self.config.max_frame_bytes)
-            await channel.send(request)
-            return stream, channel, record.peer_id
+        try:
+            for addr in record.addrs:
+                try:
+                    stream = await self.node.open_stream(
+                        addr, wire.SESSION_PROTOCOL, timeout_s=self.config.dial_timeout_s
+                    )
+                except P2PSpecError as e:
+                    errors.append(str(e))
+                    continue
+                channel = Channel(stream, max_frame_bytes=self.config.max_frame_bytes)
+                try:
+                    await channel.send(request)
+                except ChannelError as e:
+                    await stream.reset()
+                    errors.append(str(e))
+                    continue
+                return stream, channel, record.peer_id
+        except BaseException:
+            self._active[record.peer_id] -= 1
+            raise
+        self._active[record.peer_id] -= 1
         raise ClientError("drafter_unreachable", f"{record.peer_id}: {'; '.join(errors)}")
 
     def stream(

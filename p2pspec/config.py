@@ -41,6 +41,7 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     liveness_interval_s: Seconds = 1.0  # ping a peer this often while waiting on it
     liveness_timeout_s: Seconds = 5.0  # a peer silent this long (no pong) is taken for dead
     max_failovers: Annotated[int, Meta(ge=0, le=16)] = 3  # peers a session may move away from
+    probe_interval_s: Seconds = 2.0  # how often a drafter measures its RTT to each verifier
     batch_max_sessions: Annotated[int, Meta(ge=1, le=64)] = 8  # verify requests per batch
     batch_max_wait_s: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.004  # wait for a batch to fill
     max_frame_bytes: Annotated[int, Meta(ge=4096, le=64 << 20)] = 1 << 20  # frame size limit

@@ -75,7 +75,10 @@ async def serve_exchange(stream: NodeStream, directory: Directory, config: PeerC
     # Answer with what was known before merging: the caller has its own records already.
     known = directory.signed_records(now_ms())
     directory.add_all(sync.records, now_ms())
-    await channel.send(wire.DirectorySync(records=known))
+    try:
+        await channel.send(wire.DirectorySync(records=known))
+    except ChannelError as e:  # the caller reset the stream: its loss, not this peer's
+        log.info("directory_reply_failed", peer=stream.remote_peer_id, error=str(e))
 
 
 class Advertiser:
@@ -88,12 +91,17 @@ class Advertiser:
         directory: Directory,
         config: PeerConfig,
         make_record: Callable[[int, int], wire.PeerRecord] | None,
+        dial_roles: frozenset[str] = frozenset({"drafter", "verifier"}),
     ) -> None:
         self.node = node
         self.identity = identity
         self.directory = directory
         self.config = config
         self.make_record = make_record  # (issued_at_ms, seq) -> record; None for clients
+        # Roles this peer dials for exchanges. Verifiers leave drafters out: drafters dial
+        # verifiers (a drafter behind NAT still works), and a connection a drafter opens
+        # itself goes through the address the verifier announced (its delay proxy, say).
+        self.dial_roles = dial_roles
         self.seq = 0
 
     def refresh_own_record(self) -> None:
@@ -113,6 +121,8 @@ class Advertiser:
                 seen.add(pid)
                 out.append(addr)
         for record in self.directory.live(now_ms()):
+            if record.role not in self.dial_roles:
+                continue
             if record.peer_id not in seen and record.addrs:
                 seen.add(record.peer_id)
                 out.append(record.addrs[0])

@@ -24,8 +24,13 @@ from p2pspec.models import LoadedModel
 from p2pspec.node import Node, NodeStream
 from p2pspec.peers.drafter import DrafterService
 from p2pspec.peers.verifier import VerifierService
+from p2pspec.prober import PROBE_PROTOCOL, Prober, serve_probe
 
 log = structlog.get_logger("p2pspec.peer")
+
+# Whom each role dials for directory exchanges (discovery.Advertiser.dial_roles).
+VERIFIER_DIALS = frozenset({"verifier"})
+DRAFTER_DIALS = frozenset({"drafter", "verifier"})
 
 
 class Peer:
@@ -45,6 +50,7 @@ class Peer:
         )
         self.directory = Directory(identity.peer_id)
         self.compute = trio.Lock()  # one forward pass at a time on this peer's model
+        self.prober = Prober(self.node, interval_s=config.probe_interval_s)
         self.service: DrafterService | VerifierService
         if config.role == "verifier":
             self.service = VerifierService(lm, identity.peer_id, config, self.compute)
@@ -56,9 +62,17 @@ class Peer:
                 self.compute,
                 verifiers=lambda: self.directory.live(now_ms()),
                 open_verify_channel=self._open_verify_channel,
+                rtt_s=self.prober.rtt_s,
             )
         self.advertiser = Advertiser(
-            self.node, identity, self.directory, config, make_record=self._record
+            self.node,
+            identity,
+            self.directory,
+            config,
+            make_record=self._record,
+            dial_roles=frozenset(
+                {"verifier"} if config.role == "verifier" else {"drafter", "verifier"}
+            ),
         )
 
     def _record(self, issued_at_ms: int, seq: int) -> wire.PeerRecord:
@@ -101,6 +115,19 @@ class Peer:
         finally:
             await stream.close()
 
+    def _verifier_targets(self) -> list[tuple[str, str]]:
+        return [
+            (r.peer_id, r.addrs[0])
+            for r in self.directory.live(now_ms())
+            if r.role == "verifier" and r.addrs
+        ]
+
+    async def _serve_probe(self, stream: NodeStream) -> None:
+        try:
+            await serve_probe(stream, max_frame_bytes=self.config.max_frame_bytes)
+        finally:
+            await stream.close()
+
     async def _serve_directory(self, stream: NodeStream) -> None:
         try:
             await serve_exchange(stream, self.directory, self.config)
@@ -117,6 +144,7 @@ class Peer:
                 await nursery.start(self.service.worker.run)
             await nursery.start(self.node.run)
             self.node.set_handler(wire.DIRECTORY_PROTOCOL, self._serve_directory)
+            self.node.set_handler(PROBE_PROTOCOL, self._serve_probe)
             self.node.set_handler(role_protocol, self._serve_role)
             joined = await self.advertiser.round()
             if self.config.bootstrap and not joined:
@@ -131,6 +159,8 @@ class Peer:
                 known_peers=len(self.directory) - 1,
             )
             nursery.start_soon(self.advertiser.run)
+            if self.config.role == "drafter":  # drafters place sessions by RTT to verifiers
+                nursery.start_soon(self.prober.run, self._verifier_targets)
             task_status.started(address)
 
 

@@ -174,14 +174,18 @@ class VerifierService:
         self.served += 1
         log.info("verify_session_opened", session=sid, peer=remote_peer_id, load=self.load)
         try:
-            await channel.send(
-                wire.VerifyOpened(
-                    session_id=sid,
-                    verifier_peer_id=self.peer_id,
-                    model_id=self.lm.model_id,
-                    weights_fingerprint=self.lm.weights_fingerprint,
+            try:
+                await channel.send(
+                    wire.VerifyOpened(
+                        session_id=sid,
+                        verifier_peer_id=self.peer_id,
+                        model_id=self.lm.model_id,
+                        weights_fingerprint=self.lm.weights_fingerprint,
+                    )
                 )
-            )
+            except ChannelError as e:  # the drafter reset the stream before the answer
+                log.info("verify_session_ended", session=sid, peer=remote_peer_id, error=str(e))
+                return
             await self._rounds(channel, verifier, list(opening.prefix), opening, remote_peer_id)
         finally:
             # Frees the session's KV cache with its Verifier.
@@ -228,7 +232,9 @@ class VerifierService:
                 async for message in requests_out:
                     if not await self._verify_one(channel, verifier, committed, opening, message):
                         break
-            nursery.cancel_scope.cancel()
+                # Stop the reader before closing its channel: else a request it has read
+                # meanwhile meets a closed channel (BrokenResourceError) and fails the stream.
+                nursery.cancel_scope.cancel()
 
     async def _read_requests(
         self,

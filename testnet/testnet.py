@@ -177,9 +177,13 @@ async def run_workload(
     First, if `rtts` is given, fill it with the client's round trips to every peer
     (measure_rtts), outside the wall time."""
     w = topology.workload
+    # "serving-verifier": whichever verifier serves the session that crosses the threshold,
+    # so that the kill hits sessions in flight wherever placement put them.
     victim = next((p for p in peers if p.name == w.kill_peer), None)
-    if w.kill_peer and victim is None:
+    if w.kill_peer not in ("", "serving-verifier") and victim is None:
         raise UserError(f"kill_peer {w.kill_peer!r} names no peer of this topology")
+    by_id = {p.peer_id: p for p in peers}
+    killed: list[str] = []
     streamed = 0
     limiter = trio.CapacityLimiter(w.concurrency)
     results: list[dict[str, Any]] = [{} for _ in range(w.sessions)]
@@ -212,8 +216,11 @@ async def run_workload(
                     ) as chunks:
                         async for chunk in chunks:
                             streamed += len(chunk.tokens)
-                            if victim is not None and streamed >= w.kill_after_tokens:
-                                victim.kill()  # chaos: the peer dies mid-run, as a crash would
+                            if w.kill_peer and not killed and streamed >= w.kill_after_tokens:
+                                assert chunks.started is not None
+                                target = victim or by_id[chunks.started.verifier_peer_id]
+                                killed.append(target.name)
+                                target.kill()  # chaos: the peer dies mid-run, as a crash would
                             if stream_first and i == 0:
                                 sys.stdout.write(chunk.text)
                                 sys.stdout.flush()
