@@ -253,14 +253,15 @@ def decode(frame: bytes) -> Message:
     """Decode one frame; any malformation becomes a WireError with a short reason."""
     try:
         return _decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    # msgspec raises UnicodeDecodeError (not a DecodeError) for a str that is not UTF-8.
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
         raise WireError(f"malformed message: {e}") from None
 
 
 def decode_record(data: bytes) -> PeerRecord:
     try:
         return _record_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
         raise WireError(f"malformed peer record: {e}") from None
 
 
