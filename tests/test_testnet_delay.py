@@ -56,3 +56,60 @@ async def test_far_verifiers_sit_behind_a_delay_proxy_and_the_run_completes() ->
     for p in rep["peers"]:  # every peer process is gone
         with pytest.raises(ProcessLookupError):
             os.kill(p["pid"], 0)
+
+
+async def test_sessions_prefer_near_verifiers_and_move_to_far_ones_when_the_near_are_full(
+    tmp_path: Path,
+) -> None:
+    """Shown on the drafters' logged placement decisions (one event per decision)."""
+    topology = tmp_path / "overload.toml"
+    text = (ROOT / "configs" / "testnet-placement.toml").read_text()
+    near, far = text.split("delay_ms = 40.0")[0].rsplit("[[verifiers]]", 1)
+    near = near.replace("capacity_sessions = 8", "capacity_sessions = 2", 1)
+    text = near + "[[verifiers]]" + far + "delay_ms = 40.0" + text.split("delay_ms = 40.0")[1]
+    text = text.replace("sessions = 12", "sessions = 16").replace(
+        "concurrency = 4", "concurrency = 8"
+    )
+    text = text.replace("max_new_tokens = 32", "max_new_tokens = 64")
+    topology.write_text(text)
+    workdir = tmp_path / "work"
+    proc = await trio.run_process(
+        [
+            sys.executable,
+            str(ROOT / "testnet" / "testnet.py"),
+            "--topology",
+            str(topology),
+            "--json",
+            "--quiet",
+            "--workdir",
+            str(workdir),
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    rep = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    names = {p["peer_id"]: p["name"] for p in rep["peers"]}
+    near_ids = {pid for pid, n in names.items() if n.startswith("verifier-0-")}
+    far_ids = {pid for pid, n in names.items() if n.startswith("verifier-1-")}
+    decisions = []
+    for log in workdir.glob("drafter-*.log"):
+        for line in log.read_text().splitlines():
+            if line.startswith("{") and '"choose_verifier"' in line:
+                decisions.append(json.loads(line))
+    assert len(decisions) >= 16
+    moved = 0
+    for d in decisions:
+        cands = d["candidates"]
+        eligible = {pid: c for pid, c in cands.items() if c["excluded"] is None}
+        # The choice is the best predicted tokens/s, from the inputs logged with it.
+        assert eligible[d["chosen"]]["score"] == max(c["score"] for c in eligible.values()), d
+        if all(pid in eligible and cands[pid]["load"] == 0 for pid in near_ids):
+            assert d["chosen"] in near_ids, d  # idle near verifiers beat far ones
+        if d["chosen"] in far_ids:  # a move: every near verifier was busy or full
+            assert all(pid not in eligible or cands[pid]["load"] > 0 for pid in near_ids), d
+            moved += 1
+    assert moved >= 1, "the near verifiers never filled up: the test did not overload them"
+    assert 0 < sum(rep["verifiers"].get(pid, 0) for pid in far_ids) < 16
