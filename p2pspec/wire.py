@@ -207,7 +207,9 @@ class Verdict(Base, tag="verdict"):
     base_len: NonNegative
     accepted: NonNegative
     token: TokenId
-    compute_seconds: float = 0.0  # the verifier's forward pass, for cost models
+    # The verifier's forward pass, for cost models. Bounded: a drafter feeds it to its
+    # EWMAs, which refuse NaN, infinities and negative times.
+    compute_seconds: Annotated[float, Meta(ge=0.0, le=86_400.0)] = 0.0
     batch_size: Annotated[int, Meta(ge=1)] = 1  # sessions verified in the same forward pass
     draft_hash: bytes = b""
     model_fingerprint: str = ""
