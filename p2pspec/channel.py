@@ -17,6 +17,9 @@ from p2pspec.errors import P2PSpecError
 
 M = TypeVar("M", bound=wire.Message)
 
+MAX_ERROR_CODE = 256  # characters of ErrorMessage.code the wire accepts
+MAX_ERROR_MESSAGE = 2048  # ... and of ErrorMessage.message
+
 
 class ChannelError(P2PSpecError):
     """The conversation on a stream failed; the stream should be closed or reset."""
@@ -156,11 +159,18 @@ class Channel:
         return message
 
     async def refuse(self, code: str, message: str, session_id: str = "") -> None:
-        """Tell the peer why it is refused; best effort, the stream is closing anyway."""
+        """Tell the peer why it is refused; best effort, the stream is closing anyway.
+
+        The message is cut to what the peer's decoder accepts: it may quote the peer's own
+        input (a decode error names the bad value), which can be as long as a frame."""
         try:
             with trio.move_on_after(2.0):
                 await self.send(
-                    wire.ErrorMessage(code=code, message=message, session_id=session_id)
+                    wire.ErrorMessage(
+                        code=code[:MAX_ERROR_CODE],
+                        message=message[:MAX_ERROR_MESSAGE],
+                        session_id=session_id,
+                    )
                 )
         except ChannelError:
             # The peer is gone or its stream is broken: there is no one left to tell.
