@@ -10,6 +10,7 @@ session with an `ErrorMessage`, never the peer.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,9 +59,16 @@ class VerifierWorker:
     """
 
     def __init__(
-        self, compute: trio.Lock, *, max_batch: int, max_wait_s: float, mailbox: int
+        self,
+        compute: trio.Lock,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        mailbox: int,
+        active: Callable[[], int] = lambda: 1 << 30,
     ) -> None:
         self.compute = compute
+        self.active = active  # sessions open now: no point waiting for more requests than that
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._inbox, self._mailbox = trio.open_memory_channel[_Job](mailbox)
@@ -91,8 +99,9 @@ class VerifierWorker:
         task_status.started()
         async for job in self._mailbox:
             batch = [job]
+            target = min(self.max_batch, self.active())
             with trio.move_on_after(self.max_wait_s):
-                while len(batch) < self.max_batch:
+                while len(batch) < target:
                     batch.append(await self._mailbox.receive())
             async with self.compute:
                 results = await trio.to_thread.run_sync(self._run_batch, batch)
@@ -136,6 +145,7 @@ class VerifierService:
             max_batch=config.batch_max_sessions,
             max_wait_s=config.batch_max_wait_s,
             mailbox=config.capacity_sessions * MAILBOX_REQUESTS,
+            active=lambda: len(self.sessions),
         )
 
     @property
