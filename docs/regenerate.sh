@@ -5,3 +5,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$root/testnet/setup.sh"
 cd "$root"
 p2pspec bench --prompts 5 --max-new-tokens 48 --draft-tokens 4 --out docs/bench/engine.json
+python -m p2pspec.bench_batching --verifier qwen2.5-coder-1.5b-instruct \
+  --drafter qwen2.5-coder-0.5b-instruct --dtypes float32 bfloat16 --new-tokens 24 \
+  --draft-tokens 4 --out docs/bench/batching.json
+python testnet/testnet.py --topology configs/testnet-tiny.toml --out docs/bench/testnet-tiny.json
+python testnet/testnet.py --topology configs/testnet-load.toml --out docs/bench/testnet-load.json
