@@ -26,6 +26,7 @@ from p2pspec.errors import UserError
 from p2pspec.models import LoadedModel
 from p2pspec.policy import EWMA, AcceptanceEstimate, AdaptiveDraftLength, Candidate, choose_verifier
 from p2pspec.speculative import SamplingParams, SparseDistribution
+from p2pspec.verdicts import check_verdict
 
 log = structlog.get_logger("p2pspec.drafter")
 
@@ -329,6 +330,9 @@ class DrafterService:
                 or verdict.token >= self.lm.vocab_size
             ):
                 raise ProtocolError("the verdict does not answer this round's draft")
+            if not check_verdict(verifier_id, verdict, draft.tokens):
+                # Not this verifier's judgement of this draft: nothing of it is committed.
+                raise ProtocolError("the verdict's signature does not check")
             stats.rounds += 1
             stats.drafted += k
             stats.accepted += verdict.accepted

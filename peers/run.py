@@ -53,7 +53,7 @@ class Peer:
         self.prober = Prober(self.node, interval_s=config.probe_interval_s)
         self.service: DrafterService | VerifierService
         if config.role == "verifier":
-            self.service = VerifierService(lm, identity.peer_id, config, self.compute)
+            self.service = VerifierService(lm, identity, config, self.compute)
         else:
             self.service = DrafterService(
                 lm,

@@ -21,9 +21,11 @@ from p2pspec import wire
 from p2pspec.batching import batched_forward
 from p2pspec.channel import Channel, ChannelError, ProtocolError
 from p2pspec.config import PeerConfig
+from p2pspec.crypto.identity import Identity
 from p2pspec.engine import Draft, Verifier
 from p2pspec.models import LoadedModel
 from p2pspec.speculative import SamplingParams, SparseDistribution, Verdict
+from p2pspec.verdicts import sign_verdict
 
 log = structlog.get_logger("p2pspec.verifier")
 
@@ -131,10 +133,11 @@ class VerifierService:
     """Verify sessions on one model; `load` of them at once, at most `capacity`."""
 
     def __init__(
-        self, lm: LoadedModel, peer_id: str, config: PeerConfig, compute: trio.Lock
+        self, lm: LoadedModel, identity: Identity, config: PeerConfig, compute: trio.Lock
     ) -> None:
         self.lm = lm
-        self.peer_id = peer_id
+        self.identity = identity  # signs every verdict
+        self.peer_id = identity.peer_id
         self.config = config
         self.compute = compute  # one forward pass at a time on this model
         self.sessions: dict[str, Verifier] = {}
@@ -313,19 +316,22 @@ class VerifierService:
             return False
         elapsed = time.perf_counter() - started
         committed.extend([*draft.tokens[: verdict.accepted], verdict.token])
+        signed = sign_verdict(
+            self.identity,
+            wire.Verdict(
+                session_id=sid,
+                round=message.round,
+                base_len=message.base_len,
+                accepted=verdict.accepted,
+                token=verdict.token,
+                compute_seconds=elapsed,
+                batch_size=batch_size,
+                model_fingerprint=self.lm.weights_fingerprint,
+            ),
+            draft.tokens,
+        )
         try:
-            await channel.send(
-                wire.Verdict(
-                    session_id=sid,
-                    round=message.round,
-                    base_len=message.base_len,
-                    accepted=verdict.accepted,
-                    token=verdict.token,
-                    compute_seconds=elapsed,
-                    batch_size=batch_size,
-                    model_fingerprint=self.lm.weights_fingerprint,
-                )
-            )
+            await channel.send(signed)
         except ChannelError as e:
             log.info("verify_session_ended", session=sid, error=str(e))
             return False

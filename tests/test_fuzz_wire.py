@@ -173,6 +173,7 @@ SECONDS: Counter[str] = Counter()
 MIX: Counter[str] = Counter()  # handler:mutation
 OUTCOMES: Counter[str] = Counter()  # what the handlers wrote
 IDENTITIES = [Identity.from_private_bytes(bytes([i + 1]) * 32) for i in range(3)]
+VERIFIER_IDENTITY = Identity.from_private_bytes(b"\x7f" * 32)  # signs the fuzzed verdicts
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -941,7 +942,7 @@ class Peers:
     thread; `run(case)` runs one handler call there."""
 
     def __init__(self) -> None:
-        self.verifier = VerifierService(lm(), VERIFIER_ID, CONFIG, trio.Lock())
+        self.verifier = VerifierService(lm(), VERIFIER_IDENTITY, CONFIG, trio.Lock())
         self.drafter = DrafterService(
             lm(),
             DRAFTER_ID,

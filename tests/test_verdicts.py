@@ -1,0 +1,68 @@
+"""Signed verdicts: a verdict checks only with its verifier's key, its draft, its fields."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from p2pspec import wire
+from p2pspec.crypto.identity import Identity
+from p2pspec.verdicts import check_verdict, sign_verdict
+
+VERIFIER = Identity.from_private_bytes(b"\x01" * 32)
+OTHER = Identity.from_private_bytes(b"\x02" * 32)
+DRAFT = [5, 17, 200, 33]
+
+
+def _signed() -> wire.Verdict:
+    verdict = wire.Verdict(
+        session_id="ab12",
+        round=3,
+        base_len=40,
+        accepted=2,
+        token=99,
+        compute_seconds=0.01,
+        model_fingerprint="f" * 64,
+    )
+    return sign_verdict(VERIFIER, verdict, DRAFT)
+
+
+def test_a_signed_verdict_checks_against_its_verifier_and_draft() -> None:
+    verdict = _signed()
+    assert len(verdict.signature) == 64 and len(verdict.draft_hash) == 32
+    assert check_verdict(VERIFIER.peer_id, verdict, DRAFT)
+    # It survives the wire unchanged.
+    assert check_verdict(VERIFIER.peer_id, wire.decode(wire.encode(verdict)), DRAFT)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("session_id", "ab13"),
+        ("round", 4),
+        ("base_len", 41),
+        ("accepted", 3),
+        ("token", 100),
+        ("model_fingerprint", "e" * 64),
+        ("draft_hash", b"\x00" * 32),
+    ],
+)
+def test_changing_any_signed_field_breaks_the_signature(field: str, value: object) -> None:
+    tampered = msgspec.structs.replace(_signed(), **{field: value})
+    assert not check_verdict(VERIFIER.peer_id, tampered, DRAFT)
+
+
+def test_another_draft_another_key_or_a_bad_signature_is_refused() -> None:
+    verdict = _signed()
+    assert not check_verdict(VERIFIER.peer_id, verdict, [5, 17, 200, 34])
+    assert not check_verdict(OTHER.peer_id, verdict, DRAFT)
+    forged = sign_verdict(OTHER, verdict, DRAFT)  # signed, but by someone else
+    assert not check_verdict(VERIFIER.peer_id, forged, DRAFT)
+    flipped = bytes([verdict.signature[0] ^ 1]) + verdict.signature[1:]
+    assert not check_verdict(
+        VERIFIER.peer_id, msgspec.structs.replace(verdict, signature=flipped), DRAFT
+    )
+    assert not check_verdict(
+        VERIFIER.peer_id, msgspec.structs.replace(verdict, signature=b""), DRAFT
+    )
+    assert not check_verdict("not-a-peer-id", verdict, DRAFT)
