@@ -51,6 +51,10 @@ class _Job:
     reply: trio.MemorySendChannel[tuple[Verdict | ValueError, int]]
 
 
+class BatchFailedError(ValueError):
+    """The model failed on a batch (a bug or resource error): its sessions end with it."""
+
+
 class VerifierWorker:
     """The actor that runs this peer's model: gathers the verify requests of concurrent
     sessions from its bounded mailbox and runs them as one batched forward pass.
@@ -105,8 +109,14 @@ class VerifierWorker:
             with trio.move_on_after(self.max_wait_s):
                 while len(batch) < target:
                     batch.append(await self._mailbox.receive())
-            async with self.compute:
-                results = await trio.to_thread.run_sync(self._run_batch, batch)
+            try:
+                async with self.compute:
+                    results = await trio.to_thread.run_sync(self._run_batch, batch)
+            except Exception as e:  # supervision: fail this batch's sessions, keep serving
+                log.exception("verify_batch_failed", sessions=len(batch))
+                results = [BatchFailedError(f"the verifier failed on this batch: {e!r}")] * len(
+                    batch
+                )
             self.batches += 1
             self.requests += len(batch)
             for each, result in zip(batch, results, strict=True):
@@ -310,6 +320,9 @@ class VerifierService:
         started = time.perf_counter()
         try:
             verdict, batch_size = await self.worker.verify(verifier, committed, draft)
+        except BatchFailedError as e:
+            await channel.refuse("verifier_error", str(e), sid)
+            return False
         except ValueError as e:  # a sampled draft that its own q cannot have drawn
             log.info("verify_request_refused", session=sid, error=str(e))
             await channel.refuse("bad_draft", str(e), sid)
