@@ -51,9 +51,10 @@ ADMISSION_CODES = frozenset({"overloaded", "no_verifier", "no_drafter"})
 class ClientError(P2PSpecError):
     """A session could not be served; `code` says why (e.g. 'no_drafter', 'overloaded')."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, peer_id: str = "") -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+        self.peer_id = peer_id  # the peer concerned, where there is one
 
 
 @dataclass
@@ -111,6 +112,11 @@ class Stream:
                 await self._open()
                 return self
             except ClientError as e:
+                if e.code == "drafter_unreachable" and len(self._failed_drafters) < (
+                    self._client.config.max_failovers
+                ):
+                    self._failed_drafters.append(e.peer_id)  # gone since its last record
+                    continue
                 if e.code not in ADMISSION_CODES or trio.current_time() + backoff_s > deadline:
                     raise
             await trio.sleep(backoff_s * random.uniform(0.5, 1.5))  # jitter spreads retries
@@ -348,7 +354,9 @@ class Client:
             self._active[record.peer_id] -= 1
             raise
         self._active[record.peer_id] -= 1
-        raise ClientError("drafter_unreachable", f"{record.peer_id}: {'; '.join(errors)}")
+        raise ClientError(
+            "drafter_unreachable", f"{record.peer_id}: {'; '.join(errors)}", peer_id=record.peer_id
+        )
 
     def stream(
         self,
