@@ -79,6 +79,7 @@ from p2pspec.errors import P2PSpecError
 from p2pspec.models import LoadedModel
 from p2pspec.peers.drafter import DrafterService
 from p2pspec.peers.verifier import VerifierService
+from p2pspec.verdicts import sign_verdict
 
 EXAMPLES = int(os.environ.get("P2PSPEC_FUZZ_EXAMPLES", "10000"))
 MODEL = "tiny-random:11"  # byte vocabulary (256 tokens), context 2048
@@ -86,7 +87,8 @@ VOCAB = 256
 DEADLINE_S = 20.0  # one handler run; they take milliseconds, this only catches hangs
 LINGER_S = 0.3  # a client with a valid session waits at most this long for its end
 REMOTE = "12D3KooWFuzzRemotePeer"
-VERIFIER_ID = "12D3KooWFuzzVerifier"
+VERIFIER_IDENTITY = Identity.from_private_bytes(b"\x7f" * 32)  # signs the verdicts
+VERIFIER_ID = VERIFIER_IDENTITY.peer_id
 DRAFTER_ID = "12D3KooWFuzzDrafter"
 
 # Nothing here should wait for a timeout (every stream ends); short ones anyway, so a
@@ -173,7 +175,6 @@ SECONDS: Counter[str] = Counter()
 MIX: Counter[str] = Counter()  # handler:mutation
 OUTCOMES: Counter[str] = Counter()  # what the handlers wrote
 IDENTITIES = [Identity.from_private_bytes(bytes([i + 1]) * 32) for i in range(3)]
-VERIFIER_IDENTITY = Identity.from_private_bytes(b"\x7f" * 32)  # signs the fuzzed verdicts
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -203,6 +204,15 @@ def fingerprint() -> str:
 # -- the in-memory streams ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class VerdictFor:
+    """A verdict on the draft the drafter has just sent (known only when it reads the
+    answer); `how`: (payload mutation, framing mutation) of a fuzzed one, None for a
+    valid one."""
+
+    how: tuple[str, str] | None = None
+
+
 class FakeStream:
     """A framing.ByteStream: reads `data` in short reads (sizes cycling through
     `read_sizes`), then ends with EOF (or raises, as a reset libp2p stream does). Records
@@ -211,6 +221,9 @@ class FakeStream:
     `linger`: once `data` is used up, wait until the handler has written a frame that ends
     the conversation (an ErrorMessage or SessionFinished), at most LINGER_S, before the
     end: a client waiting for its answer.
+
+    `items` (a verifier's side of a verify stream): more to read after `data`, each bytes
+    or a `VerdictFor`, made into bytes only when the reader gets to it.
     """
 
     def __init__(
@@ -221,8 +234,14 @@ class FakeStream:
         end: str = "eof",
         linger: bool = False,
         fail_writes_after: int | None = None,
+        items: tuple[bytes | VerdictFor, ...] = (),
+        seed: int = 0,
     ) -> None:
-        self.data = data
+        self.data = bytearray(data)
+        self.items = list(items)
+        self.values = Values(seed)
+        self.answered = 0  # VerifyRequests answered by a VerdictFor
+        self.payloads: list[bytes] = []  # the fuzzed verdicts, as mutated
         self.pos = 0
         self.read_sizes = read_sizes
         self.reads = 0
@@ -242,6 +261,9 @@ class FakeStream:
         assert n >= 1, f"read({n})"
         if self.reads % 16 == 0:  # a checkpoint costs a pass of trio's scheduler: not each
             await trio.lowlevel.checkpoint()
+        while self.pos >= len(self.data) and self.items:
+            item = self.items.pop(0)
+            self.data += item if isinstance(item, bytes) else self._verdict(item)
         if self.pos >= len(self.data):
             if self.linger:
                 with trio.move_on_after(LINGER_S):
@@ -251,9 +273,43 @@ class FakeStream:
             return b""
         size = self.read_sizes[self.reads % len(self.read_sizes)]
         self.reads += 1
-        chunk = self.data[self.pos : self.pos + min(n, size)]
+        chunk = bytes(self.data[self.pos : self.pos + min(n, size)])
         self.pos += len(chunk)
         return chunk
+
+    def _verdict(self, item: VerdictFor) -> bytes:
+        """The verifier's answer to the first request the drafter wrote that has none yet:
+        a verdict signed over its draft, or, fuzzed, one with a field changed before
+        signing and the signed bytes mutated. b"" when no request waits."""
+        requests = [
+            m for m in parse_frames(bytes(self.written)) if isinstance(m, wire.VerifyRequest)
+        ]
+        if len(requests) <= self.answered:
+            return b""
+        request = requests[self.answered]
+        self.answered += 1
+        v, rng = self.values, self.values.rng
+        verdict = wire.Verdict(
+            session_id=request.session_id,
+            round=request.round,
+            base_len=request.base_len,
+            accepted=rng.randint(0, len(request.draft)),
+            token=rng.randrange(VOCAB),
+            compute_seconds=rng.choice([0.0, 5e-324, 86_400.0, rng.uniform(0.0, 0.01)]),
+            batch_size=rng.randint(1, 64),
+            model_fingerprint=lm().weights_fingerprint,
+        )
+        if item.how is None:
+            return encode_frame(sign_verdict(VERIFIER_IDENTITY, verdict, request.draft))
+        if v.chance(2):  # a judgement that does not fit the request, signed all the same
+            name = rng.choice(["round", "base_len", "accepted", "token", "session_id"])
+            other = make_valid(v, "verdict", Context(base_len=request.base_len))
+            verdict = msgspec.structs.replace(verdict, **{name: getattr(other, name)})
+        signer = VERIFIER_IDENTITY if not v.chance(6) else IDENTITIES[0]
+        draft = request.draft if not v.chance(6) else [*request.draft, 0]
+        payload = mutate(v, sign_verdict(signer, verdict, draft), item.how[0])
+        self.payloads.append(payload)
+        return make_frame(v, payload, item.how[1])
 
     async def write(self, data: bytes) -> None:
         await trio.lowlevel.checkpoint()
@@ -744,6 +800,8 @@ class Case:
     mutation: str
     record: bytes = b""  # peer_record: the mutated PeerRecord (inside the payload)
     client_data: bytes = b""  # verify_client: the client's (valid) session stream
+    items: tuple[bytes | VerdictFor, ...] = ()  # verify_client: read after `data`
+    seed: int = 0  # of the verdicts the items make
     drafter_mode: str = "none"  # session: "none", "unreachable" or "local" verifier
     read_sizes: tuple[int, ...] = (1 << 20,)
     end: str = "eof"
@@ -847,38 +905,43 @@ def cases(draw: st.DrawFn, kind: str) -> Case:
                 weights_fingerprint=lm().weights_fingerprint,
             )
         ]
-        # The verdicts of a whole session, each committing one token (accepted=0 fits
-        # any draft length), so the fuzzed message may come mid-session.
-        for i in range(request.max_new_tokens if v.chance(3) else 0):
-            script.append(
-                wire.Verdict(
-                    session_id=ctx.sid,
-                    round=i,
-                    base_len=ctx.base_len + i,
-                    accepted=0,
-                    token=rng.randrange(VOCAB),
-                    compute_seconds=rng.uniform(0.0, 0.01),
-                )
-            )
+        # Signed verdicts on the drafts the drafter sends, enough for a whole session
+        # (each commits at least a token) a quarter of the time, so the fuzzed message may
+        # come mid-session. The ones left unread when the session ends are never made.
+        rounds = request.max_new_tokens if v.chance(4) else rng.randint(0, 1)
+        script += [VerdictFor() for _ in range(rounds)]
     else:
         script = [make_valid(v, "directory_sync", ctx)]
     if v.chance(6):
         script = []  # the fuzzed message alone
 
-    # The fuzzed message and its mutation.
+    # The fuzzed message and its mutation. A fuzzed verdict for the drafter is mostly
+    # made when it is read: signed over the draft it answers, then mutated.
     record = b""
+    fuzzed: bytes | VerdictFor
     if kind in ("signed_record", "peer_record"):
         payload, record = record_sync(v, kind, mutation)
+        fuzzed = make_frame(v, payload, framing_how)
+    elif kind == "verdict" and handler == "verify_client" and not v.chance(4):
+        payload = b""  # made by the stream, checked from stream.payloads
+        fuzzed = VerdictFor(how=(mutation, framing_how))
     else:
         payload = mutate(v, make_valid(v, kind, ctx), mutation)
-    frames = [encode_frame(m) for m in script]
-    frames.insert(v.index(len(script)), make_frame(v, payload, framing_how))
-    data = b"".join(frames)
+        fuzzed = make_frame(v, payload, framing_how)
+    items: list[bytes | VerdictFor] = [
+        m if isinstance(m, VerdictFor) else encode_frame(m) for m in script
+    ]
+    items.insert(v.index(len(items)), fuzzed)
     cut = v.chance(10)
-    if cut:  # the stream cut anywhere
-        data = data[: v.index(len(data))]
+    if cut:  # the stream cut anywhere: after an item, or inside one
+        items = items[: v.index(len(items))]
+        if items and isinstance(items[-1], bytes):
+            items[-1] = items[-1][: v.index(len(items[-1]))]
     if v.chance(20):  # junk after the last frame
-        data += rng.randbytes(rng.randint(1, 16))
+        items.append(rng.randbytes(rng.randint(1, 16)))
+    data = b""
+    while items and isinstance(items[0], bytes):  # what can be made now, is
+        data += items.pop(0)
 
     # A client that waits for its session's end: in verify_client (its request is valid),
     # and in session when the input is valid, so the drafter answers it (after a cut-off
@@ -893,6 +956,8 @@ def cases(draw: st.DrawFn, kind: str) -> Case:
         mutation=f"{mutation}/{framing_how}",
         record=record,
         client_data=client_data,
+        items=tuple(items),
+        seed=rng.randint(0, U64),
         drafter_mode=drafter_mode,
         read_sizes=(
             (1 << 20,)
@@ -1026,6 +1091,8 @@ class Peers:
             end=case.end,
             linger=case.linger and case.handler == "session",
             fail_writes_after=case.fail_writes_after,
+            items=case.items,
+            seed=case.seed,
         )
         written = [(fuzzed, REPLIES[case.handler])]
         with trio.fail_after(DEADLINE_S):
@@ -1134,6 +1201,8 @@ def test_mutated_messages_never_crash_a_handler(kind: str, peers: Peers) -> None
             with contextlib.suppress(wire.WireError):
                 wire.decode_record(case.record)
         for stream, allowed in peers.run(case):
+            for payload in stream.payloads:
+                check_decode(payload)
             for reply in check_replies(case.handler, bytes(stream.written), allowed):
                 name = type(reply).__name__
                 if isinstance(reply, wire.ErrorMessage):
