@@ -1,8 +1,8 @@
 """A peer process: a libp2p node, discovery, and one role (drafter or verifier).
 
-`run_peer` loads nothing itself: the caller hands it a loaded model, so that the slow
-load happens before the node listens and the ready line means "ready to serve". The
-ready line is the node's full dialable multiaddr, printed alone on stdout.
+`Peer` loads nothing itself: the caller hands it a loaded model, so that the slow load
+happens before the node listens and the ready line means "ready to serve". The ready
+line is the node's full dialable multiaddr, printed alone on stdout by the CLI.
 """
 
 from __future__ import annotations
