@@ -180,6 +180,18 @@ class BatchVerifier:
         self.forward_passes = 0  # batched forward passes run (one per verify_many call)
 
     def verify_many(self, items: Sequence[tuple[Verifier, Sequence[int], Draft]]) -> list[Verdict]:
+        """The verdicts of one batched pass; the first session's error is raised."""
+        outcomes = self.verify_each(items)
+        for outcome in outcomes:
+            if isinstance(outcome, ValueError):
+                raise outcome
+        return [o for o in outcomes if not isinstance(o, ValueError)]
+
+    def verify_each(
+        self, items: Sequence[tuple[Verifier, Sequence[int], Draft]]
+    ) -> list[Verdict | ValueError]:
+        """One pass for every session; each is judged on its own rows, so a bad draft
+        (ValueError) fails its own session only and the others get their verdicts."""
         if not items:
             return []
         verifiers = [v for v, _, _ in items]
@@ -192,10 +204,11 @@ class BatchVerifier:
         feeds = [list(v.sequence.sync(c)) + list(d.tokens) for v, c, d in items]
         logits = batched_forward([v.sequence.runner for v in verifiers], feeds)
         self.forward_passes += 1
-        verdicts = []
+        outcomes: list[Verdict | ValueError] = []
         for (verifier, committed, draft), feed, rows in zip(items, feeds, logits, strict=True):
-            # What CachedSequence.forward does besides the pass itself.
-            verifier.sequence.tokens.extend(feed)
-            verifier.sequence.forward_passes += 1
-            verdicts.append(verifier.judge(len(committed), draft, rows))
-        return verdicts
+            verifier.sequence.record(feed)
+            try:
+                outcomes.append(verifier.judge(len(committed), draft, rows))
+            except ValueError as e:  # a sampled draft that its own q cannot have drawn
+                outcomes.append(e)
+        return outcomes

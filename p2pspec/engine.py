@@ -82,9 +82,13 @@ class CachedSequence:
     def forward(self, tokens: Sequence[int]) -> torch.Tensor:
         """Feed tokens after the cached ones; float32 logits, one row per token."""
         logits = self.runner.forward(tokens)
+        self.record(tokens)
+        return logits
+
+    def record(self, tokens: Sequence[int]) -> None:
+        """Account for a pass that fed `tokens` into the runner (here or batched)."""
         self.tokens.extend(tokens)
         self.forward_passes += 1
-        return logits
 
 
 class Drafter:

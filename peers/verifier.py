@@ -18,7 +18,7 @@ import structlog
 import trio
 
 from p2pspec import wire
-from p2pspec.batching import batched_forward
+from p2pspec.batching import BatchVerifier
 from p2pspec.channel import Channel, ChannelError, ProtocolError
 from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
@@ -78,6 +78,7 @@ class VerifierWorker:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._inbox, self._mailbox = trio.open_memory_channel[_Job](mailbox)
+        self.batcher = BatchVerifier()
         self.batches = 0
         self.requests = 0
 
@@ -122,21 +123,9 @@ class VerifierWorker:
             for each, result in zip(batch, results, strict=True):
                 each.reply.send_nowait((result, len(batch)))
 
-    @staticmethod
-    def _run_batch(batch: list[_Job]) -> list[Verdict | ValueError]:
-        """One forward pass for the whole batch; each session judged on its own rows, so a
-        bad draft fails its own session only."""
-        feeds = [j.verifier.sequence.sync(j.committed) + j.draft.tokens for j in batch]
-        logits = batched_forward([j.verifier.sequence.runner for j in batch], feeds)
-        results: list[Verdict | ValueError] = []
-        for job, feed, rows in zip(batch, feeds, logits, strict=True):
-            job.verifier.sequence.tokens.extend(feed)
-            job.verifier.sequence.forward_passes += 1
-            try:
-                results.append(job.verifier.judge(len(job.committed), job.draft, rows))
-            except ValueError as e:  # a sampled draft that its own q cannot have drawn
-                results.append(e)
-        return results
+    def _run_batch(self, batch: list[_Job]) -> list[Verdict | ValueError]:
+        """One forward pass for the whole batch (BatchVerifier.verify_each)."""
+        return self.batcher.verify_each([(j.verifier, j.committed, j.draft) for j in batch])
 
 
 class VerifierService:
