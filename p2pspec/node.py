@@ -15,7 +15,10 @@ one place:
 - a failed dial blocks the peer for 60 s: an explicit `connect` lifts that block first;
 - a listen failure (address in use) is not raised by py-libp2p: `run` checks for it;
 - the remote identity is the connection's authenticated peer id
-  (`stream.muxed_conn.peer_id`), never a key read from the Noise session.
+  (`stream.muxed_conn.peer_id`), never a key read from the Noise session;
+- Noise encrypts a frame (advancing its nonce) before the socket write: a write
+  cancelled in between puts the session out of step and the peer drops the whole
+  connection, every stream on it. `_UntornYamux` makes each muxer frame write whole.
 
 Peer ids and keys are `p2pspec.crypto` strings and bytes; no libp2p type leaves here.
 """
@@ -35,12 +38,14 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.identity.identify import identify as libp2p_identify
+from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer import muxer_multistream as libp2p_muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
@@ -70,6 +75,9 @@ __all__ = [
 DEFAULT_LISTEN_ADDR = "/ip4/127.0.0.1/tcp/0"
 AGENT_VERSION = f"p2pspec/{__version__}"
 DEFAULT_CLOSE_TIMEOUT_S = 1.0  # seconds to flush a close or reset before giving up on it
+# A muxer frame (at most yamux's 256 KiB window) that cannot reach the socket buffer in
+# this long means the connection is wedged; it is closed rather than written half.
+FRAME_WRITE_TIMEOUT_S = 10.0
 
 _log = structlog.get_logger("p2pspec.node")
 
@@ -100,6 +108,35 @@ class ListenError(UserError):
 
 class InvalidMultiaddrError(UserError):
     """A multiaddr string that cannot be used here; the message says what is wrong."""
+
+
+# -- connections --------------------------------------------------------------------------
+
+
+class _UntornYamux(Yamux):
+    """Yamux whose frame writes a cancellation cannot tear.
+
+    Every frame the muxer sends (data, window updates, resets, pings) goes through
+    `_write_frame`, which encrypts it and then writes it to the socket. A cancellation
+    at that write's checkpoint (a deadline, a session ended by its client) would drop
+    an encrypted frame whose nonce was spent, and the peer would then fail to decrypt
+    everything after it and close the connection. So the write is shielded: it finishes,
+    and the caller sees its cancellation at its next checkpoint. A write that cannot
+    finish in FRAME_WRITE_TIMEOUT_S closes the connection instead of tearing it.
+    """
+
+    async def _write_frame(self, data: bytes) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(FRAME_WRITE_TIMEOUT_S) as deadline:
+                await super()._write_frame(data)
+            if deadline.cancelled_caught:
+                with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
+                    await self.secured_conn.close()
+        if deadline.cancelled_caught:
+            raise ConnectionClosedError(
+                f"a frame write to {self.peer_id} took over {FRAME_WRITE_TIMEOUT_S} s: "
+                "the connection is wedged and was closed"
+            )
 
 
 # -- streams ------------------------------------------------------------------------------
@@ -411,6 +448,9 @@ class Node:
         # when it answers, so this names every p2pspec node of the process (they all
         # are p2pspec nodes: node.py is the only libp2p user).
         libp2p_identify.AGENT_VERSION = AGENT_VERSION
+        # py-libp2p 0.8.1 builds every yamux connection with the module's `Yamux`, not
+        # the class in muxer_opt: the same process-wide setting, for the same reason.
+        libp2p_muxer_multistream.Yamux = _UntornYamux  # type: ignore[misc]
 
         key_pair = _libp2p_key_pair(identity)
         self._host: IHost = new_host(
@@ -421,7 +461,7 @@ class Node:
                     key_pair, noise_privkey=new_x25519_key_pair().private_key
                 )
             },
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): _UntornYamux},
             transports=[TCP()],
             addrs_factory=self._advertised_transport_addrs,
         )

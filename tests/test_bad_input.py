@@ -32,7 +32,7 @@ import pytest
 import trio
 
 from p2pspec import framing, wire
-from p2pspec.client import Client
+from p2pspec.client import Client, ClientError
 from p2pspec.directory import Directory
 from p2pspec.discovery import exchange, now_ms
 from p2pspec.launch import PeerProcess, start_peer, stop_all
@@ -231,7 +231,11 @@ class Case:
         failure was handled by the role's own code, not merely contained by node.py."""
         for p in self.mesh.peers:
             assert p.process.returncode is None, f"{p.name} died:\n{p.log_tail()}"
-        result = await self.client.generate("still serving", max_new_tokens=8, raw=True)
+        try:
+            result = await self.client.generate("still serving", max_new_tokens=8, raw=True)
+        except ClientError as e:
+            tails = "\n".join(f"{p.name}:\n{p.log_tail()}" for p in self.mesh.peers)
+            raise AssertionError(f"a normal session failed: {e}\n{tails}") from e
         assert result.finish_reason == "length" and len(result.token_ids) == 8
         assert (result.drafter_peer_id, result.verifier_peer_id) == (
             self.drafter.peer_id,

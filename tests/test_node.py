@@ -446,3 +446,31 @@ async def test_write_refuses_a_frame_above_the_streams_maximum() -> None:
         with trio.fail_after(STEP_TIMEOUT_S):
             assert await stream.read_frame() == b"x" * 16
         await stream.close()
+
+
+async def test_writes_cancelled_at_any_point_leave_the_connection_usable() -> None:
+    """A cancelled write (a session ended by its client, a deadline) may cost its own
+    stream, never the connection: py-libp2p encrypts a frame before sending it, so a
+    cancellation between the two would put the Noise session out of step for every
+    stream on the connection (the drafter's next verify session would fail)."""
+    async with running_node() as server, running_node() as client:
+        server.set_handler(ECHO, echo_handler)
+        addr = server.listen_addrs()[0]
+        assert await _echo_once(client, addr, b"before") == b"before"
+        # Cancel after 0, 1, 2, ... scheduler checkpoints: one of them lands between the
+        # encryption and the socket write, whatever the library's internals are.
+        for checkpoints in range(40):
+            stream = await client.open_stream(server.peer_id, ECHO, timeout_s=STEP_TIMEOUT_S)
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+
+                    async def cancel_soon(n: int = checkpoints) -> None:
+                        for _ in range(n):
+                            await trio.lowlevel.checkpoint()
+                        scope.cancel()
+
+                    nursery.start_soon(cancel_soon)
+                    await stream.write_frame(b"y" * 2000)
+            await stream.reset()
+            # The same connection (a bare peer id dials nothing) still carries streams.
+            assert await _echo_once(client, server.peer_id, b"after") == b"after", checkpoints
