@@ -10,31 +10,33 @@ stream) ends the session here and on the verifier at once.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
-import msgspec
 import numpy as np
 import structlog
 import trio
 
 from p2pspec import wire
+from p2pspec.actors import Mailbox, Reply, supervise
 from p2pspec.channel import Channel, ChannelError, PeerTimeoutError, ProtocolError, RemoteError
 from p2pspec.config import PeerConfig
-from p2pspec.engine import Drafter, StopChecker, TextDeltas, sampling_params, validate_request
+from p2pspec.engine import (
+    Draft,
+    Drafter,
+    StopChecker,
+    TextDeltas,
+    sampling_params,
+    validate_request,
+)
 from p2pspec.errors import UserError
 from p2pspec.models import LoadedModel
-from p2pspec.policy import EWMA, AcceptanceEstimate, AdaptiveDraftLength, Candidate, choose_verifier
+from p2pspec.policy import AdaptiveDraftLength
+from p2pspec.scheduler import Scheduler
 from p2pspec.speculative import SamplingParams, SparseDistribution
 from p2pspec.verdicts import check_verdict
 
 log = structlog.get_logger("p2pspec.drafter")
-
-# Placement priors until this drafter has measured them (tiny CPU models are faster,
-# real ones slower; only the ranking between verifiers matters).
-DEFAULT_DRAFT_TOKEN_S = 0.05
-DEFAULT_VERIFY_S = 0.2
-UNMEASURED_RTT_S = 0.05  # a verifier not yet probed is assumed this far away
 
 # The longest draft the adaptive controller may choose (research.md: the best k grows only
 # logarithmically with the round trip).
@@ -51,35 +53,95 @@ def q_to_wire(q: SparseDistribution) -> wire.SparseQ:
     )
 
 
+class DraftFailedError(RuntimeError):
+    """The drafter model failed on a session's draft (a bug or resource error)."""
+
+
+@dataclass
+class _DraftJob:
+    drafter: Drafter
+    committed: list[int]
+    k: int
+    reply: Reply[Draft] = field(default_factory=Reply)
+    abandoned: bool = False  # the session left before the worker got to it
+
+
+class DraftWorker:
+    """The actor that runs this peer's drafter model: takes the draft jobs of its sessions
+    from a bounded mailbox (one job per session at most) and runs them one at a time in a
+    worker thread. A job that fails fails its own session with DraftFailedError; the
+    worker goes on with the next."""
+
+    def __init__(self, compute: trio.Lock, *, mailbox: int) -> None:
+        self.compute = compute
+        self.mailbox: Mailbox[_DraftJob] = Mailbox(mailbox)
+        self.drafts = 0
+
+    async def propose(self, drafter: Drafter, committed: list[int], k: int) -> Draft:
+        job = _DraftJob(drafter, committed, k)
+        try:
+            await self.mailbox.send(job)
+            return await job.reply.wait()
+        finally:
+            job.abandoned = True
+
+    async def run(self) -> None:
+        while True:
+            job = await self.mailbox.receive()
+            if job.abandoned:
+                continue
+            try:
+                async with self.compute:
+                    draft = await trio.to_thread.run_sync(job.drafter.propose, job.committed, job.k)
+            except Exception as e:  # supervision: fail this job's session, keep serving
+                log.exception("draft_failed", k=job.k)
+                job.reply.answer(DraftFailedError(f"the drafter failed on this draft: {e!r}"))
+                continue
+            self.drafts += 1
+            job.reply.answer(draft)
+
+
 class DrafterService:
+    """User sessions on one drafter model. Its actors (`run`) are the DraftWorker and the
+    Scheduler; each session is a task of the stream handler that serves it."""
+
     def __init__(
         self,
         lm: LoadedModel,
         peer_id: str,
         config: PeerConfig,
         compute: trio.Lock,
+        *,
         verifiers: Callable[[], list[wire.PeerRecord]],
         open_verify_channel: OpenChannel,
         rtt_s: Callable[[str], float | None] = lambda peer_id: None,
+        probe_soon: Callable[[wire.PeerRecord], object] = lambda record: None,
     ) -> None:
         self.lm = lm
         self.peer_id = peer_id
         self.config = config
-        self.compute = compute
-        self.verifiers = verifiers  # live records from the directory
         self.open_verify_channel = open_verify_channel
-        self.rtt_s = rtt_s  # measured round trip to a verifier (the Prober), None if unknown
         self.sessions: set[str] = set()
         self.served = 0
-        # What this drafter has observed of each verifier, for placement (policy.py).
-        self.pair_alpha: dict[str, AcceptanceEstimate] = {}
-        self.verify_compute: dict[str, EWMA] = {}
-        self.draft_token_s = EWMA(half_life_samples=16)
-        self.active_on: Counter[str] = Counter()  # this drafter's live sessions per verifier
+        self.draft_worker = DraftWorker(compute, mailbox=config.capacity_sessions)
+        self.scheduler = Scheduler(
+            tokenizer_fingerprint=lm.tokenizer.fingerprint,
+            verifiers=verifiers,
+            rtt_s=rtt_s,
+            probe_soon=probe_soon,
+            mailbox=4 * config.capacity_sessions,
+        )
 
     @property
     def load(self) -> int:
         return len(self.sessions)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run this role's actors, supervised, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervise, "draft_worker", self.draft_worker.run)
+            await nursery.start(supervise, "scheduler", self.scheduler.run)
+            task_status.started()
 
     async def handle(self, channel: Channel, remote_peer_id: str) -> None:
         """Serve one user session on its stream; returns when it ends."""
@@ -146,7 +208,9 @@ class DrafterService:
         full: set[str] = set()  # verifiers that refused for capacity: busy, not broken
         started = False
         while True:
-            record = self._place(sid, request.verifier, exclude=failed | full)
+            record = await self.scheduler.place(
+                sid, preferred=request.verifier, exclude=frozenset(failed | full)
+            )
             if record is None:
                 if failed:
                     code, why = "verifier_failed", f"{len(failed)} verifiers failed"
@@ -158,120 +222,79 @@ class DrafterService:
                 await channel.refuse(code, why, sid)
                 return
             try:
-                vch, close = await self.open_verify_channel(record)
-            except ChannelError as e:
-                failed.add(record.peer_id)
-                log.info("verifier_unreachable", session=sid, verifier=record.peer_id, error=str(e))
-                continue
-            try:
-                await vch.send(state.verify_open(self.lm.tokenizer.fingerprint))
-                await vch.expect(wire.VerifyOpened, timeout_s=self.config.request_timeout_s)
-                if not started:
-                    await self._to_client(
-                        channel,
-                        wire.SessionStarted(
-                            session_id=sid,
-                            drafter_peer_id=self.peer_id,
-                            verifier_peer_id=record.peer_id,
-                            prompt_token_ids=prompt_ids,
-                        ),
-                    )
-                    started = True
-                finished: wire.SessionFinished | None = None
-                failure: ChannelError | _ClientGoneError | None = None
-                self.active_on[record.peer_id] += 1
                 try:
+                    vch, close = await self.open_verify_channel(record)
+                except ChannelError as e:
+                    failed.add(record.peer_id)
+                    log.info(
+                        "verifier_unreachable", session=sid, verifier=record.peer_id, error=str(e)
+                    )
+                    continue
+                try:
+                    await vch.send(state.verify_open(self.lm.tokenizer.fingerprint))
+                    await vch.expect(wire.VerifyOpened, timeout_s=self.config.request_timeout_s)
+                    if not started:
+                        await self._to_client(
+                            channel,
+                            wire.SessionStarted(
+                                session_id=sid,
+                                drafter_peer_id=self.peer_id,
+                                verifier_peer_id=record.peer_id,
+                                prompt_token_ids=prompt_ids,
+                            ),
+                        )
+                        started = True
+                    finished: wire.SessionFinished | None = None
+                    failure: ChannelError | _ClientGoneError | DraftFailedError | None = None
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._watch_client, channel, nursery.cancel_scope, sid)
                         try:
                             finished = await self._rounds(channel, vch, state, record.peer_id)
-                        except (ChannelError, _ClientGoneError) as e:
+                        except (ChannelError, _ClientGoneError, DraftFailedError) as e:
                             failure = e  # raised below, outside the nursery's ExceptionGroup
                         nursery.cancel_scope.cancel()
+                    if failure is not None:
+                        raise failure
+                    if finished is None:  # the client cancelled; _watch_client logged it
+                        return
+                    await self._to_client(channel, finished)
+                    log.info("session_finished", session=sid, reason=finished.finish_reason)
+                    return
+                except _ClientGoneError as e:
+                    log.info("session_cancelled", session=sid, reason=str(e))
+                    return
+                except DraftFailedError as e:
+                    log.warning("session_failed", session=sid, error=str(e))
+                    await channel.refuse("drafter_error", str(e), sid)
+                    return
+                except ChannelError as e:
+                    if isinstance(e, RemoteError) and e.code == "overloaded" and not started:
+                        full.add(record.peer_id)  # busy, not broken: try the next one
+                        log.info("verifier_full", session=sid, verifier=record.peer_id)
+                        continue
+                    failed.add(record.peer_id)
+                    state.stats.verifier_failovers += 1
+                    log.warning(
+                        "verifier_failover",
+                        session=sid,
+                        verifier=record.peer_id,
+                        error=str(e),
+                        committed=len(state.generated),
+                    )
+                    if len(failed) > self.config.max_failovers:
+                        await channel.refuse(
+                            "verifier_failed", f"{len(failed)} verifiers failed", sid
+                        )
+                        return
                 finally:
-                    self.active_on[record.peer_id] -= 1
-                if failure is not None:
-                    raise failure
-                if finished is None:  # the client cancelled; _watch_client logged it
-                    return
-                await self._to_client(channel, finished)
-                log.info("session_finished", session=sid, reason=finished.finish_reason)
-                return
-            except _ClientGoneError as e:
-                log.info("session_cancelled", session=sid, reason=str(e))
-                return
-            except ChannelError as e:
-                if isinstance(e, RemoteError) and e.code == "overloaded" and not started:
-                    full.add(record.peer_id)  # busy, not broken: try the next one
-                    log.info("verifier_full", session=sid, verifier=record.peer_id)
-                    continue
-                failed.add(record.peer_id)
-                state.stats.verifier_failovers += 1
-                log.warning(
-                    "verifier_failover",
-                    session=sid,
-                    verifier=record.peer_id,
-                    error=str(e),
-                    committed=len(state.generated),
-                )
-                if len(failed) > self.config.max_failovers:
-                    await channel.refuse("verifier_failed", f"{len(failed)} verifiers failed", sid)
-                    return
+                    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                        try:
+                            await vch.send(wire.VerifyClose(session_id=sid))
+                        except ChannelError:
+                            log.debug("verify_close_not_sent", session=sid)
+                        await close()
             finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                    try:
-                        await vch.send(wire.VerifyClose(session_id=sid))
-                    except ChannelError:
-                        log.debug("verify_close_not_sent", session=sid)
-                    await close()
-
-    def _place(self, sid: str, preferred: str, *, exclude: set[str]) -> wire.PeerRecord | None:
-        """Pick the verifier with the best predicted tokens/s (policy.choose_verifier) and
-        log the decision, with every candidate's inputs, as one event."""
-        records = self.verifiers()
-        if preferred and any(r.peer_id == preferred for r in records):
-            records = [r for r in records if r.peer_id == preferred]
-        candidates = []
-        for r in records:
-            # Records are up to one advert interval old: count this drafter's own sessions.
-            seen = msgspec.structs.replace(r, load=max(r.load, self.active_on[r.peer_id]))
-            alpha = self.pair_alpha.get(r.peer_id)
-            t_verify = self.verify_compute.get(r.peer_id)
-            candidates.append(
-                Candidate(
-                    record=seen,
-                    rtt_s=self.rtt_s(r.peer_id),
-                    alpha=alpha.alpha if alpha is not None else None,
-                    t_verify_s=t_verify.value if t_verify is not None else None,
-                )
-            )
-        decision = choose_verifier(
-            candidates,
-            tokenizer_fingerprint=self.lm.tokenizer.fingerprint,
-            t_draft_s=self.draft_token_s.value or DEFAULT_DRAFT_TOKEN_S,
-            t_verify_s_default=DEFAULT_VERIFY_S,
-            exclude=exclude,
-            rtt_s_unmeasured=UNMEASURED_RTT_S,
-        )
-        if decision is None:
-            return None
-        event = decision.as_event()
-        log.info(
-            "choose_verifier",
-            session=sid,
-            chosen=event["chosen"],
-            score=event["score"],
-            candidates=event["candidates"],
-        )
-        return decision.chosen
-
-    def _observe(
-        self, verifier: str, k: int, accepted: int, draft_s: float, compute_s: float
-    ) -> None:
-        if k > 0:
-            self.pair_alpha.setdefault(verifier, AcceptanceEstimate()).observe(accepted, k)
-            self.draft_token_s.observe(draft_s / k)
-        self.verify_compute.setdefault(verifier, EWMA(half_life_samples=16)).observe(compute_s)
+                await self.scheduler.release(record.peer_id)
 
     async def _to_client(self, channel: Channel, message: wire.Message) -> None:
         try:
@@ -304,8 +327,7 @@ class DrafterService:
         while True:
             k = min(state.next_draft_length(), state.remaining - 1)
             t0 = time.perf_counter()
-            async with self.compute:
-                draft = await trio.to_thread.run_sync(state.drafter.propose, state.committed, k)
+            draft = await self.draft_worker.propose(state.drafter, state.committed, k)
             t1 = time.perf_counter()
             await vch.send(
                 wire.VerifyRequest(
@@ -345,7 +367,9 @@ class DrafterService:
             stats.round_overhead_ms.append(1000 * (t2 - t1 - verdict.compute_seconds))
             stats.draft_lengths.append(k)
             state.observe(k, verdict.accepted, t1 - t0, verdict.compute_seconds, t2 - t1)
-            self._observe(verifier_id, k, verdict.accepted, t1 - t0, verdict.compute_seconds)
+            self.scheduler.observe(
+                verifier_id, k, verdict.accepted, t1 - t0, verdict.compute_seconds
+            )
             fresh, reason = state.commit([*draft.tokens[: verdict.accepted], verdict.token])
             if fresh:
                 await self._to_client(

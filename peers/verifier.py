@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from p2pspec import wire
+from p2pspec.actors import supervise
 from p2pspec.batching import BatchVerifier
 from p2pspec.channel import Channel, ChannelError, ProtocolError
 from p2pspec.config import PeerConfig
@@ -153,6 +154,12 @@ class VerifierService:
     @property
     def load(self) -> int:
         return len(self.sessions)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run this role's actor, the VerifierWorker, supervised, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervise, "verifier_worker", self.worker.run)
+            task_status.started()
 
     async def handle(self, channel: Channel, remote_peer_id: str) -> None:
         """Serve one verify session on its stream; returns when the session ends."""

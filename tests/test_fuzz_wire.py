@@ -1031,16 +1031,22 @@ class Peers:
 
     async def _main(self, started: threading.Event) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self._worker)
+            # The role's actors, unsupervised: an actor that crashes fails the run.
+            await nursery.start(self._actor, self.verifier.worker.run)
+            await nursery.start(self._actor, self.drafter.draft_worker.run)
+            await nursery.start(self._actor, self.drafter.scheduler.run)
             self._token = trio.lowlevel.current_trio_token()
             started.set()
             await trio.to_thread.run_sync(self._stop.wait)
             nursery.cancel_scope.cancel()
 
-    async def _worker(self, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _actor(
+        self, run: Callable[[], Awaitable[None]], *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        task_status.started()
         try:
-            await self.verifier.worker.run(task_status=task_status)
-        except Exception as e:  # the peer's model actor died: every later input fails
+            await run()
+        except Exception as e:  # a peer's actor died: every later input fails
             self.worker_error = e
             raise
 
@@ -1053,7 +1059,7 @@ class Peers:
             return trio.from_thread.run(self._run_case, case, trio_token=self._token)
         finally:
             if self.worker_error is not None:
-                raise AssertionError("the VerifierWorker crashed") from self.worker_error
+                raise AssertionError("an actor of the peers crashed") from self.worker_error
 
     def _verifiers(self) -> list[wire.PeerRecord]:
         assert self.case is not None
