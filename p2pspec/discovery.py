@@ -17,6 +17,7 @@ import structlog
 import trio
 
 from p2pspec import wire
+from p2pspec.actors import Mailbox
 from p2pspec.channel import Channel, ChannelError
 from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
@@ -25,6 +26,8 @@ from p2pspec.errors import P2PSpecError
 from p2pspec.node import Node, NodeStream
 
 log = structlog.get_logger("p2pspec.discovery")
+
+INBOX_SYNCS = 64  # pushed DirectorySyncs waiting to be merged (each at most MAX_RECORDS)
 
 
 def now_ms() -> int:
@@ -63,8 +66,17 @@ async def exchange(
             await stream.close()
 
 
-async def serve_exchange(stream: NodeStream, directory: Directory, config: PeerConfig) -> None:
-    """The other side of `exchange`: merge what arrives, answer with what is known."""
+async def serve_exchange(
+    stream: NodeStream,
+    directory: Directory,
+    config: PeerConfig,
+    *,
+    merge: Callable[[list[wire.SignedRecord]], object] | None = None,
+) -> None:
+    """The other side of `exchange`: merge what arrives, answer with what is known.
+
+    `merge` hands the records to the directory's owner (`Advertiser.offer`); without it
+    they are added here."""
     channel = Channel(stream, max_frame_bytes=config.max_frame_bytes)
     try:
         sync = await channel.expect(wire.DirectorySync, timeout_s=config.request_timeout_s)
@@ -74,7 +86,10 @@ async def serve_exchange(stream: NodeStream, directory: Directory, config: PeerC
         return
     # Answer with what was known before merging: the caller has its own records already.
     known = directory.signed_records(now_ms())
-    directory.add_all(sync.records, now_ms())
+    if merge is not None:
+        merge(sync.records)
+    else:
+        directory.add_all(sync.records, now_ms())
     try:
         await channel.send(wire.DirectorySync(records=known))
     except ChannelError as e:  # the caller reset the stream: its loss, not this peer's
@@ -82,7 +97,13 @@ async def serve_exchange(stream: NodeStream, directory: Directory, config: PeerC
 
 
 class Advertiser:
-    """Keeps this peer's record fresh in every directory of the mesh."""
+    """The Directory actor: keeps this peer's record fresh in every directory of the mesh,
+    and is the only writer of this peer's Directory.
+
+    Records that other peers push (`serve_exchange`) reach it through a bounded mailbox
+    (`offer`): a flood of exchanges is turned away and counted, never queued without
+    bound, and what is dropped is pushed again at the sender's next round.
+    """
 
     def __init__(
         self,
@@ -103,6 +124,11 @@ class Advertiser:
         # itself goes through the address the verifier announced (its delay proxy, say).
         self.dial_roles = dial_roles
         self.seq = 0
+        self.inbox: Mailbox[list[wire.SignedRecord]] = Mailbox(INBOX_SYNCS)
+
+    def offer(self, records: list[wire.SignedRecord]) -> bool:
+        """Queue pushed records for the directory; False if the mailbox is full."""
+        return self.inbox.offer(records)
 
     def refresh_own_record(self) -> None:
         if self.make_record is None:
@@ -145,6 +171,10 @@ class Advertiser:
         return ok
 
     async def run(self) -> None:
+        """Merge pushed records as they come, and run a round every advert interval."""
         while True:
-            await trio.sleep(self.config.advert_interval_s)
+            with trio.move_on_after(self.config.advert_interval_s):
+                while True:
+                    records = await self.inbox.receive()
+                    self.directory.add_all(records, now_ms())
             await self.round()

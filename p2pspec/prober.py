@@ -26,6 +26,7 @@ import structlog
 import trio
 
 from p2pspec import wire
+from p2pspec.actors import Mailbox
 from p2pspec.channel import Channel, ChannelError, PeerClosedError, PeerTimeoutError
 from p2pspec.errors import P2PSpecError
 from p2pspec.node import Node, NodeStream
@@ -42,6 +43,7 @@ __all__ = [
 
 PROBE_PROTOCOL = "/p2pspec/probe/1.0.0"
 PROBE_IDLE_TIMEOUT_S = 60.0  # a probe stream silent this long is closed by the server
+ASK_MAILBOX = 16  # peers `probe_soon` may queue between rounds
 _CLOSE_TIMEOUT_S = 1.0  # seconds to flush the close of a probe stream
 
 log = structlog.get_logger("p2pspec.prober")
@@ -121,6 +123,14 @@ class Prober:
         self.timeout_s = timeout_s
         self.half_life_samples = half_life_samples
         self._links: dict[str, _Link] = {}
+        # Peers to probe before the next round (`probe_soon`): a new verifier gets its RTT
+        # before the placement after the one that found it unmeasured.
+        self._asks: Mailbox[tuple[str, str]] = Mailbox(ASK_MAILBOX)
+
+    def probe_soon(self, peer_id: str, addr: str) -> bool:
+        """Ask `run` to probe this peer now rather than at its next round; False if the
+        mailbox is full (the peer is then probed at the next round, as always)."""
+        return self._asks.offer((peer_id, addr))
 
     def rtt_s(self, peer_id: str) -> float | None:
         """The peer's RTT average in seconds; None if never measured or its last probe
@@ -159,7 +169,11 @@ class Prober:
                 next_round += self.interval_s * max(
                     1, math.ceil((trio.current_time() - next_round) / self.interval_s)
                 )
-                await trio.sleep_until(next_round)
+                async with trio.open_nursery() as asked:
+                    with trio.move_on_at(next_round):
+                        while True:
+                            peer_id, addr = await self._asks.receive()
+                            asked.start_soon(self._probe_quietly, peer_id, addr)
         finally:
             with trio.CancelScope(shield=True):
                 await self.close()

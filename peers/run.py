@@ -14,6 +14,7 @@ import structlog
 import trio
 
 from p2pspec import wire
+from p2pspec.actors import supervise
 from p2pspec.channel import Channel, ChannelError
 from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
@@ -63,6 +64,7 @@ class Peer:
                 verifiers=lambda: self.directory.live(now_ms()),
                 open_verify_channel=self._open_verify_channel,
                 rtt_s=self.prober.rtt_s,
+                probe_soon=self._probe_soon,
             )
         self.advertiser = Advertiser(
             self.node,
@@ -122,6 +124,13 @@ class Peer:
             if r.role == "verifier" and r.addrs
         ]
 
+    def _probe_soon(self, record: wire.PeerRecord) -> None:
+        if record.addrs:
+            self.prober.probe_soon(record.peer_id, record.addrs[0])
+
+    async def _run_prober(self) -> None:
+        await self.prober.run(self._verifier_targets)
+
     async def _serve_probe(self, stream: NodeStream) -> None:
         try:
             await serve_probe(stream, max_frame_bytes=self.config.max_frame_bytes)
@@ -130,7 +139,7 @@ class Peer:
 
     async def _serve_directory(self, stream: NodeStream) -> None:
         try:
-            await serve_exchange(stream, self.directory, self.config)
+            await serve_exchange(stream, self.directory, self.config, merge=self.advertiser.offer)
         finally:
             await stream.close()
 
@@ -140,8 +149,7 @@ class Peer:
             wire.VERIFY_PROTOCOL if self.config.role == "verifier" else wire.SESSION_PROTOCOL
         )
         async with trio.open_nursery() as nursery:
-            if isinstance(self.service, VerifierService):
-                await nursery.start(self.service.worker.run)
+            await nursery.start(self.service.run)
             await nursery.start(self.node.run)
             self.node.set_handler(wire.DIRECTORY_PROTOCOL, self._serve_directory)
             self.node.set_handler(PROBE_PROTOCOL, self._serve_probe)
@@ -158,9 +166,9 @@ class Peer:
                 model=self.lm.model_id,
                 known_peers=len(self.directory) - 1,
             )
-            nursery.start_soon(self.advertiser.run)
+            await nursery.start(supervise, "advertiser", self.advertiser.run)
             if self.config.role == "drafter":  # drafters place sessions by RTT to verifiers
-                nursery.start_soon(self.prober.run, self._verifier_targets)
+                await nursery.start(supervise, "prober", self._run_prober)
             task_status.started(address)
 
 

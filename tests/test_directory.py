@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import msgspec
+import trio
 
 from p2pspec import wire
+from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
 from p2pspec.directory import Directory, sign_record
+from p2pspec.discovery import INBOX_SYNCS, Advertiser, now_ms
 
 
 def _record(
@@ -80,3 +83,29 @@ def test_a_peer_signs_only_its_own_record() -> None:
     except ValueError:
         return
     raise AssertionError("signing another peer's record must fail")
+
+
+async def test_pushed_records_reach_the_directory_through_its_bounded_mailbox() -> None:
+    """The Advertiser is the Directory's one writer: pushed records queue in its mailbox
+    (a flood is turned away and counted) and are merged as they come."""
+    me, other = Identity.generate(), Identity.generate()
+    directory = Directory(me.peer_id)
+    advertiser = Advertiser(
+        None,  # type: ignore[arg-type]  # no targets: it dials nothing
+        me,
+        directory,
+        PeerConfig(advert_interval_s=60),
+        make_record=None,
+    )
+    pushed = [sign_record(other, _record(other, issued=now_ms(), ttl=60_000))]
+    for _ in range(INBOX_SYNCS):
+        assert advertiser.offer(pushed)
+    assert not advertiser.offer(pushed) and advertiser.inbox.refused == 1
+    assert len(directory) == 0  # nothing is merged outside the actor
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(advertiser.run)
+        with trio.fail_after(5):
+            while advertiser.inbox.queued:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert [r.peer_id for r in directory.live(now_ms())] == [other.peer_id]
