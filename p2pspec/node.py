@@ -382,6 +382,15 @@ def _unsupported_protocol(error: BaseException) -> bool:
     return False
 
 
+def _usable(conn: INetConn) -> bool:
+    """Whether a connection can still carry new streams (not closed, not shutting down)."""
+    muxed = conn.muxed_conn
+    shutting_down = getattr(muxed, "event_shutting_down", None)
+    return not (
+        conn.is_closed or muxed.is_closed or (shutting_down is not None and shutting_down.is_set())
+    )
+
+
 # -- the node -----------------------------------------------------------------------------
 
 
@@ -574,11 +583,21 @@ class Node:
         if self._gater_allows(peer_id):
             return
         self._log.warning("connection_refused", peer_id=peer_id)
+        await self._close_connection(conn)
+
+    async def _close_connection(self, conn: INetConn) -> None:
         with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
             try:
                 await conn.close()
             except BaseLibp2pError as error:
+                peer_id = str(conn.muxed_conn.peer_id)
                 self._log.debug("connection_close_failed", peer_id=peer_id, error=repr(error))
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to `peer_id` (its streams end; a later dial reconnects)."""
+        self._require_running()
+        for conn in self._host.get_network().get_connections(_parse_peer_id(peer_id)):
+            await self._close_connection(conn)
 
     # -- inbound ----------------------------------------------------------------------
 
@@ -653,8 +672,14 @@ class Node:
         if not self._gater_allows(str(peer_id)):
             raise PeerRefusedError(f"the connection gater refuses {peer_id}")
         network = self._host.get_network()
-        if network.get_connections(peer_id):
+        connections = network.get_connections(peer_id)
+        if any(_usable(conn) for conn in connections):
             return
+        # A connection that is failing or was just closed by the peer stays listed (and
+        # would be handed out again by libp2p's dial) until its teardown finishes, about
+        # 0.1 s later: close it now so that this dial makes a fresh one.
+        for conn in connections:
+            await self._close_connection(conn)
         # An explicit dial means "try now": lift libp2p's 60 s block after a failure,
         # or a peer that restarted could not be reached again for a minute.
         unblock: Callable[[ID], None] | None = getattr(network, "unblock_peer", None)

@@ -474,3 +474,15 @@ async def test_writes_cancelled_at_any_point_leave_the_connection_usable() -> No
             await stream.reset()
             # The same connection (a bare peer id dials nothing) still carries streams.
             assert await _echo_once(client, server.peer_id, b"after") == b"after", checkpoints
+
+
+async def test_a_stream_right_after_the_peer_dropped_the_connection_redials() -> None:
+    """A connection the peer has just closed is not reused while libp2p tears it down:
+    the next open_stream to the peer's address dials afresh and succeeds."""
+    async with running_node() as server, running_node() as client:
+        server.set_handler(ECHO, echo_handler)
+        addr = server.listen_addrs()[0]
+        for attempt in range(5):
+            assert await _echo_once(client, addr, b"before") == b"before"
+            await server.disconnect(client.peer_id)
+            assert await _echo_once(client, addr, b"after") == b"after", attempt
