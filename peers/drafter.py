@@ -178,6 +178,9 @@ class DrafterService:
         self.sessions.add(sid)
         try:
             await self._serve(channel, request, prompt_ids, params)
+        except Exception as e:  # supervision: a bug ends this session, clearly, not the peer
+            log.exception("session_failed", session=sid)
+            await channel.refuse("internal_error", f"the drafter failed: {e!r}", sid)
         finally:
             self.sessions.discard(sid)
 

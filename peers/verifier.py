@@ -206,6 +206,9 @@ class VerifierService:
                 log.info("verify_session_ended", session=sid, peer=remote_peer_id, error=str(e))
                 return
             await self._rounds(channel, verifier, list(opening.prefix), opening, remote_peer_id)
+        except Exception as e:  # supervision: a bug ends this session, clearly, not the peer
+            log.exception("verify_session_failed", session=sid)
+            await channel.refuse("internal_error", f"the verifier failed: {e!r}", sid)
         finally:
             # Frees the session's KV cache with its Verifier.
             del self.sessions[sid]

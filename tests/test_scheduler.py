@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import msgspec
 import pytest
 import structlog
 import trio
+import trio.testing
 from support import model
 
+from p2pspec import wire
 from p2pspec.actors import supervise
+from p2pspec.channel import Channel, RemoteError
+from p2pspec.config import PeerConfig
 from p2pspec.engine import Draft, Drafter
-from p2pspec.peers.drafter import DraftFailedError, DraftWorker
+from p2pspec.peers.drafter import DrafterService, DraftFailedError, DraftWorker
 from p2pspec.scheduler import Scheduler
 from p2pspec.speculative import SamplingParams
 from p2pspec.wire import PeerRecord
@@ -135,3 +140,50 @@ async def test_a_failing_draft_fails_its_session_and_the_worker_keeps_drafting()
     alone = Drafter(model("tiny-random:11"), SamplingParams()).propose([1, 2, 3], 2)
     assert draft.tokens == alone.tokens and len(draft.tokens) == 2
     assert worker.drafts == 1
+
+
+class MemoryByteStream:
+    """framing.ByteStream over one end of an in-memory stream pair."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def read(self, n: int) -> bytes:
+        return await self.stream.receive_some(n)
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+
+async def test_a_bug_in_a_session_ends_that_session_with_a_clear_error() -> None:
+    """The Session is supervised: an exception nobody expected (here the verify channel
+    factory has a bug) refuses the client with internal_error; the handler returns."""
+
+    async def buggy_open(record: PeerRecord) -> tuple[Channel, Callable[[], Awaitable[None]]]:
+        raise KeyError("a bug while opening the verify channel")
+
+    lm = model("tiny-random:11")
+    service = DrafterService(
+        lm,
+        "drafter",
+        PeerConfig(),
+        trio.Lock(),
+        verifiers=lambda: [
+            msgspec.structs.replace(verifier("v"), tokenizer_fingerprint=lm.tokenizer.fingerprint)
+        ],
+        open_verify_channel=buggy_open,
+    )
+    client_end, drafter_end = trio.testing.memory_stream_pair()
+    client = Channel(MemoryByteStream(client_end))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            nursery.start_soon(service.handle, Channel(MemoryByteStream(drafter_end)), "client")
+            await client.send(
+                wire.GenerateRequest(session_id="ab" * 16, prompt="hi", max_new_tokens=4)
+            )
+            with pytest.raises(RemoteError) as refused:
+                await client.receive(timeout_s=5)
+            nursery.cancel_scope.cancel()
+    assert refused.value.code == "internal_error" and "a bug while opening" in str(refused.value)
+    assert service.load == 0
