@@ -96,7 +96,8 @@ async def supervise(
     backoff_s: float = 0.2,
     max_backoff_s: float = 10.0,
     healthy_after_s: float = 30.0,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    # trio-stubs (installed by libp2p via trio-typing) predate trio.TaskStatus.
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined, unused-ignore]
 ) -> None:
     """Run `actor()` until cancelled, restarting it whenever it raises or returns.
 

@@ -459,7 +459,7 @@ class Node:
         libp2p_identify.AGENT_VERSION = AGENT_VERSION
         # py-libp2p 0.8.1 builds every yamux connection with the module's `Yamux`, not
         # the class in muxer_opt: the same process-wide setting, for the same reason.
-        libp2p_muxer_multistream.Yamux = _UntornYamux  # type: ignore[misc]
+        libp2p_muxer_multistream.Yamux = _UntornYamux  # type: ignore[attr-defined, misc, unused-ignore]
 
         key_pair = _libp2p_key_pair(identity)
         self._host: IHost = new_host(
