@@ -4,6 +4,13 @@ A `Channel` sends and receives `wire.Message`s on a byte stream (a libp2p stream
 node.py, or an in-memory fake in tests). Every receive has a deadline chosen by the
 caller; a peer's refusal (`wire.ErrorMessage`) surfaces as `RemoteError`, a message of the
 wrong kind as `ProtocolError`.
+
+End to end: `start_e2e` (the side that opens the stream) and `accept_e2e` (the side that
+got the peer's `KeyExchange`) agree on session keys with a signed ephemeral X25519
+exchange (crypto/envelope.py) bound to both peer ids. From then on `send` seals every
+message into a `wire.Sealed` and `receive` opens them; an unsealed message, or one that
+does not open (a flipped bit, a replay, another session's key), is a `ProtocolError`.
+`close_e2e` erases the keys when the session ends.
 """
 
 from __future__ import annotations
@@ -13,6 +20,15 @@ from typing import TypeVar
 import trio
 
 from p2pspec import framing, wire
+from p2pspec.crypto import (
+    EnvelopeError,
+    EphemeralKey,
+    Identity,
+    SecureChannel,
+    derive_session_keys,
+    signed_ephemeral,
+    verify_ephemeral,
+)
 from p2pspec.errors import P2PSpecError
 
 M = TypeVar("M", bound=wire.Message)
@@ -35,6 +51,12 @@ class ProtocolError(ChannelError):
 
 class PeerClosedError(ChannelError):
     """The peer closed or reset the stream."""
+
+
+class EncryptionRequiredError(ProtocolError):
+    """The peer opened a session in the clear where end-to-end encryption is required."""
+
+    code = "encryption_required"
 
 
 class RemoteError(ChannelError):
@@ -62,12 +84,45 @@ class Channel:
         self.bytes_received = 0
         self.last_heard = trio.current_time()  # when the peer last sent anything
         self._send_lock = trio.Lock()  # frames of concurrent senders never interleave
+        self._e2e: SecureChannel | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether messages on this channel are sealed end to end."""
+        return self._e2e is not None
 
     async def send(self, message: wire.Message) -> None:
         payload = wire.encode(message)
-        self.bytes_sent += len(payload)
         async with self._send_lock:
+            if self._e2e is not None:  # sealed under the lock: sequence numbers stay in order
+                payload = wire.encode(wire.Sealed(envelope=self._e2e.seal(payload)))
+            self.bytes_sent += len(payload)
             await self._write(payload)
+
+    # -- end-to-end encryption ----------------------------------------------------------
+
+    async def start_e2e(
+        self, identity: Identity, peer_id: str, session_id: str, *, timeout_s: float
+    ) -> None:
+        """Agree on session keys with `peer_id` (the stream's authenticated peer): send our
+        KeyExchange, check theirs. ProtocolError if theirs does not check."""
+        ephemeral = EphemeralKey.generate()
+        await self.send(_key_exchange(identity, session_id, ephemeral))
+        offer = await self.expect(wire.KeyExchange, timeout_s=timeout_s)
+        self._e2e = _secure(ephemeral, offer, identity, peer_id, session_id)
+
+    async def accept_e2e(self, offer: wire.KeyExchange, identity: Identity, peer_id: str) -> None:
+        """The other side of `start_e2e`, given the peer's KeyExchange: check it, answer
+        with ours. ProtocolError (nothing sent) if it does not check."""
+        ephemeral = EphemeralKey.generate()
+        secure = _secure(ephemeral, offer, identity, peer_id, offer.session_id)
+        await self.send(_key_exchange(identity, offer.session_id, ephemeral))
+        self._e2e = secure
+
+    def close_e2e(self) -> None:
+        """Erase the session keys (crypto/envelope.py says how far that goes)."""
+        if self._e2e is not None:
+            self._e2e.close()
 
     async def _write(self, payload: bytes) -> None:
         try:
@@ -148,9 +203,27 @@ class Channel:
             message = wire.decode(frame)
         except wire.WireError as e:
             raise ProtocolError(str(e)) from None
+        if self._e2e is not None:
+            message = self._open(message)
+        elif isinstance(message, wire.Sealed):
+            raise ProtocolError("a sealed message before any key exchange")
         if isinstance(message, wire.ErrorMessage):
             raise RemoteError(message.code, message.message)
         return message
+
+    def _open(self, message: wire.Message) -> wire.Message:
+        assert self._e2e is not None
+        if not isinstance(message, wire.Sealed):
+            raise ProtocolError(f"an unsealed {type(message).__name__} on an encrypted stream")
+        try:
+            inner = wire.decode(self._e2e.open(message.envelope))
+        except EnvelopeError as e:
+            raise ProtocolError(f"a sealed message that does not open: {e}") from None
+        except wire.WireError as e:
+            raise ProtocolError(f"sealed: {e}") from None
+        if isinstance(inner, wire.Sealed | wire.KeyExchange):
+            raise ProtocolError(f"a sealed {type(inner).__name__}")
+        return inner
 
     async def expect(self, kind: type[M], *, timeout_s: float) -> M:
         message = await self.receive(timeout_s=timeout_s)
@@ -175,3 +248,58 @@ class Channel:
         except ChannelError:
             # The peer is gone or its stream is broken: there is no one left to tell.
             return
+
+
+async def receive_opening(
+    channel: Channel, *, identity: Identity, peer_id: str, required: bool, timeout_s: float
+) -> wire.Message:
+    """The first message of a served stream, end-to-end encrypted when the peer starts
+    with a KeyExchange (answered here; the message after it is returned, and must name
+    the same session). EncryptionRequiredError when `required` and the peer did not."""
+    first = await channel.receive(timeout_s=timeout_s)
+    if not isinstance(first, wire.KeyExchange):
+        if required:
+            raise EncryptionRequiredError(
+                "this peer serves end-to-end encrypted sessions only: open with a KeyExchange"
+            )
+        return first
+    await channel.accept_e2e(first, identity, peer_id)
+    opening = await channel.receive(timeout_s=timeout_s)
+    if getattr(opening, "session_id", first.session_id) != first.session_id:
+        raise ProtocolError("the session id differs from the key exchange's")
+    return opening
+
+
+def _key_exchange(identity: Identity, session_id: str, ephemeral: EphemeralKey) -> wire.KeyExchange:
+    public = ephemeral.public_bytes
+    return wire.KeyExchange(
+        session_id=session_id,
+        ephemeral_key=public,
+        signature=signed_ephemeral(identity, session_id.encode(), public),
+    )
+
+
+def _secure(
+    ephemeral: EphemeralKey,
+    offer: wire.KeyExchange,
+    identity: Identity,
+    peer_id: str,
+    session_id: str,
+) -> SecureChannel:
+    """The channel keys from our ephemeral key and the peer's checked offer."""
+    if offer.session_id != session_id:
+        raise ProtocolError("the key exchange is for another session")
+    sid = session_id.encode()
+    if not verify_ephemeral(peer_id, sid, offer.ephemeral_key, offer.signature):
+        raise ProtocolError("the key exchange is not signed by the stream's peer")
+    try:
+        keys = derive_session_keys(
+            ephemeral,
+            offer.ephemeral_key,
+            session_id=sid,
+            my_peer_id=identity.peer_id,
+            their_peer_id=peer_id,
+        )
+    except (EnvelopeError, ValueError) as e:
+        raise ProtocolError(f"unusable key exchange: {e}") from None
+    return SecureChannel(keys)

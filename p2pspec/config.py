@@ -47,6 +47,9 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_frame_bytes: Annotated[int, Meta(ge=4096, le=64 << 20)] = 1 << 20  # frame size limit
     draft_tokens: Annotated[int, Meta(ge=0, le=16)] = 4  # default draft length k
     log_tokens: bool = False  # debug only: allow token ids and text in logs
+    # Seal token payloads end to end (client <-> drafter <-> verifier) on top of libp2p's
+    # per-hop Noise; a peer with it on refuses sessions that are not encrypted.
+    e2e_encryption: bool = True
     torch_threads: Annotated[int, Meta(ge=0, le=256)] = 0  # intra-op threads; 0 = torch's default
 
 

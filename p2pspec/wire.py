@@ -4,9 +4,10 @@ Frames are length-prefixed (framing.py) with a maximum size; each protocol id is
 versioned. Schema evolution (msgspec's rules): a new field gets a default; a breaking
 change bumps the protocol id.
 
-Room for the privacy layer without a protocol break: token-carrying messages have a
-`sealed` field (an AEAD envelope, empty when a payload travels in the clear) and verdicts a
-`signature`; both default to empty bytes.
+End-to-end encryption (p2pspec/channel.py): a session stream may begin with a
+`KeyExchange` each way; from then on every message travels inside a `Sealed` envelope
+(crypto/envelope.py), so a peer relaying the stream, or anyone reading frames below this
+layer, sees only `Sealed` frames of some length. Verdicts carry a `signature`.
 
 Sizes are checked twice: the frame limit bounds what is read at all, and `check_*`
 functions bound what a decoded message may ask for (draft length, support size, prompt
@@ -103,7 +104,6 @@ class SessionStarted(Base, tag="session_started"):
     drafter_peer_id: PeerIdStr
     verifier_peer_id: PeerIdStr
     prompt_token_ids: list[TokenId] = []
-    sealed: bytes = b""
 
 
 class TokensCommitted(Base, tag="tokens"):
@@ -111,7 +111,6 @@ class TokensCommitted(Base, tag="tokens"):
     round: NonNegative
     tokens: list[TokenId] = []
     text: str = ""  # the text these tokens add
-    sealed: bytes = b""
 
 
 class SessionStats(Base, tag="session_stats"):
@@ -138,7 +137,6 @@ class SessionFinished(Base, tag="session_finished"):
     stats: SessionStats
     text: str = ""
     token_ids: list[TokenId] = []
-    sealed: bytes = b""
 
 
 class CancelSession(Base, tag="cancel"):
@@ -153,6 +151,21 @@ class Ping(Base, tag="ping"):
 
 class Pong(Base, tag="pong"):
     nonce: NonNegative
+
+
+class KeyExchange(Base, tag="key_exchange"):
+    """The first message each way of an end-to-end encrypted stream: an ephemeral X25519
+    key for this session, signed by the sender's identity (crypto/envelope.py)."""
+
+    session_id: SessionId
+    ephemeral_key: Annotated[bytes, Meta(min_length=32, max_length=32)]
+    signature: Annotated[bytes, Meta(min_length=64, max_length=64)]
+
+
+class Sealed(Base, tag="sealed"):
+    """One wire message, encoded and sealed with the stream's session keys."""
+
+    envelope: bytes  # bounded by the frame size
 
 
 class ErrorMessage(Base, tag="error"):
@@ -182,7 +195,6 @@ class VerifyOpen(Base, tag="verify_open"):
     top_k: NonNegative = 0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     seed: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
-    sealed: bytes = b""
 
 
 class VerifyOpened(Base, tag="verify_opened"):
@@ -198,7 +210,6 @@ class VerifyRequest(Base, tag="verify"):
     base_len: NonNegative  # committed tokens before this draft; both sides must agree
     draft: Annotated[list[TokenId], Meta(max_length=MAX_DRAFT_TOKENS)] = []
     q: Annotated[list[SparseQ], Meta(max_length=MAX_DRAFT_TOKENS + 1)] = []
-    sealed: bytes = b""
 
 
 class Verdict(Base, tag="verdict"):
@@ -214,7 +225,6 @@ class Verdict(Base, tag="verdict"):
     draft_hash: bytes = b""
     model_fingerprint: str = ""
     signature: bytes = b""
-    sealed: bytes = b""
 
 
 class VerifyClose(Base, tag="verify_close"):
@@ -231,6 +241,8 @@ Message = (
     | Ping
     | Pong
     | ErrorMessage
+    | KeyExchange
+    | Sealed
     | VerifyOpen
     | VerifyOpened
     | VerifyRequest
