@@ -220,6 +220,8 @@ class Stream:
                         wire.CancelSession(session_id=self._request.session_id)
                     )
             await stream.close()
+        if self._channel is not None:
+            self._channel.close_e2e()
 
 
 class Client:
@@ -344,6 +346,13 @@ class Client:
                     continue
                 channel = Channel(stream, max_frame_bytes=self.config.max_frame_bytes)
                 try:
+                    if self.config.e2e_encryption:
+                        await channel.start_e2e(
+                            self.identity,
+                            record.peer_id,
+                            request.session_id,
+                            timeout_s=self.config.request_timeout_s,
+                        )
                     await channel.send(request)
                 except ChannelError as e:
                     await stream.reset()

@@ -19,8 +19,17 @@ import trio
 
 from p2pspec import wire
 from p2pspec.actors import Mailbox, Reply, supervise
-from p2pspec.channel import Channel, ChannelError, PeerTimeoutError, ProtocolError, RemoteError
+from p2pspec.channel import (
+    Channel,
+    ChannelError,
+    EncryptionRequiredError,
+    PeerTimeoutError,
+    ProtocolError,
+    RemoteError,
+    receive_opening,
+)
 from p2pspec.config import PeerConfig
+from p2pspec.crypto import Identity
 from p2pspec.engine import (
     Draft,
     Drafter,
@@ -108,7 +117,7 @@ class DrafterService:
     def __init__(
         self,
         lm: LoadedModel,
-        peer_id: str,
+        identity: Identity,
         config: PeerConfig,
         compute: trio.Lock,
         *,
@@ -118,7 +127,8 @@ class DrafterService:
         probe_soon: Callable[[wire.PeerRecord], object] = lambda record: None,
     ) -> None:
         self.lm = lm
-        self.peer_id = peer_id
+        self.identity = identity  # signs this drafter's end of every key exchange
+        self.peer_id = identity.peer_id
         self.config = config
         self.open_verify_channel = open_verify_channel
         self.sessions: set[str] = set()
@@ -147,11 +157,29 @@ class DrafterService:
         """Serve one user session on its stream; returns when it ends."""
         cfg = self.config
         try:
-            request = await channel.expect(wire.GenerateRequest, timeout_s=cfg.request_timeout_s)
+            request = await receive_opening(
+                channel,
+                identity=self.identity,
+                peer_id=remote_peer_id,
+                required=cfg.e2e_encryption,
+                timeout_s=cfg.request_timeout_s,
+            )
+            if not isinstance(request, wire.GenerateRequest):
+                raise ProtocolError(f"expected GenerateRequest, got {type(request).__name__}")
         except ChannelError as e:
             log.info("session_request_failed", peer=remote_peer_id, error=str(e))
-            await channel.refuse("bad_request", str(e))
+            code = e.code if isinstance(e, EncryptionRequiredError) else "bad_request"
+            await channel.refuse(code, str(e))
             return
+        try:
+            await self._admit(channel, request, remote_peer_id)
+        finally:
+            channel.close_e2e()
+
+    async def _admit(
+        self, channel: Channel, request: wire.GenerateRequest, remote_peer_id: str
+    ) -> None:
+        cfg = self.config
         sid = request.session_id
         if sid in self.sessions:
             await channel.refuse("duplicate_session", "this session id is in use", sid)
@@ -227,6 +255,18 @@ class DrafterService:
             try:
                 try:
                     vch, close = await self.open_verify_channel(record)
+                    if self.config.e2e_encryption:
+                        try:
+                            await vch.start_e2e(
+                                self.identity,
+                                record.peer_id,
+                                sid,
+                                timeout_s=self.config.request_timeout_s,
+                            )
+                        except ChannelError:
+                            with trio.CancelScope(shield=True):
+                                await close()
+                            raise
                 except ChannelError as e:
                     failed.add(record.peer_id)
                     log.info(
@@ -296,6 +336,7 @@ class DrafterService:
                         except ChannelError:
                             log.debug("verify_close_not_sent", session=sid)
                         await close()
+                    vch.close_e2e()
             finally:
                 await self.scheduler.release(record.peer_id)
 

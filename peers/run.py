@@ -58,7 +58,7 @@ class Peer:
         else:
             self.service = DrafterService(
                 lm,
-                identity.peer_id,
+                identity,
                 config,
                 self.compute,
                 verifiers=lambda: self.directory.live(now_ms()),

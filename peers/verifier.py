@@ -20,7 +20,13 @@ import trio
 from p2pspec import wire
 from p2pspec.actors import supervise
 from p2pspec.batching import BatchVerifier
-from p2pspec.channel import Channel, ChannelError, ProtocolError
+from p2pspec.channel import (
+    Channel,
+    ChannelError,
+    EncryptionRequiredError,
+    ProtocolError,
+    receive_opening,
+)
 from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
 from p2pspec.engine import Draft, Verifier
@@ -163,12 +169,25 @@ class VerifierService:
 
     async def handle(self, channel: Channel, remote_peer_id: str) -> None:
         """Serve one verify session on its stream; returns when the session ends."""
+        try:
+            await self._handle(channel, remote_peer_id)
+        finally:
+            channel.close_e2e()
+
+    async def _handle(self, channel: Channel, remote_peer_id: str) -> None:
         cfg = self.config
         try:
-            opening = await channel.receive(timeout_s=cfg.request_timeout_s)
+            opening = await receive_opening(
+                channel,
+                identity=self.identity,
+                peer_id=remote_peer_id,
+                required=cfg.e2e_encryption,
+                timeout_s=cfg.request_timeout_s,
+            )
         except ChannelError as e:
             log.info("verify_open_failed", peer=remote_peer_id, error=str(e))
-            await channel.refuse("bad_request", str(e))
+            code = e.code if isinstance(e, EncryptionRequiredError) else "bad_request"
+            await channel.refuse(code, str(e))
             return
         if not isinstance(opening, wire.VerifyOpen):
             code = "unknown_session" if isinstance(opening, wire.VerifyRequest) else "protocol"

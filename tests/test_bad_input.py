@@ -72,7 +72,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     config = workdir / "peer.toml"
     # Short request timeout: the never-speaks case is quick. Frequent adverts: a peer's
     # own record shows its load soon after every case (the leak check).
-    config.write_text(f"request_timeout_s = {REQUEST_TIMEOUT_S}\nadvert_interval_s = 0.25\n")
+    config.write_text(
+        f"request_timeout_s = {REQUEST_TIMEOUT_S}\nadvert_interval_s = 0.25\n"
+        "e2e_encryption = false\n"  # bad input in the clear; test_privacy.py: sealed
+    )
     peers: list[PeerProcess] = []
 
     async def start() -> None:

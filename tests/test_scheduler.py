@@ -16,6 +16,7 @@ from p2pspec import wire
 from p2pspec.actors import supervise
 from p2pspec.channel import Channel, RemoteError
 from p2pspec.config import PeerConfig
+from p2pspec.crypto import Identity
 from p2pspec.engine import Draft, Drafter
 from p2pspec.peers.drafter import DrafterService, DraftFailedError, DraftWorker
 from p2pspec.scheduler import Scheduler
@@ -165,8 +166,8 @@ async def test_a_bug_in_a_session_ends_that_session_with_a_clear_error() -> None
     lm = model("tiny-random:11")
     service = DrafterService(
         lm,
-        "drafter",
-        PeerConfig(),
+        Identity.generate(),
+        PeerConfig(e2e_encryption=False),
         trio.Lock(),
         verifiers=lambda: [
             msgspec.structs.replace(verifier("v"), tokenizer_fingerprint=lm.tokenizer.fingerprint)
