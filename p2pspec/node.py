@@ -25,8 +25,12 @@ Peer ids and keys are `p2pspec.crypto` strings and bytes; no libp2p type leaves 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import structlog
 import trio
@@ -74,6 +78,7 @@ __all__ = [
 
 DEFAULT_LISTEN_ADDR = "/ip4/127.0.0.1/tcp/0"
 AGENT_VERSION = f"p2pspec/{__version__}"
+FRAME_CAPTURE_ENV = "P2PSPEC_FRAME_CAPTURE"  # a directory: see Node.__init__
 DEFAULT_CLOSE_TIMEOUT_S = 1.0  # seconds to flush a close or reset before giving up on it
 # A muxer frame (at most yamux's 256 KiB window) that cannot reach the socket buffer in
 # this long means the connection is wedged; it is closed rather than written half.
@@ -146,8 +151,9 @@ class _LibP2PByteStream:
     """framing.ByteStream over a libp2p stream: EOF becomes b"", other failures
     StreamResetError; counts the bytes of the frame in progress."""
 
-    def __init__(self, net_stream: INetStream) -> None:
+    def __init__(self, net_stream: INetStream, capture: BinaryIO | None = None) -> None:
         self._stream = net_stream
+        self._capture = capture
         self.frame_bytes_read = 0
 
     async def read(self, n: int) -> bytes:
@@ -161,6 +167,9 @@ class _LibP2PByteStream:
         return data
 
     async def write(self, data: bytes) -> None:
+        if self._capture is not None and not self._capture.closed:
+            self._capture.write(data)
+            self._capture.flush()
         try:
             await self._stream.write(data)
         except BaseLibp2pError as error:
@@ -179,14 +188,16 @@ class NodeStream:
     Usable as an async context manager: closed on normal exit, reset on an exception.
     """
 
-    def __init__(self, net_stream: INetStream, *, max_frame_bytes: int) -> None:
+    def __init__(
+        self, net_stream: INetStream, *, max_frame_bytes: int, capture: BinaryIO | None = None
+    ) -> None:
         self._stream = net_stream
         # The authenticated peer of the connection (Noise proved it holds this key).
         self._remote_peer_id = str(net_stream.muxed_conn.peer_id)
         protocol = net_stream.get_protocol()
         self._protocol_id = str(protocol) if protocol is not None else ""
         self._max_frame_bytes = max_frame_bytes
-        self._bytes = _LibP2PByteStream(net_stream)
+        self._bytes = _LibP2PByteStream(net_stream, capture)
         self._read_lock = trio.Lock()
         self._write_lock = trio.Lock()
         self._out_of_step: str | None = None
@@ -452,6 +463,7 @@ class Node:
         self._log = _log.bind(local_peer_id=identity.peer_id)
         self._started = False
         self._listening = False
+        self._capture: BinaryIO | None = None  # see run()
 
         # py-libp2p has no per-host agent version: identify reads this module global
         # when it answers, so this names every p2pspec node of the process (they all
@@ -512,6 +524,19 @@ class Node:
         if self._started:
             raise RuntimeError("a Node runs once; make a new one")
         self._started = True
+        # Debugging and the privacy tests: every byte this node writes to a libp2p stream
+        # (what Noise then encrypts hop by hop) is appended to <dir>/<peer id>.frames.
+        capture_dir = os.environ.get(FRAME_CAPTURE_ENV)
+        with contextlib.ExitStack() as files:
+            if capture_dir:
+                path = Path(capture_dir) / f"{self._peer_id}.frames"
+                self._capture = files.enter_context(path.open("ab"))
+            await self._serve(task_status)
+
+    async def _serve(
+        self,
+        task_status: trio.TaskStatus[None],  # type: ignore[name-defined, unused-ignore]
+    ) -> None:
         async with self._host.run([self._listen_maddr]):
             # py-libp2p logs a failed listen and carries on without a listener.
             listening = bool(self._host.get_transport_addrs())
@@ -622,7 +647,9 @@ class Node:
         log = self._log.bind(protocol=protocol_id)
         stream: NodeStream | None = None
         try:
-            stream = NodeStream(net_stream, max_frame_bytes=self._max_frame_bytes)
+            stream = NodeStream(
+                net_stream, max_frame_bytes=self._max_frame_bytes, capture=self._capture
+            )
             log = log.bind(peer_id=stream.remote_peer_id)
             if not self._gater_allows(stream.remote_peer_id):
                 log.warning("stream_refused")
@@ -730,7 +757,7 @@ class Node:
             raise PeerUnreachableError(
                 f"cannot open a {protocol_id} stream to {peer}: {error}"
             ) from error
-        return NodeStream(net_stream, max_frame_bytes=self._max_frame_bytes)
+        return NodeStream(net_stream, max_frame_bytes=self._max_frame_bytes, capture=self._capture)
 
     def connected_peers(self) -> list[str]:
         """Peer ids we hold a connection to right now."""
