@@ -10,3 +10,4 @@ python -m p2pspec.bench_batching --verifier qwen2.5-coder-1.5b-instruct \
   --draft-tokens 4 --out docs/bench/batching.json
 python testnet/testnet.py --topology configs/testnet-tiny.toml --out docs/bench/testnet-tiny.json
 python testnet/testnet.py --topology configs/testnet-load.toml --out docs/bench/testnet-load.json
+python -m p2pspec.bench_crypto --out docs/bench/crypto.json
