@@ -36,6 +36,7 @@ from p2pspec.crypto.identity import Identity
 from p2pspec.directory import Directory
 from p2pspec.discovery import exchange, now_ms
 from p2pspec.errors import P2PSpecError
+from p2pspec.membership import load_network_key
 from p2pspec.node import Node, NodeStream
 from p2pspec.policy import Candidate, Decision, choose_drafter
 from p2pspec.prober import ProbeError, Prober
@@ -236,7 +237,12 @@ class Client:
             raise ValueError("a client needs at least one bootstrap multiaddr")
         self.config = msgspec.structs.replace(config or PeerConfig(), bootstrap=list(bootstrap))
         self.identity = identity or Identity.generate()
-        self.node = Node(self.identity, listen="/ip4/127.0.0.1/tcp/0")
+        key = self.config.network_key_file
+        self.node = Node(
+            self.identity,
+            listen="/ip4/127.0.0.1/tcp/0",
+            network_key=load_network_key(key) if key else None,
+        )
         self.directory = Directory(self.identity.peer_id)
         self.prober = Prober(self.node)
         self._active: Counter[str] = Counter()  # sessions this client has open per drafter
@@ -250,8 +256,8 @@ class Client:
             await self._nursery.start(self.node.run)
             await self.refresh()
             await self.measure_drafters()
-        except BaseException as e:
-            await self.__aexit__(type(e), e, e.__traceback__)
+        except BaseException:
+            await self.__aexit__(None, None, None)
             raise
         return self
 
@@ -260,22 +266,24 @@ class Client:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
+    ) -> None:
+        """Stop the node. An exception of the `async with` body propagates as it was,
+        not wrapped in the nursery's ExceptionGroup."""
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
-        result: bool | None = await self._nursery_cm.__aexit__(exc_type, exc, tb)
-        return result
+        await self._nursery_cm.__aexit__(None, None, None)
 
     async def refresh(self) -> int:
         """Pull the directory from the bootstrap peers; returns how many answered."""
         answered = 0
+        errors: list[str] = []
         for addr in self.config.bootstrap:
-            answered += await exchange(self.node, self.directory, addr, config=self.config)
-        if not answered:
-            raise ClientError(
-                "bootstrap_unreachable",
-                f"no bootstrap peer answered: {', '.join(self.config.bootstrap)}",
+            answered += await exchange(
+                self.node, self.directory, addr, config=self.config, errors=errors
             )
+        if not answered:
+            why = "; ".join(errors)
+            raise ClientError("bootstrap_unreachable", f"no bootstrap peer answered: {why}")
         return answered
 
     async def measure_drafters(self) -> None:

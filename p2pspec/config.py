@@ -50,6 +50,9 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # Seal token payloads end to end (client <-> drafter <-> verifier) on top of libp2p's
     # per-hop Noise; a peer with it on refuses sessions that are not encrypted.
     e2e_encryption: bool = True
+    # A private mesh: the file with the mesh's shared secret (16+ random bytes); peers
+    # without it are refused at connection time (membership.py).
+    network_key_file: str | None = None
     torch_threads: Annotated[int, Meta(ge=0, le=256)] = 0  # intra-op threads; 0 = torch's default
 
 

@@ -18,11 +18,12 @@ import trio
 
 from p2pspec import wire
 from p2pspec.actors import Mailbox
-from p2pspec.channel import Channel, ChannelError
+from p2pspec.channel import Channel, ChannelError, RemoteError
 from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
 from p2pspec.directory import Directory, sign_record
 from p2pspec.errors import P2PSpecError
+from p2pspec.membership import REFUSAL_CODE
 from p2pspec.node import Node, NodeStream
 
 log = structlog.get_logger("p2pspec.discovery")
@@ -46,8 +47,10 @@ async def exchange(
     target: str,
     *,
     config: PeerConfig,
+    errors: list[str] | None = None,
 ) -> bool:
-    """One push-pull exchange with the peer at `target` (a multiaddr); True on success."""
+    """One push-pull exchange with the peer at `target` (a multiaddr); True on success.
+    Why it failed is appended to `errors`; a private mesh's refusal is also a warning."""
     stream: NodeStream | None = None
     try:
         stream = await node.open_stream(
@@ -59,7 +62,12 @@ async def exchange(
         directory.add_all(reply.records, now_ms())
         return True
     except P2PSpecError as e:
-        log.debug("directory_exchange_failed", target=target, error=str(e))
+        if isinstance(e, RemoteError) and e.code == REFUSAL_CODE:
+            log.warning("private_mesh_refused", target=target, reason=e.remote_message)
+        else:
+            log.debug("directory_exchange_failed", target=target, error=str(e))
+        if errors is not None:
+            errors.append(f"{target}: {e}")
         return False
     finally:
         if stream is not None:

@@ -57,9 +57,20 @@ from multiaddr import Multiaddr
 from multiaddr.exceptions import Error as MultiaddrError
 from multiaddr.utils import get_network_addrs
 
-from p2pspec import __version__, framing
+from p2pspec import __version__, framing, wire
 from p2pspec.crypto import Identity, InvalidPeerIdError, public_key_from_peer_id
 from p2pspec.errors import P2PSpecError, UserError
+from p2pspec.membership import (
+    MAX_KEY_BYTES,
+    MEMBER_OK,
+    MEMBER_PROTOCOL,
+    MEMBER_REFUSED,
+    PROOF_BYTES,
+    REFUSAL,
+    REFUSAL_CODE,
+    check_proof,
+    member_proof,
+)
 
 __all__ = [
     "AGENT_VERSION",
@@ -79,6 +90,7 @@ __all__ = [
 DEFAULT_LISTEN_ADDR = "/ip4/127.0.0.1/tcp/0"
 AGENT_VERSION = f"p2pspec/{__version__}"
 FRAME_CAPTURE_ENV = "P2PSPEC_FRAME_CAPTURE"  # a directory: see Node.__init__
+MEMBER_TIMEOUT_S = 5.0  # a peer proves its network key within this of asking
 DEFAULT_CLOSE_TIMEOUT_S = 1.0  # seconds to flush a close or reset before giving up on it
 # A muxer frame (at most yamux's 256 KiB window) that cannot reach the socket buffer in
 # this long means the connection is wedged; it is closed rather than written half.
@@ -439,6 +451,9 @@ class Node:
     of every stream, in bytes.
     `connection_gater(peer_id) -> bool` is asked about every connection, inbound and
     outbound, and every inbound stream; a refused peer's connection is closed.
+    `network_key` makes the node a member of a private mesh (membership.py): it proves
+    the key to every peer it dials, checks their proof, and refuses every stream of a
+    peer that has not proved it, with a `private_mesh` ErrorMessage, then its connection.
     """
 
     def __init__(
@@ -449,8 +464,11 @@ class Node:
         announce: str | Sequence[str] | None = None,
         max_frame_bytes: int = framing.DEFAULT_MAX_FRAME_SIZE,
         connection_gater: ConnectionGater | None = None,
+        network_key: bytes | None = None,
     ) -> None:
         self._identity = identity
+        self._network_key = network_key
+        self._members: set[str] = set()  # peers that proved the network key
         self._peer_id: str = identity.peer_id
         self._listen_maddr = _parse_multiaddr(listen)
         _tcp_parts(self._listen_maddr)
@@ -487,6 +505,8 @@ class Node:
             addrs_factory=self._advertised_transport_addrs,
         )
         self._host.get_network().register_notifee(_GaterNotifee(self))
+        if network_key is not None:
+            self._host.set_stream_handler(TProtocol(MEMBER_PROTOCOL), self._serve_membership)
 
     @staticmethod
     def _check_announce(text: str) -> Multiaddr:
@@ -655,6 +675,10 @@ class Node:
                 log.warning("stream_refused")
                 await stream.reset()
                 return
+            if self._network_key is not None and stream.remote_peer_id not in self._members:
+                log.warning("private_mesh_refused_peer", reason="no membership proof")
+                await self._refuse_non_member(stream)
+                return
             await handler(stream)
         except Exception as error:  # trio.Cancelled is a BaseException: it goes through
             expected = isinstance(error, framing.FrameError | StreamResetError)
@@ -671,6 +695,78 @@ class Node:
                     await net_stream.reset()
         else:
             await stream.close()
+
+    # -- private mesh -----------------------------------------------------------------
+
+    async def _refuse_non_member(self, stream: NodeStream) -> None:
+        """Tell a peer without the network key why, then drop it."""
+        refusal = wire.ErrorMessage(code=REFUSAL_CODE, message=REFUSAL)
+        await self._say_last_and_drop(stream, wire.encode(refusal))
+
+    async def _say_last_and_drop(self, stream: NodeStream, frame: bytes) -> None:
+        """Send `frame`, give the peer a moment to read it and hang up, then close its
+        connection (a reset or a disconnect right away could overtake the frame)."""
+        with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
+            try:
+                await stream.write_frame(frame)
+                await stream.close()
+                await stream.read_frame()  # until the peer closes or resets
+            except P2PSpecError as error:
+                self._log.debug("last_frame_sent", error=str(error))
+        await stream.reset()
+        await self.disconnect(stream.remote_peer_id)
+
+    async def _serve_membership(self, net_stream: INetStream) -> None:
+        """The listener's side of the membership exchange (membership.py). Contains its
+        own failures: py-libp2p dies of an exception escaping a handler."""
+        assert self._network_key is not None
+        stream = NodeStream(net_stream, max_frame_bytes=MAX_KEY_BYTES)
+        peer = stream.remote_peer_id
+        try:
+            with trio.fail_after(MEMBER_TIMEOUT_S):
+                proof = await stream.read_frame(max_size=PROOF_BYTES)
+                if check_proof(self._network_key, peer, self._peer_id, proof):
+                    self._members.add(peer)
+                    own = member_proof(self._network_key, self._peer_id, peer)
+                    await stream.write_frame(MEMBER_OK + own)
+                    await stream.close()
+                    self._log.info("private_mesh_member", peer_id=peer)
+                    return
+                reason = "wrong network key"
+        except (P2PSpecError, trio.TooSlowError) as error:
+            reason = f"membership exchange failed: {error!r}"
+        self._log.warning("private_mesh_refused_peer", peer_id=peer, reason=reason)
+        await self._say_last_and_drop(stream, MEMBER_REFUSED + f"{REFUSAL} ({reason})".encode())
+
+    async def _prove_membership(self, peer_id: ID) -> None:
+        """The dialer's side: prove our key, check theirs; PeerRefusedError (and the
+        connection closed) if the peer is not a member of our mesh."""
+        assert self._network_key is not None
+        peer = str(peer_id)
+        try:
+            net_stream = await self._host.new_stream(peer_id, [TProtocol(MEMBER_PROTOCOL)])
+            stream = NodeStream(net_stream, max_frame_bytes=MAX_KEY_BYTES)
+            await stream.write_frame(member_proof(self._network_key, self._peer_id, peer))
+            answer = await stream.read_frame()
+            await stream.close()
+        except (BaseLibp2pError, OSError, P2PSpecError) as error:
+            if _unsupported_protocol(error):
+                reason = "the peer is not in a private mesh (it has no network key)"
+            else:
+                reason = f"membership exchange failed: {error!r}"
+        else:
+            if answer[:1] == MEMBER_OK and check_proof(
+                self._network_key, peer, self._peer_id, answer[1:]
+            ):
+                self._members.add(peer)
+                return
+            if answer[:1] == MEMBER_REFUSED:
+                reason = answer[1:].decode(errors="replace")
+            else:
+                reason = "the peer holds another network key"
+        self._log.warning("private_mesh_refused", peer_id=peer, reason=reason)
+        await self.disconnect(peer)
+        raise PeerRefusedError(f"{peer}: {reason}")
 
     # -- outbound ---------------------------------------------------------------------
 
@@ -701,6 +797,8 @@ class Node:
         network = self._host.get_network()
         connections = network.get_connections(peer_id)
         if any(_usable(conn) for conn in connections):
+            if self._network_key is not None and str(peer_id) not in self._members:
+                await self._prove_membership(peer_id)
             return
         # A connection that is failing or was just closed by the peer stays listed (and
         # would be handed out again by libp2p's dial) until its teardown finishes, about
@@ -718,6 +816,8 @@ class Node:
             raise PeerUnreachableError(
                 f"cannot connect to {peer_id} at {transport}: {error}"
             ) from error
+        if self._network_key is not None:
+            await self._prove_membership(peer_id)
 
     async def open_stream(self, peer: str, protocol_id: str, *, timeout_s: float) -> NodeStream:
         """Open a stream speaking `protocol_id` to `peer`, connecting first if needed.
@@ -744,6 +844,8 @@ class Node:
             with trio.fail_after(timeout_s):
                 if target is not None:
                     await self._connect(peer_id, target)
+                elif self._network_key is not None and peer_id_text not in self._members:
+                    await self._prove_membership(peer_id)
                 net_stream = await self._host.new_stream(peer_id, [TProtocol(protocol_id)])
         except trio.TooSlowError:
             raise PeerUnreachableError(

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a mesh peer to join through (repeatable); the mesh serves the prompt",
     )
     gen.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    gen.add_argument(
+        "--network-key", metavar="FILE", help="the private mesh's shared secret key file"
+    )
 
     peer = sub.add_parser("peer", help="run a drafter or verifier peer on the mesh")
     peer.add_argument("--role", choices=["drafter", "verifier"])
@@ -90,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--announce", metavar="MULTIADDR", help="the address others should dial")
     peer.add_argument("--bootstrap", action="append", metavar="MULTIADDR")
     peer.add_argument("--key", metavar="FILE", help="Ed25519 identity key (created 0600)")
+    peer.add_argument(
+        "--network-key", metavar="FILE", help="join a private mesh: its shared secret key file"
+    )
     peer.add_argument("--capacity", type=int, metavar="N", help="sessions served at once")
     peer.add_argument("--dtype", choices=["float32", "bfloat16"])
     peer.add_argument("--threads", type=int, metavar="N", help="torch threads (0 = default)")
@@ -249,6 +255,7 @@ def _peer(args: argparse.Namespace) -> int:
             "announce": args.announce,
             "bootstrap": args.bootstrap,
             "key_file": args.key,
+            "network_key_file": args.network_key,
             "capacity_sessions": args.capacity,
             "dtype": args.dtype,
             "torch_threads": args.threads,
@@ -283,13 +290,15 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
     from p2pspec import logs
     from p2pspec.client import Client, ClientError
+    from p2pspec.config import PeerConfig
 
     logs.configure(level="warning")
 
     async def run() -> int:
         try:
             with trio.fail_after(args.timeout):
-                async with Client(args.bootstrap) as client:
+                config = PeerConfig(network_key_file=args.network_key)
+                async with Client(args.bootstrap, config=config) as client:
                     stream = client.stream(
                         args.prompt,
                         max_new_tokens=args.max_new_tokens,

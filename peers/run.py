@@ -21,6 +21,7 @@ from p2pspec.crypto.identity import Identity
 from p2pspec.directory import Directory
 from p2pspec.discovery import Advertiser, now_ms, serve_exchange
 from p2pspec.errors import P2PSpecError
+from p2pspec.membership import load_network_key
 from p2pspec.models import LoadedModel
 from p2pspec.node import Node, NodeStream
 from p2pspec.peers.drafter import DrafterService
@@ -48,6 +49,9 @@ class Peer:
             listen=config.listen,
             announce=config.announce,
             max_frame_bytes=config.max_frame_bytes,
+            network_key=load_network_key(config.network_key_file)
+            if config.network_key_file
+            else None,
         )
         self.directory = Directory(identity.peer_id)
         self.compute = trio.Lock()  # one forward pass at a time on this peer's model

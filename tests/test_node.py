@@ -25,6 +25,7 @@ import trio
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from multiaddr import Multiaddr
 
+from p2pspec import wire
 from p2pspec.crypto import Identity
 from p2pspec.framing import EndOfStreamError, FrameTooLargeError
 from p2pspec.node import (
@@ -486,3 +487,31 @@ async def test_a_stream_right_after_the_peer_dropped_the_connection_redials() ->
             assert await _echo_once(client, addr, b"before") == b"before"
             await server.disconnect(client.peer_id)
             assert await _echo_once(client, addr, b"after") == b"after", attempt
+
+
+async def test_a_private_mesh_serves_members_and_refuses_others_with_the_reason() -> None:
+    key, other_key = b"k" * 32, b"o" * 32
+    async with (
+        running_node(network_key=key) as server,
+        running_node(network_key=key) as member,
+        running_node(network_key=other_key) as stranger,
+        running_node() as keyless,
+    ):
+        server.set_handler(ECHO, echo_handler)
+        addr = server.listen_addrs()[0]
+        assert await _echo_once(member, addr, b"member") == b"member"
+        # Another key: refused at connection time, the server's answer as the reason.
+        with pytest.raises(PeerRefusedError, match="wrong network key"):
+            await stranger.open_stream(addr, ECHO, timeout_s=STEP_TIMEOUT_S)
+        # No key at all: its stream gets the private mesh's refusal, then the connection
+        # is closed.
+        stream = await keyless.open_stream(addr, ECHO, timeout_s=STEP_TIMEOUT_S)
+        await stream.write_frame(b"let me in")
+        with trio.fail_after(STEP_TIMEOUT_S):
+            refusal = wire.decode(await stream.read_frame())
+        assert isinstance(refusal, wire.ErrorMessage) and refusal.code == "private_mesh"
+        assert "network key" in refusal.message
+        # A member dialing a peer with no key refuses it too.
+        with pytest.raises(PeerRefusedError, match="no network key"):
+            await member.open_stream(keyless.listen_addrs()[0], ECHO, timeout_s=STEP_TIMEOUT_S)
+        assert await _echo_once(member, addr, b"still") == b"still"

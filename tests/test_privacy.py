@@ -1,11 +1,12 @@
-"""End-to-end encryption on a real mesh (separate peer processes, real libp2p).
+"""End-to-end encryption and private meshes on a real mesh (separate peer processes).
 
 The frames are captured at the node's frame boundary: every byte a node writes to a
 libp2p stream, below the end-to-end layer and above Noise (P2PSPEC_FRAME_CAPTURE). With
 end-to-end encryption on, no peer's frames and no peer's log hold the session's prompt;
 the same test with it switched off finds the prompt in the frames, which proves the check
 can fail. Bad sealed frames (a flipped bit, a replay) and a session opened in the clear
-are refused, and the peers keep serving.
+are refused, and the peers keep serving. A private mesh serves only peers with its
+network key, and both sides of a refusal say why in their logs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import trio
 
 from p2pspec import wire
 from p2pspec.channel import Channel, RemoteError
-from p2pspec.client import Client
+from p2pspec.client import Client, ClientError
 from p2pspec.config import PeerConfig
 from p2pspec.launch import PeerProcess, start_peer, stop_all
 from p2pspec.node import FRAME_CAPTURE_ENV, NodeStream
@@ -33,9 +34,14 @@ PROMPT = "the secret word is xylophone-quartz"
 STEP_S = 20.0
 
 
-async def start_mesh(workdir: Path, *, e2e: bool) -> list[PeerProcess]:
+async def start_mesh(
+    workdir: Path, *, e2e: bool, network_key: Path | None = None
+) -> list[PeerProcess]:
     config = workdir / "peer.toml"
-    config.write_text(f"e2e_encryption = {'true' if e2e else 'false'}\n")
+    config.write_text(
+        f"e2e_encryption = {'true' if e2e else 'false'}\n"
+        + (f'network_key_file = "{network_key}"\n' if network_key else "")
+    )
     args = ["--threads", "1", "--config", str(config)]
     env = {FRAME_CAPTURE_ENV: str(workdir / "frames")}
     peers: list[PeerProcess] = []
@@ -194,5 +200,54 @@ async def test_bad_sealed_frames_and_clear_sessions_are_refused_and_peers_keep_s
         for peer in peers:
             assert peer.process.returncode is None, peer.log_tail()
             assert not logged(peer, "stream_handler_failed"), peer.log_tail()
+    finally:
+        await stop_all(peers)
+
+
+async def test_a_private_mesh_serves_only_peers_with_its_network_key(workdir: Path) -> None:
+    key = workdir / "mesh.key"
+    key.write_bytes(secrets.token_bytes(32))
+    peers = await start_mesh(workdir, e2e=True, network_key=key)
+    verifier, drafter = peers
+    try:
+        # A member client is served by the member drafter and verifier.
+        async with Client([verifier.address], config=PeerConfig(network_key_file=str(key))) as c:
+            with trio.fail_after(STEP_S):
+                result = await c.generate("members only", max_new_tokens=6, raw=True)
+            assert (result.drafter_peer_id, len(result.token_ids)) == (drafter.peer_id, 6)
+        # A client without the key is refused, and told why.
+        with pytest.raises(ClientError) as refused:
+            async with Client([drafter.address]):
+                pass
+        assert refused.value.code == "bootstrap_unreachable"
+        assert "private_mesh" in str(refused.value) and "network key" in str(refused.value)
+        # A drafter with another key cannot join: it never appears in the mesh, and both
+        # sides log the refusal with its reason.
+        other = workdir / "other.key"
+        other.write_bytes(secrets.token_bytes(32))
+        outsider = await start_peer(
+            "x",
+            "drafter",
+            DRAFTER,
+            workdir=workdir,
+            bootstrap=[verifier.address],
+            extra_args=["--threads", "1", "--network-key", str(other)],
+            ready_timeout_s=120,
+        )
+        peers.append(outsider)
+        with trio.fail_after(STEP_S):
+            while not logged(outsider, "private_mesh_refused"):
+                await trio.sleep(0.05)
+            while not [
+                e
+                for e in logged(verifier, "private_mesh_refused_peer")
+                if e.get("peer_id") == outsider.peer_id
+            ]:
+                await trio.sleep(0.05)
+        assert "wrong network key" in str(logged(outsider, "private_mesh_refused")[0]["reason"])
+        async with Client([verifier.address], config=PeerConfig(network_key_file=str(key))) as c:
+            assert outsider.peer_id not in {r.peer_id for r in c.peers("drafter")}
+        for peer in peers:
+            assert peer.process.returncode is None, peer.log_tail()
     finally:
         await stop_all(peers)
