@@ -40,6 +40,7 @@ from p2pspec.membership import load_network_key
 from p2pspec.node import Node, NodeStream
 from p2pspec.policy import Candidate, Decision, choose_drafter
 from p2pspec.prober import ProbeError, Prober
+from p2pspec.transcript import Transcript, check_round, round_tokens
 
 log = structlog.get_logger("p2pspec.client")
 
@@ -76,6 +77,9 @@ class Result:
     drafter_peer_id: str
     verifier_peer_id: str
     stats: dict[str, Any] = field(default_factory=dict)
+    # The output with every signed verdict behind it (checked as it arrived), to save
+    # and check offline: transcript.save(result.transcript, path).
+    transcript: Transcript | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +105,7 @@ class Stream:
         self.started: wire.SessionStarted | None = None
         self.result: Result | None = None
         self._tokens: list[int] = []
+        self._rounds: list[wire.VerifiedRound] = []  # checked proofs of the committed tokens
         self._drafter = ""
         self._failed_drafters: list[str] = []
 
@@ -175,6 +180,10 @@ class Stream:
                 await self._fail_over(str(e))
                 continue
             if isinstance(message, wire.TokensCommitted):
+                problem = await self._check_proof(message)
+                if problem is not None:  # a drafter that forwards what no verifier signed
+                    await self._fail_over(f"bad proof from the drafter: {problem}")
+                    continue
                 self._tokens.extend(message.tokens)
                 yield Chunk(tokens=list(message.tokens), text=message.text, round=message.round)
             elif isinstance(message, wire.SessionFinished):
@@ -190,9 +199,41 @@ class Stream:
                         **{f: getattr(message.stats, f) for f in message.stats.__struct_fields__},
                         "drafter_failovers": len(self._failed_drafters),
                     },
+                    transcript=Transcript(
+                        prompt_token_ids=list(self.started.prompt_token_ids),
+                        token_ids=list(message.token_ids),
+                        rounds=list(self._rounds),
+                        verifiers=self._client.signed_records(
+                            {r.verifier_peer_id for r in self._rounds}
+                        ),
+                    ),
                 )
             else:
                 raise ClientError("protocol", f"unexpected {type(message).__name__}")
+
+    async def _check_proof(self, message: wire.TokensCommitted) -> str | None:
+        """Why these tokens are not what a verifier of this mesh signed, or None (and the
+        round is kept for the transcript)."""
+        proof = message.proof
+        assert self.started is not None
+        if proof is None:
+            return "tokens without the verdict that committed them"
+        committed = len(self.started.prompt_token_ids) + len(self._tokens)
+        problem = check_round(proof, committed)
+        if problem is not None:
+            return problem
+        if message.tokens != round_tokens(proof)[: len(message.tokens)]:
+            return "the tokens differ from the ones the verdict commits"
+        record = self._client.directory.get(proof.verifier_peer_id, now_ms())
+        if record is None:  # a verifier that joined since the last refresh
+            await self._client.refresh()
+            record = self._client.directory.get(proof.verifier_peer_id, now_ms())
+        if record is None or record.role != "verifier":
+            return f"{proof.verifier_peer_id} is no verifier this client knows"
+        if record.weights_fingerprint != proof.verdict.model_fingerprint:
+            return "the verdict's weights fingerprint is not its verifier's"
+        self._rounds.append(proof)
+        return None
 
     async def _fail_over(self, reason: str) -> None:
         """The drafter died or hung: continue the session on another drafter."""
@@ -327,6 +368,15 @@ class Client:
 
     def peers(self, role: str | None = None) -> list[wire.PeerRecord]:
         return [r for r in self.directory.live(now_ms()) if role is None or r.role == role]
+
+    def signed_records(self, peer_ids: set[str]) -> list[wire.SignedRecord]:
+        """The signed records this client holds of these peers (for transcripts)."""
+        out = []
+        for peer_id in sorted(peer_ids):
+            signed = self.directory.signed(peer_id)
+            if signed is not None:
+                out.append(signed)
+        return out
 
     async def _open_session(
         self, request: wire.GenerateRequest, *, exclude: frozenset[str] = frozenset()

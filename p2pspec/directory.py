@@ -87,6 +87,12 @@ class Directory:
         live = [e.signed for e in self._entries.values() if e.expires_at_ms > now_ms]
         return live[: wire.MAX_RECORDS]
 
+    def signed(self, peer_id: str) -> wire.SignedRecord | None:
+        """The newest signed record held of `peer_id`, expired or not (a transcript
+        keeps the record its verdicts were checked against)."""
+        e = self._entries.get(peer_id)
+        return e.signed if e is not None else None
+
     def get(self, peer_id: str, now_ms: int) -> wire.PeerRecord | None:
         e = self._entries.get(peer_id)
         return e.record if e is not None and e.expires_at_ms > now_ms else None

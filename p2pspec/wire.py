@@ -111,6 +111,9 @@ class TokensCommitted(Base, tag="tokens"):
     round: NonNegative
     tokens: list[TokenId] = []
     text: str = ""  # the text these tokens add
+    # The verifier's signed judgement that committed these tokens, for the client's
+    # check and transcript (p2pspec/transcript.py); None only from older drafters.
+    proof: VerifiedRound | None = None
 
 
 class SessionStats(Base, tag="session_stats"):
@@ -225,6 +228,14 @@ class Verdict(Base, tag="verdict"):
     draft_hash: bytes = b""
     model_fingerprint: str = ""
     signature: bytes = b""
+
+
+class VerifiedRound(Base, tag="verified_round"):
+    """One round as the verifier judged it: the draft and the signed verdict on it."""
+
+    verifier_peer_id: PeerIdStr
+    draft: Annotated[list[TokenId], Meta(max_length=MAX_DRAFT_TOKENS)]
+    verdict: Verdict
 
 
 class VerifyClose(Base, tag="verify_close"):

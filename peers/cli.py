@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--network-key", metavar="FILE", help="the private mesh's shared secret key file"
     )
+    gen.add_argument(
+        "--transcript",
+        metavar="FILE",
+        help="save the answer with every signed verdict behind it (check: verify-transcript)",
+    )
 
     peer = sub.add_parser("peer", help="run a drafter or verifier peer on the mesh")
     peer.add_argument("--role", choices=["drafter", "verifier"])
@@ -102,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--advert-interval", type=float, metavar="SECONDS")
     peer.add_argument("--record-ttl", type=float, metavar="SECONDS")
     peer.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+    check = sub.add_parser(
+        "verify-transcript", help="check a saved transcript's signatures and chain, offline"
+    )
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
 
     models = sub.add_parser("models", help="the embedded default models")
     models.add_argument(
@@ -288,7 +299,7 @@ def _peer(args: argparse.Namespace) -> int:
 def _generate_remote(args: argparse.Namespace) -> int:
     import trio
 
-    from p2pspec import logs
+    from p2pspec import logs, transcript
     from p2pspec.client import Client, ClientError
     from p2pspec.config import PeerConfig
 
@@ -321,6 +332,9 @@ def _generate_remote(args: argparse.Namespace) -> int:
             raise UserError(str(e)) from None
         except trio.TooSlowError:
             raise UserError(f"no answer within --timeout {args.timeout:g} s") from None
+        if args.transcript:
+            assert result.transcript is not None
+            transcript.save(result.transcript, args.transcript)
         if args.json:
             print(json.dumps(result.as_dict()))
         else:
@@ -335,6 +349,35 @@ def _generate_remote(args: argparse.Namespace) -> int:
         return 0
 
     return trio.run(run)
+
+
+def _verify_transcript(args: argparse.Namespace) -> int:
+    from p2pspec import transcript
+
+    try:
+        t = transcript.load(args.file)
+    except transcript.TranscriptError as e:
+        raise UserError(str(e)) from None
+    problems = transcript.check_transcript(t)
+    verifiers = sorted({r.verifier_peer_id for r in t.rounds})
+    if args.json:
+        report = {
+            "valid": not problems,
+            "problems": problems,
+            "rounds": len(t.rounds),
+            "tokens": len(t.token_ids),
+            "verifiers": verifiers,
+        }
+        print(json.dumps(report))
+    elif problems:
+        for problem in problems:
+            print(f"invalid: {problem}", file=sys.stderr)
+    else:
+        print(
+            f"valid: {len(t.token_ids)} tokens from {len(t.rounds)} signed rounds by "
+            f"{', '.join(verifiers) or 'no verifier'}"
+        )
+    return 0 if not problems else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -358,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _peer(args)
         if args.command == "models":
             return _models(args)
+        if args.command == "verify-transcript":
+            return _verify_transcript(args)
         if args.command == "bench":
             return _bench(args)
     except UserError as e:

@@ -423,6 +423,9 @@ class DrafterService:
                         round=state.round,
                         tokens=fresh,
                         text=state.deltas.push(fresh),
+                        proof=wire.VerifiedRound(
+                            verifier_peer_id=verifier_id, draft=draft.tokens, verdict=verdict
+                        ),
                     ),
                 )
             state.round += 1

@@ -25,6 +25,7 @@ from p2pspec.client import Client, ClientError
 from p2pspec.config import PeerConfig
 from p2pspec.launch import PeerProcess, start_peer, stop_all
 from p2pspec.node import FRAME_CAPTURE_ENV, NodeStream
+from p2pspec.transcript import check_transcript
 
 VERIFIER = "tiny-random:11"
 DRAFTER = "tiny-random:11:noise=0.007"
@@ -92,6 +93,11 @@ async def test_no_frame_below_the_e2e_layer_and_no_log_holds_the_prompt(
             with trio.fail_after(STEP_S):
                 result = await client.generate(PROMPT, max_new_tokens=12, raw=True)
         assert len(result.token_ids) == 12
+        # Every committed token came with the verifier's signed verdict, checked by the
+        # client as it arrived; the transcript checks offline too.
+        assert result.transcript is not None
+        assert len(result.transcript.rounds) == result.stats["rounds"]
+        assert check_transcript(result.transcript) == []
     finally:
         await stop_all(peers)
     frames = {p.name: p.read_bytes() for p in (workdir / "frames").glob("*.frames")}
