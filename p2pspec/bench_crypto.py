@@ -27,7 +27,7 @@ import trio
 import trio.testing
 
 from p2pspec import wire
-from p2pspec.channel import Channel, receive_opening
+from p2pspec.channel import Channel, TrioByteStream, receive_opening
 from p2pspec.crypto import (
     EphemeralKey,
     Identity,
@@ -40,20 +40,9 @@ from p2pspec.speculative import expected_tokens_per_round
 SID = "5e" * 16
 
 
-class _Pipe:
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-
-    async def read(self, n: int) -> bytes:
-        return await self.stream.receive_some(n)
-
-    async def write(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-
 async def _handshake_s(a: Identity, b: Identity) -> float:
     left, right = trio.testing.memory_stream_pair()
-    alice, bob = Channel(_Pipe(left)), Channel(_Pipe(right))
+    alice, bob = Channel(TrioByteStream(left)), Channel(TrioByteStream(right))
     started = time.perf_counter()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(

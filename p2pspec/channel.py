@@ -68,6 +68,26 @@ class RemoteError(ChannelError):
         self.remote_message = message
 
 
+class TrioByteStream:
+    """A framing.ByteStream over a trio Stream (an in-memory pair in tests and benchmarks):
+    a closed or broken stream is a P2PSpecError, as a failed libp2p stream is."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self.stream.receive_some(n)
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
+            raise P2PSpecError(str(e)) from None
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
+            raise P2PSpecError(str(e)) from None
+
+
 class Channel:
     """Liveness: `receive` answers the peer's Pings and absorbs its Pongs, so any task
     reading a channel keeps its peer informed that it is alive; `receive_alive` pings

@@ -14,6 +14,7 @@ from p2pspec.channel import (
     Channel,
     EncryptionRequiredError,
     ProtocolError,
+    TrioByteStream,
     receive_opening,
 )
 from p2pspec.crypto import Identity
@@ -23,21 +24,18 @@ ALICE, BOB, MALLORY = (Identity.generate() for _ in range(3))
 PROMPT_TOKENS = [31337, 27182, 16180, 14142]
 
 
-class Tap:
-    """framing.ByteStream over one end of a memory stream pair, keeping what it wrote."""
+class Tap(TrioByteStream):
+    """A TrioByteStream that keeps what it wrote."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
+        super().__init__(stream)
         self.written = bytearray()
         self.frames: list[bytes] = []
-
-    async def read(self, n: int) -> bytes:
-        return await self.stream.receive_some(n)
 
     async def write(self, data: bytes) -> None:
         self.written += data
         self.frames.append(bytes(data))
-        await self.stream.send_all(data)
+        await super().write(data)
 
 
 def pair() -> tuple[Channel, Tap, Channel, Tap]:

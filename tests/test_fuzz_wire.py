@@ -70,7 +70,7 @@ from hypothesis import strategies as st
 from support import model
 
 from p2pspec import framing, wire
-from p2pspec.channel import Channel, ChannelError
+from p2pspec.channel import Channel, ChannelError, TrioByteStream
 from p2pspec.config import PeerConfig
 from p2pspec.crypto import EphemeralKey, Identity, signed_ephemeral
 from p2pspec.directory import Directory, sign_record
@@ -333,25 +333,6 @@ class FakeStream:
 
     async def close(self) -> None:
         await trio.lowlevel.checkpoint()
-
-
-class TrioByteStream:
-    """A framing.ByteStream over one end of a trio in-memory stream pair."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-
-    async def read(self, n: int) -> bytes:
-        try:
-            return await self.stream.receive_some(n)
-        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
-            raise P2PSpecError(str(e)) from None
-
-    async def write(self, data: bytes) -> None:
-        try:
-            await self.stream.send_all(data)
-        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
-            raise P2PSpecError(str(e)) from None
 
 
 def read_varint(data: bytes, pos: int) -> tuple[int, int] | None:

@@ -14,7 +14,7 @@ from support import model
 
 from p2pspec import wire
 from p2pspec.actors import supervise
-from p2pspec.channel import Channel, RemoteError
+from p2pspec.channel import Channel, RemoteError, TrioByteStream
 from p2pspec.config import PeerConfig
 from p2pspec.crypto import Identity
 from p2pspec.engine import Draft, Drafter
@@ -143,19 +143,6 @@ async def test_a_failing_draft_fails_its_session_and_the_worker_keeps_drafting()
     assert worker.drafts == 1
 
 
-class MemoryByteStream:
-    """framing.ByteStream over one end of an in-memory stream pair."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-
-    async def read(self, n: int) -> bytes:
-        return await self.stream.receive_some(n)
-
-    async def write(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-
 async def test_a_bug_in_a_session_ends_that_session_with_a_clear_error() -> None:
     """The Session is supervised: an exception nobody expected (here the verify channel
     factory has a bug) refuses the client with internal_error; the handler returns."""
@@ -175,11 +162,11 @@ async def test_a_bug_in_a_session_ends_that_session_with_a_clear_error() -> None
         open_verify_channel=buggy_open,
     )
     client_end, drafter_end = trio.testing.memory_stream_pair()
-    client = Channel(MemoryByteStream(client_end))
+    client = Channel(TrioByteStream(client_end))
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
-            nursery.start_soon(service.handle, Channel(MemoryByteStream(drafter_end)), "client")
+            nursery.start_soon(service.handle, Channel(TrioByteStream(drafter_end)), "client")
             await client.send(
                 wire.GenerateRequest(session_id="ab" * 16, prompt="hi", max_new_tokens=4)
             )
