@@ -19,7 +19,7 @@ from p2pspec.crypto.identity import Identity, verify
 
 
 def _message(verdict: wire.Verdict) -> bytes:
-    return verdict_message(
+    message: bytes = verdict_message(
         session_id=verdict.session_id,
         round=verdict.round,
         base_len=verdict.base_len,
@@ -28,6 +28,7 @@ def _message(verdict: wire.Verdict) -> bytes:
         token=verdict.token,
         model_fingerprint=verdict.model_fingerprint,
     )
+    return message
 
 
 def sign_verdict(identity: Identity, verdict: wire.Verdict, draft: Sequence[int]) -> wire.Verdict:
@@ -44,4 +45,5 @@ def check_verdict(verifier_peer_id: str, verdict: wire.Verdict, draft: Sequence[
         message = _message(verdict)
     except (ValueError, TypeError):  # a field the canonical encoding refuses
         return False
-    return verify(verifier_peer_id, message, verdict.signature)
+    signed: bool = verify(verifier_peer_id, message, verdict.signature)
+    return signed
