@@ -53,6 +53,11 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # A private mesh: the file with the mesh's shared secret (16+ random bytes); peers
     # without it are refused at connection time (membership.py).
     network_key_file: str | None = None
+    # Audits (drafters, greedy sessions): this fraction of rounds is re-verified by a
+    # second verifier with the same weights and dtype; a disagreement is evidence only
+    # where the auditor's logits separate the two tokens by more than audit_margin.
+    audit_fraction: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    audit_margin: Annotated[float, Meta(ge=0.0, le=1e6)] = 1.0
     torch_threads: Annotated[int, Meta(ge=0, le=256)] = 0  # intra-op threads; 0 = torch's default
 
 

@@ -144,6 +144,10 @@ class Verifier:
     def __init__(self, lm: LoadedModel, params: SamplingParams) -> None:
         self.params = params
         self.sequence = CachedSequence(lm)
+        # Greedy: at the first rejected position of the last verdict, how far the
+        # verifier's logit for its own token is above the drafted one's (0 when all were
+        # accepted). An auditor's disagreement counts only above a stated margin.
+        self.last_margin = 0.0
 
     @property
     def forward_passes(self) -> int:
@@ -168,6 +172,11 @@ class Verifier:
         scored = logits[-(k + 1) :]  # p_1..p_{k+1}
         if self.params.greedy:
             verdict = verify_greedy(draft.tokens, torch.argmax(scored, dim=-1).tolist())
+            self.last_margin = 0.0
+            if verdict.accepted < k:
+                row = scored[verdict.accepted]
+                gap = row[verdict.token] - row[draft.tokens[verdict.accepted]]
+                self.last_margin = float(gap)
         else:
             if draft.q is None:
                 raise ValueError("a sampling-mode draft must carry its q distributions")

@@ -67,7 +67,18 @@ class _Release:
     verifier: str
 
 
-_Message = _Place | _Observe | _Release
+@dataclass(frozen=True)
+class _Ban:
+    verifier: str
+
+
+@dataclass(frozen=True)
+class _FindAuditor:
+    verifier: str
+    reply: Reply[wire.PeerRecord | None]
+
+
+_Message = _Place | _Observe | _Release | _Ban | _FindAuditor
 
 
 class Scheduler:
@@ -91,6 +102,7 @@ class Scheduler:
         self.verify_compute: dict[str, EWMA] = {}
         self.draft_token_s = EWMA(half_life_samples=16)
         self.active_on: Counter[str] = Counter()  # this drafter's live sessions per verifier
+        self.banned: set[str] = set()  # verifiers caught lying by an audit: never placed again
 
     # -- the sessions' side ----------------------------------------------------------------
 
@@ -107,6 +119,17 @@ class Scheduler:
         self, verifier: str, k: int, accepted: int, draft_s: float, compute_s: float
     ) -> None:
         self.mailbox.offer(_Observe(verifier, k, accepted, draft_s, compute_s))
+
+    async def auditor(self, verifier: str) -> wire.PeerRecord | None:
+        """Another verifier with the same weights and dtype as `verifier`, not banned, with
+        capacity (the least loaded), to re-verify one of its rounds; None if there is none."""
+        reply: Reply[wire.PeerRecord | None] = Reply()
+        await self.mailbox.send(_FindAuditor(verifier, reply))
+        return await reply.wait()
+
+    async def ban(self, verifier: str) -> None:
+        """Never place a session on `verifier` again (an audit caught it lying)."""
+        await self.mailbox.send(_Ban(verifier))
 
     async def release(self, verifier: str) -> None:
         """The session placed on `verifier` has left it (shielded: called while cancelled)."""
@@ -129,6 +152,11 @@ class Scheduler:
                     raise
             elif isinstance(message, _Observe):
                 self._observe(message)
+            elif isinstance(message, _FindAuditor):
+                message.reply.answer(self._auditor(message.verifier))
+            elif isinstance(message, _Ban):
+                self.banned.add(message.verifier)
+                log.warning("verifier_banned", verifier=message.verifier)
             else:
                 self.active_on[message.verifier] -= 1
                 if self.active_on[message.verifier] <= 0:
@@ -136,7 +164,10 @@ class Scheduler:
 
     def _place(self, m: _Place) -> wire.PeerRecord | None:
         records = self.verifiers()
-        if m.preferred and any(r.peer_id == m.preferred for r in records):
+        # A preferred verifier that has failed this session or been banned is no longer
+        # a preference: the session goes on elsewhere.
+        usable = m.preferred not in m.exclude and m.preferred not in self.banned
+        if m.preferred and usable and any(r.peer_id == m.preferred for r in records):
             records = [r for r in records if r.peer_id == m.preferred]
         candidates = []
         for r in records:
@@ -160,7 +191,7 @@ class Scheduler:
             tokenizer_fingerprint=self.tokenizer_fingerprint,
             t_draft_s=self.draft_token_s.value or DEFAULT_DRAFT_TOKEN_S,
             t_verify_s_default=DEFAULT_VERIFY_S,
-            exclude=m.exclude,
+            exclude=m.exclude | self.banned,
             rtt_s_unmeasured=UNMEASURED_RTT_S,
         )
         if decision is None:
@@ -175,6 +206,24 @@ class Scheduler:
         )
         self.active_on[decision.chosen.peer_id] += 1
         return decision.chosen
+
+    def _auditor(self, verifier: str) -> wire.PeerRecord | None:
+        records = {r.peer_id: r for r in self.verifiers()}
+        audited = records.get(verifier)
+        if audited is None:
+            return None
+        peers = [
+            r
+            for r in records.values()
+            if r.peer_id != verifier
+            and r.peer_id not in self.banned
+            and r.weights_fingerprint == audited.weights_fingerprint
+            and r.dtype == audited.dtype
+            and max(r.load, self.active_on[r.peer_id]) < r.capacity
+        ]
+        return min(
+            peers, key=lambda r: (max(r.load, self.active_on[r.peer_id]), r.peer_id), default=None
+        )
 
     def _observe(self, m: _Observe) -> None:
         if m.k > 0:

@@ -132,6 +132,8 @@ class SessionStats(Base, tag="session_stats"):
     verifier_failovers: NonNegative = 0  # verifiers replaced during the session
     max_batch_size: NonNegative = 0  # the most sessions verified with this one in one pass
     draft_lengths: Annotated[list[NonNegative], Meta(max_length=MAX_PROMPT_TOKENS)] = []  # k/round
+    audited_rounds: NonNegative = 0  # rounds re-verified by a second verifier
+    corrections: NonNegative = 0  # times a caught verifier's tokens were replaced
 
 
 class SessionFinished(Base, tag="session_finished"):
@@ -140,6 +142,19 @@ class SessionFinished(Base, tag="session_finished"):
     stats: SessionStats
     text: str = ""
     token_ids: list[TokenId] = []
+
+
+class Correction(Base, tag="correction"):
+    """An audit caught the session's verifier lying: keep the first `keep_tokens` tokens
+    (`keep_text` characters of text) of the answer; what follows replaces the rest."""
+
+    session_id: SessionId
+    keep_tokens: NonNegative
+    keep_text: NonNegative
+    reason: Annotated[str, Meta(max_length=2048)]
+    verifier_peer_id: PeerIdStr  # the verifier caught
+    # The liar's signed round and the auditor's on the same tokens.
+    evidence: Annotated[list[VerifiedRound], Meta(max_length=2)] = []
 
 
 class CancelSession(Base, tag="cancel"):
@@ -228,6 +243,9 @@ class Verdict(Base, tag="verdict"):
     draft_hash: bytes = b""
     model_fingerprint: str = ""
     signature: bytes = b""
+    # Greedy: the verifier's logit for its token minus the drafted token's at the first
+    # rejection (0 when all were accepted); what an audit weighs a disagreement by.
+    margin: Annotated[float, Meta(ge=0.0, le=1e9)] = 0.0
 
 
 class VerifiedRound(Base, tag="verified_round"):
@@ -248,6 +266,7 @@ Message = (
     | SessionStarted
     | TokensCommitted
     | SessionFinished
+    | Correction
     | CancelSession
     | Ping
     | Pong

@@ -358,6 +358,7 @@ class VerifierService:
                 compute_seconds=elapsed,
                 batch_size=batch_size,
                 model_fingerprint=self.lm.weights_fingerprint,
+                margin=verifier.last_margin,
             ),
             draft.tokens,
         )
