@@ -61,11 +61,18 @@ class ClientError(P2PSpecError):
 
 @dataclass
 class Chunk:
-    """Tokens committed by one round, and the text they add."""
+    """Tokens committed by one round, and the text they add.
+
+    A correction (an audit caught the verifier lying) comes as a chunk with no tokens and
+    `correction` set: keep only the first `correction.keep_tokens` tokens and
+    `correction.keep_text` characters of what came before; the chunks after it replace
+    the rest.
+    """
 
     tokens: list[int]
     text: str
     round: int
+    correction: wire.Correction | None = None
 
 
 @dataclass
@@ -106,6 +113,7 @@ class Stream:
         self.result: Result | None = None
         self._tokens: list[int] = []
         self._rounds: list[wire.VerifiedRound] = []  # checked proofs of the committed tokens
+        self._corrections: list[wire.Correction] = []
         self._drafter = ""
         self._failed_drafters: list[str] = []
 
@@ -186,6 +194,9 @@ class Stream:
                     continue
                 self._tokens.extend(message.tokens)
                 yield Chunk(tokens=list(message.tokens), text=message.text, round=message.round)
+            elif isinstance(message, wire.Correction):
+                self._correct(message)
+                yield Chunk(tokens=[], text="", round=-1, correction=message)
             elif isinstance(message, wire.SessionFinished):
                 self.result = Result(
                     text=message.text,
@@ -198,6 +209,15 @@ class Stream:
                         # Every field, defaults included (the wire omits them).
                         **{f: getattr(message.stats, f) for f in message.stats.__struct_fields__},
                         "drafter_failovers": len(self._failed_drafters),
+                        "correction_events": [
+                            {
+                                "keep_tokens": c.keep_tokens,
+                                "keep_text": c.keep_text,
+                                "verifier_peer_id": c.verifier_peer_id,
+                                "reason": c.reason,
+                            }
+                            for c in self._corrections
+                        ],
                     },
                     transcript=Transcript(
                         prompt_token_ids=list(self.started.prompt_token_ids),
@@ -210,6 +230,20 @@ class Stream:
                 )
             else:
                 raise ClientError("protocol", f"unexpected {type(message).__name__}")
+
+    def _correct(self, correction: wire.Correction) -> None:
+        """Forget what the caught verifier committed (its rounds leave the transcript)."""
+        assert self.started is not None
+        log.warning(
+            "verifier_caught",
+            verifier=correction.verifier_peer_id,
+            keep_tokens=correction.keep_tokens,
+            reason=correction.reason,
+        )
+        self._tokens = self._tokens[: correction.keep_tokens]
+        end = len(self.started.prompt_token_ids) + correction.keep_tokens
+        self._rounds = [r for r in self._rounds if r.verdict.base_len < end]
+        self._corrections.append(correction)
 
     async def _check_proof(self, message: wire.TokensCommitted) -> str | None:
         """Why these tokens are not what a verifier of this mesh signed, or None (and the
@@ -438,6 +472,7 @@ class Client:
         raw: bool = False,
         draft_tokens: int | Literal["auto"] = "auto",
         wait_s: float = 0.0,
+        verifier: str = "",
     ) -> Stream:
         """A session's chunks as they are committed.
 
@@ -447,6 +482,8 @@ class Client:
         `wait_s`: when every drafter or verifier is at capacity the session is refused
         (`ClientError` with code 'overloaded' or 'no_verifier'); with `wait_s` > 0 the
         client retries, with backoff, until that many seconds have passed.
+
+        `verifier`: a verifier peer id to prefer (the drafter chooses when it is not live).
         """
         if wait_s < 0:
             raise ClientError("invalid_request", f"wait_s must be >= 0, got {wait_s}")
@@ -463,6 +500,7 @@ class Client:
                 raw=raw,
                 draft_tokens=4 if draft_tokens == "auto" else draft_tokens,
                 adaptive=draft_tokens == "auto",
+                verifier=verifier,
             )
             request = msgspec.convert(msgspec.to_builtins(request), wire.GenerateRequest)
         except msgspec.ValidationError as e:

@@ -86,8 +86,12 @@ def peer_command(
     bootstrap: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     listen: str = DEFAULT_LISTEN,
+    program: Sequence[str] = (),
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "p2pspec.peers.cli", "peer", "--role", role, "--model", model]
+    """The command line of a peer; `program` replaces `python -m p2pspec.peers.cli` (a test
+    peer that wraps the CLI, say)."""
+    cmd = list(program) or [sys.executable, "-m", "p2pspec.peers.cli"]
+    cmd += ["peer", "--role", role, "--model", model]
     cmd += ["--key", str(key_file), "--listen", listen]
     for addr in bootstrap:
         cmd += ["--bootstrap", addr]
@@ -116,6 +120,7 @@ async def start_peer(
     ready_timeout_s: float = 300.0,
     env: dict[str, str] | None = None,
     listen: str = DEFAULT_LISTEN,
+    program: Sequence[str] = (),
 ) -> PeerProcess:
     """Start one peer and return once it has printed its ready line (its announced
     address when `extra_args` has --announce, else `listen` with the bound port)."""
@@ -128,6 +133,7 @@ async def start_peer(
         bootstrap=bootstrap,
         extra_args=extra_args,
         listen=listen,
+        program=program,
     )
     with open(log_path, "wb") as log_file:
         process = await trio.lowlevel.open_process(

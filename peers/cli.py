@@ -323,7 +323,14 @@ def _generate_remote(args: argparse.Namespace) -> int:
                     )
                     async with stream as chunks:
                         async for chunk in chunks:
-                            if not args.json:
+                            if chunk.correction is not None:
+                                kept = chunk.correction.keep_text
+                                print(
+                                    f"\n[correction: {chunk.correction.reason}; the answer "
+                                    f"is redone from character {kept}]",
+                                    file=sys.stderr,
+                                )
+                            elif not args.json:
                                 sys.stdout.write(chunk.text)
                                 sys.stdout.flush()
                     result = chunks.result

@@ -9,6 +9,8 @@ stream) ends the session here and on the verifier at once.
 
 from __future__ import annotations
 
+import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from p2pspec.models import LoadedModel
 from p2pspec.policy import AdaptiveDraftLength
 from p2pspec.scheduler import Scheduler
 from p2pspec.speculative import SamplingParams, SparseDistribution
+from p2pspec.transcript import round_tokens
 from p2pspec.verdicts import check_verdict
 
 log = structlog.get_logger("p2pspec.drafter")
@@ -287,13 +290,19 @@ class DrafterService:
                             ),
                         )
                         started = True
+                    state.served_from = len(state.generated)  # this verifier's first token
                     finished: wire.SessionFinished | None = None
-                    failure: ChannelError | _ClientGoneError | DraftFailedError | None = None
+                    failure: Exception | None = None
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._watch_client, channel, nursery.cancel_scope, sid)
                         try:
                             finished = await self._rounds(channel, vch, state, record.peer_id)
-                        except (ChannelError, _ClientGoneError, DraftFailedError) as e:
+                        except (
+                            ChannelError,
+                            _ClientGoneError,
+                            DraftFailedError,
+                            _VerifierCaughtError,
+                        ) as e:
                             failure = e  # raised below, outside the nursery's ExceptionGroup
                         nursery.cancel_scope.cancel()
                     if failure is not None:
@@ -310,6 +319,23 @@ class DrafterService:
                     log.warning("session_failed", session=sid, error=str(e))
                     await channel.refuse("drafter_error", str(e), sid)
                     return
+                except _VerifierCaughtError as e:
+                    # Every round it served is suspect: take back its tokens and go on
+                    # from before its first one with another verifier.
+                    failed.add(e.verifier)
+                    state.stats.verifier_failovers += 1
+                    state.stats.corrections += 1
+                    correction = state.rewind(state.served_from, e)
+                    try:
+                        await self._to_client(channel, correction)
+                    except _ClientGoneError as gone:
+                        log.info("session_cancelled", session=sid, reason=str(gone))
+                        return
+                    if len(failed) > self.config.max_failovers:
+                        await channel.refuse(
+                            "verifier_failed", f"{len(failed)} verifiers failed", sid
+                        )
+                        return
                 except ChannelError as e:
                     if isinstance(e, RemoteError) and e.code == "overloaded" and not started:
                         full.add(record.peer_id)  # busy, not broken: try the next one
@@ -339,6 +365,92 @@ class DrafterService:
                     vch.close_e2e()
             finally:
                 await self.scheduler.release(record.peer_id)
+
+    async def _audit(self, state: _SessionState, proof: wire.VerifiedRound) -> None:
+        """Re-verify the tokens this round commits on a second verifier with the same
+        weights and dtype. _VerifierCaughtError when it disagrees by more than
+        `audit_margin` (a near-tie is logged, never punished); an audit that cannot run
+        is logged and the round goes on unaudited."""
+        sid = state.request.session_id
+        verifier = proof.verifier_peer_id
+        claimed = round_tokens(proof)[: wire.MAX_DRAFT_TOKENS]
+        auditor = await self.scheduler.auditor(verifier)
+        if auditor is None:
+            log.info("audit_skipped", session=sid, verifier=verifier, reason="no auditor")
+            return
+        prefix = list(state.committed)
+        try:
+            judged = await self._verify_once(auditor, secrets.token_hex(16), prefix, claimed)
+        except ChannelError as e:
+            log.info("audit_failed", session=sid, auditor=auditor.peer_id, error=str(e))
+            return
+        state.stats.audited_rounds += 1
+        verdict = judged.verdict
+        fields = {
+            "session": sid,
+            "verifier": verifier,
+            "auditor": auditor.peer_id,
+            "round": proof.verdict.round,
+        }
+        if verdict.accepted >= len(claimed):
+            log.info("audit_passed", **fields)
+            return
+        position = len(prefix) + verdict.accepted
+        if verdict.margin <= self.config.audit_margin:
+            log.info("audit_near_tie", position=position, margin=verdict.margin, **fields)
+            return
+        log.warning("verifier_caught", position=position, margin=verdict.margin, **fields)
+        await self.scheduler.ban(verifier)
+        reason = (
+            f"an audit by {auditor.peer_id} disagrees with {verifier} at token {position} "
+            f"by a logit margin of {verdict.margin:.3g} (> {self.config.audit_margin:g})"
+        )
+        raise _VerifierCaughtError(verifier, reason, [proof, judged])
+
+    async def _verify_once(
+        self, record: wire.PeerRecord, sid: str, prefix: list[int], draft: list[int]
+    ) -> wire.VerifiedRound:
+        """One verify session of one greedy round on `record`: its signed judgement."""
+        cfg = self.config
+        vch, close = await self.open_verify_channel(record)
+        try:
+            if cfg.e2e_encryption:
+                await vch.start_e2e(
+                    self.identity, record.peer_id, sid, timeout_s=cfg.request_timeout_s
+                )
+            await vch.send(
+                wire.VerifyOpen(
+                    session_id=sid,
+                    prefix=prefix,
+                    max_new_tokens=len(draft) + 1,
+                    tokenizer_fingerprint=self.lm.tokenizer.fingerprint,
+                )
+            )
+            await vch.expect(wire.VerifyOpened, timeout_s=cfg.request_timeout_s)
+            await vch.send(
+                wire.VerifyRequest(session_id=sid, round=0, base_len=len(prefix), draft=draft)
+            )
+            verdict = await vch.receive_alive(
+                timeout_s=cfg.verify_timeout_s,
+                ping_interval_s=cfg.liveness_interval_s,
+                liveness_timeout_s=cfg.liveness_timeout_s,
+            )
+            if (
+                not isinstance(verdict, wire.Verdict)
+                or verdict.base_len != len(prefix)
+                or verdict.accepted > len(draft)
+                or not check_verdict(record.peer_id, verdict, draft)
+            ):
+                raise ProtocolError("the auditor's answer is no signed verdict on this draft")
+            return wire.VerifiedRound(verifier_peer_id=record.peer_id, draft=draft, verdict=verdict)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                try:
+                    await vch.send(wire.VerifyClose(session_id=sid))
+                except ChannelError:
+                    log.debug("verify_close_not_sent", session=sid)
+                await close()
+            vch.close_e2e()
 
     async def _to_client(self, channel: Channel, message: wire.Message) -> None:
         try:
@@ -399,6 +511,11 @@ class DrafterService:
             if not check_verdict(verifier_id, verdict, draft.tokens):
                 # Not this verifier's judgement of this draft: nothing of it is committed.
                 raise ProtocolError("the verdict's signature does not check")
+            proof = wire.VerifiedRound(
+                verifier_peer_id=verifier_id, draft=draft.tokens, verdict=verdict
+            )
+            if state.params.greedy and random.random() < cfg.audit_fraction:
+                await self._audit(state, proof)
             stats.rounds += 1
             stats.drafted += k
             stats.accepted += verdict.accepted
@@ -423,9 +540,7 @@ class DrafterService:
                         round=state.round,
                         tokens=fresh,
                         text=state.deltas.push(fresh),
-                        proof=wire.VerifiedRound(
-                            verifier_peer_id=verifier_id, draft=draft.tokens, verdict=verdict
-                        ),
+                        proof=proof,
                     ),
                 )
             state.round += 1
@@ -444,6 +559,15 @@ class _ClientGoneError(Exception):
     """The client's stream broke: the session ends here, there is no one to answer."""
 
 
+class _VerifierCaughtError(Exception):
+    """An audit proved the session's verifier wrong: both signed rounds are the evidence."""
+
+    def __init__(self, verifier: str, reason: str, evidence: list[wire.VerifiedRound]) -> None:
+        super().__init__(reason)
+        self.verifier = verifier
+        self.evidence = evidence
+
+
 class _SessionState:
     """What a session has committed; all that survives a verifier failover."""
 
@@ -454,9 +578,11 @@ class _SessionState:
         prompt_ids: list[int],
         params: SamplingParams,
     ) -> None:
+        self.lm = lm
         self.request = request
         self.params = params
         self.prompt_ids = prompt_ids
+        self.served_from = 0  # tokens generated before the current verifier's first round
         self.generated: list[int] = list(request.resume)
         self.committed: list[int] = prompt_ids + self.generated
         self.drafter = Drafter(lm, params)
@@ -503,6 +629,22 @@ class _SessionState:
             top_k=self.params.top_k,
             top_p=self.params.top_p,
             seed=self.params.seed,
+        )
+
+    def rewind(self, keep: int, caught: _VerifierCaughtError) -> wire.Correction:
+        """Take back every generated token after the first `keep`; what the client is told."""
+        self.generated = self.generated[:keep]
+        self.committed = self.prompt_ids + self.generated
+        self.drafter.rollback(self.committed)
+        self.deltas = TextDeltas(self.lm)
+        kept_text = self.deltas.push(self.generated)
+        return wire.Correction(
+            session_id=self.request.session_id,
+            keep_tokens=keep,
+            keep_text=len(kept_text),
+            reason=str(caught),
+            verifier_peer_id=caught.verifier,
+            evidence=caught.evidence,
         )
 
     def commit(self, new: list[int]) -> tuple[list[int], str | None]:

@@ -112,6 +112,7 @@ KINDS: dict[str, type[Any]] = {
     "session_started": wire.SessionStarted,
     "tokens": wire.TokensCommitted,
     "session_finished": wire.SessionFinished,
+    "correction": wire.Correction,
     "cancel": wire.CancelSession,
     "ping": wire.Ping,
     "pong": wire.Pong,
@@ -138,6 +139,7 @@ HOME = {  # the handlers that decode a kind; the others refuse it
     "session_started": ["session"],
     "tokens": ["session"],
     "session_finished": ["session"],
+    "correction": ["session"],
     "cancel": ["session"],
     # The first message of an encrypted stream; its signature is by another key than the
     # stream's peer (REMOTE), so it is refused: the harness speaks in the clear.
@@ -571,6 +573,14 @@ def make_valid(v: Values, kind: str, ctx: Context) -> Any:
         )
     if kind == "cancel":
         return wire.CancelSession(session_id=sid)
+    if kind == "correction":
+        return wire.Correction(
+            session_id=sid,
+            keep_tokens=v.nonneg(),
+            keep_text=v.nonneg(),
+            reason=v.text(16),
+            verifier_peer_id=VERIFIER_ID,
+        )
     if kind == "error":
         return wire.ErrorMessage(
             code=rng.choice([*sorted(ERROR_CODES), v.short()]),
