@@ -58,6 +58,9 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # where the auditor's logits separate the two tokens by more than audit_margin.
     audit_fraction: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
     audit_margin: Annotated[float, Meta(ge=0.0, le=1e6)] = 1.0
+    # Sampled sessions: the auditor's verdict counts as evidence only when no draw that
+    # decided it was closer than this to flipping (speculative.rejection_margin).
+    audit_sampling_margin: Annotated[float, Meta(ge=0.0, le=1.0)] = 1e-4
     torch_threads: Annotated[int, Meta(ge=0, le=256)] = 0  # intra-op threads; 0 = torch's default
 
 

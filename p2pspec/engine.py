@@ -26,6 +26,7 @@ from p2pspec.speculative import (
     SparseDistribution,
     Verdict,
     draft_token,
+    rejection_margin,
     target_distribution,
     verify_greedy,
     verify_rejection,
@@ -144,9 +145,9 @@ class Verifier:
     def __init__(self, lm: LoadedModel, params: SamplingParams) -> None:
         self.params = params
         self.sequence = CachedSequence(lm)
-        # Greedy: at the first rejected position of the last verdict, how far the
-        # verifier's logit for its own token is above the drafted one's (0 when all were
-        # accepted). An auditor's disagreement counts only above a stated margin.
+        # How robust the last verdict is, for audits. Greedy: at the first rejected
+        # position, the verifier's logit for its token minus the drafted one's (0 when
+        # all were accepted). Sampling: speculative.rejection_margin.
         self.last_margin = 0.0
 
     @property
@@ -183,6 +184,9 @@ class Verifier:
             p = [target_distribution(row, self.params) for row in _logits_to_numpy(scored)]
             verdict = verify_rejection(
                 draft.tokens, draft.q, p, base_position=base, seed=self.params.seed
+            )
+            self.last_margin = rejection_margin(
+                draft.tokens, draft.q, p, base_position=base, seed=self.params.seed, verdict=verdict
             )
         self.sequence.truncate(base + verdict.accepted)
         return verdict

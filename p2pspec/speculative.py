@@ -432,6 +432,44 @@ def verify_rejection(
     raise AssertionError("unreachable: position k+1 always returns")
 
 
+def rejection_margin(
+    draft: Sequence[int],
+    q: Sequence[SparseDistribution],
+    p: Sequence[FloatArray] | FloatArray,
+    *,
+    base_position: int,
+    seed: int,
+    verdict: Verdict,
+) -> float:
+    """How far `verdict` (what :func:`verify_rejection` returned on these inputs) is from
+    coming out otherwise: the smallest gap, over the draws that decided it, between the
+    uniform draw and what it was compared with. For each accept test that is
+    ``|u - p(x)/q(x)|``; for the residual sample after a rejection, the distance from ``u``
+    to the edges of the chosen token's interval of the normalised residual CDF. Noise in
+    ``p`` smaller than this cannot change the verdict, so an auditor that disagrees with
+    another verifier by more than a stated margin holds evidence, not a near-tie.
+    """
+    k = len(draft)
+    ps = [np.asarray(p_i, dtype=np.float64) for p_i in p]
+    xs = [int(t) for t in draft] + [draft_token(q[k], seed=seed, position=base_position + k)]
+    margin = math.inf
+    for i in range(verdict.accepted + 1):  # the accept tests that were made
+        x = xs[i]
+        ratio = float(ps[i][x]) / q[i].prob(x)
+        margin = min(margin, abs(uniform(seed, base_position + i, "accept") - ratio))
+    i = verdict.accepted
+    if i < k or verdict.token != xs[k]:  # a rejection at position i: the residual draw
+        residual = np.maximum(ps[i] - q[i].dense(ps[i].size), 0.0)
+        if residual.sum() <= 0.0:
+            residual = ps[i]
+        cdf = np.cumsum(residual) / residual.sum()
+        t = verdict.token
+        low = float(cdf[t - 1]) if t > 0 else 0.0
+        u = uniform(seed, base_position + i, "residual")
+        margin = min(margin, u - low, float(cdf[t]) - u)
+    return max(margin, 0.0)
+
+
 def _check_verifier_distribution(p_i: FloatArray, vocab_size: int, i: int) -> None:
     if p_i.ndim != 1 or p_i.size != vocab_size or vocab_size == 0:
         raise ValueError(f"p[{i}] must be 1-D of length {vocab_size}, got shape {p_i.shape}")

@@ -366,21 +366,32 @@ class DrafterService:
             finally:
                 await self.scheduler.release(record.peer_id)
 
-    async def _audit(self, state: _SessionState, proof: wire.VerifiedRound) -> None:
-        """Re-verify the tokens this round commits on a second verifier with the same
-        weights and dtype. _VerifierCaughtError when it disagrees by more than
-        `audit_margin` (a near-tie is logged, never punished); an audit that cannot run
-        is logged and the round goes on unaudited."""
+    async def _audit(
+        self, state: _SessionState, proof: wire.VerifiedRound, *, q: list[wire.SparseQ]
+    ) -> None:
+        """Re-verify this round on a second verifier with the same weights and dtype.
+        _VerifierCaughtError when the auditor disagrees and its own verdict is further
+        than the stated margin from flipping (a near-tie is logged, never punished); an
+        audit that cannot run is logged and the round goes on unaudited.
+
+        Greedy: the auditor verifies the tokens the round commits, as a draft; it agrees
+        when it accepts them all, and its margin is its logit gap at the first one it
+        rejects. Sampled: it verifies the same draft and q with the same seed, which
+        gives an honest verifier's verdict exactly; its margin is
+        speculative.rejection_margin."""
         sid = state.request.session_id
         verifier = proof.verifier_peer_id
-        claimed = round_tokens(proof)[: wire.MAX_DRAFT_TOKENS]
+        greedy = state.params.greedy
         auditor = await self.scheduler.auditor(verifier)
         if auditor is None:
             log.info("audit_skipped", session=sid, verifier=verifier, reason="no auditor")
             return
         prefix = list(state.committed)
+        draft = round_tokens(proof)[: wire.MAX_DRAFT_TOKENS] if greedy else proof.draft
         try:
-            judged = await self._verify_once(auditor, secrets.token_hex(16), prefix, claimed)
+            judged = await self._verify_once(
+                auditor, secrets.token_hex(16), prefix, draft, state.params, q=q
+            )
         except ChannelError as e:
             log.info("audit_failed", session=sid, auditor=auditor.peer_id, error=str(e))
             return
@@ -392,25 +403,39 @@ class DrafterService:
             "auditor": auditor.peer_id,
             "round": proof.verdict.round,
         }
-        if verdict.accepted >= len(claimed):
+        if greedy:
+            agrees = verdict.accepted >= len(draft)
+            margin_needed = self.config.audit_margin
+        else:
+            claimed = (proof.verdict.accepted, proof.verdict.token)
+            agrees = (verdict.accepted, verdict.token) == claimed
+            margin_needed = self.config.audit_sampling_margin
+        if agrees:
             log.info("audit_passed", **fields)
             return
         position = len(prefix) + verdict.accepted
-        if verdict.margin <= self.config.audit_margin:
+        if verdict.margin <= margin_needed:
             log.info("audit_near_tie", position=position, margin=verdict.margin, **fields)
             return
         log.warning("verifier_caught", position=position, margin=verdict.margin, **fields)
         await self.scheduler.ban(verifier)
         reason = (
             f"an audit by {auditor.peer_id} disagrees with {verifier} at token {position} "
-            f"by a logit margin of {verdict.margin:.3g} (> {self.config.audit_margin:g})"
+            f"by a margin of {verdict.margin:.3g} (> {margin_needed:g})"
         )
         raise _VerifierCaughtError(verifier, reason, [proof, judged])
 
     async def _verify_once(
-        self, record: wire.PeerRecord, sid: str, prefix: list[int], draft: list[int]
+        self,
+        record: wire.PeerRecord,
+        sid: str,
+        prefix: list[int],
+        draft: list[int],
+        params: SamplingParams,
+        *,
+        q: list[wire.SparseQ],
     ) -> wire.VerifiedRound:
-        """One verify session of one greedy round on `record`: its signed judgement."""
+        """One verify session of one round on `record`: its signed judgement."""
         cfg = self.config
         vch, close = await self.open_verify_channel(record)
         try:
@@ -424,11 +449,21 @@ class DrafterService:
                     prefix=prefix,
                     max_new_tokens=len(draft) + 1,
                     tokenizer_fingerprint=self.lm.tokenizer.fingerprint,
+                    temperature=params.temperature,
+                    top_k=params.top_k,
+                    top_p=params.top_p,
+                    seed=params.seed,
                 )
             )
             await vch.expect(wire.VerifyOpened, timeout_s=cfg.request_timeout_s)
             await vch.send(
-                wire.VerifyRequest(session_id=sid, round=0, base_len=len(prefix), draft=draft)
+                wire.VerifyRequest(
+                    session_id=sid,
+                    round=0,
+                    base_len=len(prefix),
+                    draft=draft,
+                    q=[] if params.greedy else q,
+                )
             )
             verdict = await vch.receive_alive(
                 timeout_s=cfg.verify_timeout_s,
@@ -514,8 +549,8 @@ class DrafterService:
             proof = wire.VerifiedRound(
                 verifier_peer_id=verifier_id, draft=draft.tokens, verdict=verdict
             )
-            if state.params.greedy and random.random() < cfg.audit_fraction:
-                await self._audit(state, proof)
+            if random.random() < cfg.audit_fraction:
+                await self._audit(state, proof, q=[q_to_wire(q) for q in draft.q or []])
             stats.rounds += 1
             stats.drafted += k
             stats.accepted += verdict.accepted

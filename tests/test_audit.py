@@ -26,6 +26,13 @@ STEP_S = 60.0
 # drafter this noisy it lies (accepts a token the model would not pick, or changes one)
 # within a few rounds.
 MAX_AUDITED_ROUNDS = 5
+PARAMS = {
+    "accept-all": SamplingParams(),
+    "wrong-token": SamplingParams(),
+    "below-the-margin": SamplingParams(),
+    # Sampled: the auditor re-runs the same draws (same draft, q and seed) and disagrees.
+    "accept-all-sampled": SamplingParams(temperature=0.8, seed=3),
+}
 
 
 def logged(peer: PeerProcess, event: str) -> list[dict[str, object]]:
@@ -40,7 +47,9 @@ def logged(peer: PeerProcess, event: str) -> list[dict[str, object]]:
     return out
 
 
-@pytest.mark.parametrize("lie", ["accept-all", "wrong-token", "below-the-margin"])
+@pytest.mark.parametrize(
+    "lie", ["accept-all", "wrong-token", "accept-all-sampled", "below-the-margin"]
+)
 async def test_a_lying_verifier_is_caught_banned_and_its_tokens_corrected(
     tmp_path: Path, lie: str
 ) -> None:
@@ -59,7 +68,11 @@ async def test_a_lying_verifier_is_caught_banned_and_its_tokens_corrected(
             workdir=tmp_path,
             extra_args=fast,
             program=[sys.executable, str(LIAR)],
-            env={"LIE": "wrong-token" if lie == "below-the-margin" else lie},
+            env={
+                "LIE": {"below-the-margin": "wrong-token", "accept-all-sampled": "accept-all"}.get(
+                    lie, lie
+                )
+            },
             ready_timeout_s=120,
         )
         peers.append(liar)
@@ -93,6 +106,8 @@ async def test_a_lying_verifier_is_caught_banned_and_its_tokens_corrected(
                     raw=True,
                     draft_tokens=4,
                     verifier=liar.peer_id,
+                    temperature=PARAMS[lie].temperature,
+                    seed=PARAMS[lie].seed,
                 )
                 corrections = []
                 async with stream as chunks:
@@ -101,7 +116,7 @@ async def test_a_lying_verifier_is_caught_banned_and_its_tokens_corrected(
                             corrections.append(chunk.correction)
             result = chunks.result
         assert result is not None
-        expected = local_tokens(VERIFIER, DRAFTER, PROMPT, NEW_TOKENS, SamplingParams())
+        expected = local_tokens(VERIFIER, DRAFTER, PROMPT, NEW_TOKENS, PARAMS[lie])
         if lie == "below-the-margin":
             assert logged(drafter, "audit_near_tie") and not logged(drafter, "verifier_caught")
             assert corrections == [] and result.token_ids != expected

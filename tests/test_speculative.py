@@ -27,6 +27,7 @@ from p2pspec.speculative import (
     draft_token,
     expected_tokens_per_round,
     leviathan_accept,
+    rejection_margin,
     sample_from,
     speedup,
     target_distribution,
@@ -700,3 +701,30 @@ def test_speedup_matches_leviathan_et_al() -> None:
 def test_arithmetic_rejects_out_of_range_arguments(call: Callable[[], float]) -> None:
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize("gap", [0.01, -0.01, 1e-6])
+def test_rejection_margin_is_the_distance_of_the_deciding_draw(gap: float) -> None:
+    """A one-position round whose accept test is `gap` away from flipping: the margin is
+    that gap (or less, after a rejection, if the residual draw is closer to flipping),
+    and moving p(x) past the draw flips the verdict."""
+    seed, base = 3, 10
+    q = [SparseDistribution.from_dense(np.array([0.0, 0.5, 0.5, 0.0]))]
+    x = draft_token(q[0], seed=seed, position=base)
+    u = uniform(seed, base, "accept")
+
+    def p_with_ratio(ratio: float) -> FloatArray:
+        p = np.zeros(4)
+        p[x] = q[0].prob(x) * ratio
+        p[3] = 1.0 - p[x]
+        return p
+
+    p = p_with_ratio(u + gap)
+    verdict = verify_rejection([], q, [p], base_position=base, seed=seed)
+    margin = rejection_margin([], q, [p], base_position=base, seed=seed, verdict=verdict)
+    assert (verdict.token == x) == (gap > 0)
+    assert 0.0 < margin <= abs(gap) + 1e-12
+    if gap > 0:
+        assert margin == pytest.approx(gap, abs=1e-9)
+    flipped = verify_rejection([], q, [p_with_ratio(u - gap)], base_position=base, seed=seed)
+    assert flipped != verdict
