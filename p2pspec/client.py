@@ -258,11 +258,14 @@ class Stream:
             return problem
         if message.tokens != round_tokens(proof)[: len(message.tokens)]:
             return "the tokens differ from the ones the verdict commits"
-        record = self._client.directory.get(proof.verifier_peer_id, now_ms())
-        if record is None:  # a verifier that joined since the last refresh
-            await self._client.refresh()
-            record = self._client.directory.get(proof.verifier_peer_id, now_ms())
-        if record is None or record.role != "verifier":
+        # The newest record held, even if it has expired since (the client re-pulls the
+        # directory only when it needs to); a verifier never seen: one refresh.
+        record = self._client.verifier_record(proof.verifier_peer_id)
+        if record is None:
+            with contextlib.suppress(ClientError):  # the mesh may be unreachable right now
+                await self._client.refresh()
+            record = self._client.verifier_record(proof.verifier_peer_id)
+        if record is None:
             return f"{proof.verifier_peer_id} is no verifier this client knows"
         if record.weights_fingerprint != proof.verdict.model_fingerprint:
             return "the verdict's weights fingerprint is not its verifier's"
@@ -357,6 +360,15 @@ class Client:
                 self.node, self.directory, addr, config=self.config, errors=errors
             )
         if not answered:
+            # The bootstrap peers are gone (died, or left): any peer learnt before will do.
+            for record in self.directory.held():
+                if record.addrs and record.addrs[0] not in self.config.bootstrap:
+                    answered += await exchange(
+                        self.node, self.directory, record.addrs[0], config=self.config
+                    )
+                    if answered:
+                        break
+        if not answered:
             why = "; ".join(errors)
             raise ClientError("bootstrap_unreachable", f"no bootstrap peer answered: {why}")
         return answered
@@ -402,6 +414,14 @@ class Client:
 
     def peers(self, role: str | None = None) -> list[wire.PeerRecord]:
         return [r for r in self.directory.live(now_ms()) if role is None or r.role == role]
+
+    def verifier_record(self, peer_id: str) -> wire.PeerRecord | None:
+        """The newest verifier record held of `peer_id` (expired or not), or None."""
+        signed = self.directory.signed(peer_id)
+        if signed is None:
+            return None
+        record = wire.decode_record(signed.record)
+        return record if record.role == "verifier" else None
 
     def signed_records(self, peer_ids: set[str]) -> list[wire.SignedRecord]:
         """The signed records this client holds of these peers (for transcripts)."""

@@ -87,6 +87,10 @@ class Directory:
         live = [e.signed for e in self._entries.values() if e.expires_at_ms > now_ms]
         return live[: wire.MAX_RECORDS]
 
+    def held(self) -> list[wire.PeerRecord]:
+        """Every record held, expired or not (until `expire` drops them)."""
+        return [e.record for e in self._entries.values()]
+
     def signed(self, peer_id: str) -> wire.SignedRecord | None:
         """The newest signed record held of `peer_id`, expired or not (a transcript
         keeps the record its verdicts were checked against)."""

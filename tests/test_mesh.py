@@ -173,12 +173,14 @@ async def test_a_client_that_cancels_frees_the_session_on_every_peer(mesh: Mesh)
         async with client.stream("a long answer", max_new_tokens=2000, raw=True) as stream:
             async for _ in stream:
                 break  # leave after the first chunk: the session is cancelled
-        # Both peers advertise load 0 again long before 2000 tokens could be done.
+        left = now_ms()
+        # Both peers advertise load 0 again long before 2000 tokens could be done (in
+        # records signed after the client left: an older one may predate the session).
         with trio.fail_after(20):
             while True:
                 view = await _drafter_view(client, d)
                 loads = [view.get(p.peer_id, now_ms()) for p in (v, d)]
-                if all(r is not None and r.load == 0 for r in loads):
+                if all(r is not None and r.issued_at_ms > left and r.load == 0 for r in loads):
                     break
                 await trio.sleep(0.25)
     assert "session_cancelled" in d.log_path.read_text()
@@ -309,3 +311,24 @@ async def test_a_testnet_that_fails_to_start_leaves_no_process_behind(tmp_path: 
     assert "testnet failed" in err and "no-such-model" in err
     assert "stopped 2 peers" in err  # the two verifiers that had started
     assert _processes_mentioning(str(workdir)) == []
+
+
+async def test_a_client_outlives_its_bootstrap_peer_and_its_records_expiring(mesh: Mesh) -> None:
+    """The bootstrap verifier dies and every record the client pulled expires: the client
+    re-learns the mesh from a peer it learnt before, and serves the next sessions."""
+    short = ["--record-ttl", "2", "--advert-interval", "0.5"]
+    boot = await mesh.start("v0", "verifier", VERIFIER, args=short)
+    v1 = await mesh.start("v1", "verifier", VERIFIER, bootstrap=boot.address, args=short)
+    d = await mesh.start("d", "drafter", DRAFTER, bootstrap=boot.address, args=short)
+    async with Client([boot.address]) as client:
+        with trio.fail_after(20):
+            while {r.peer_id for r in client.peers()} != {boot.peer_id, v1.peer_id, d.peer_id}:
+                await client.refresh()
+        boot.kill()
+        await boot.process.wait()
+        with trio.fail_after(20):
+            while client.peers():  # every record expires (2 s TTL), none is refreshed
+                await trio.sleep(0.2)
+            result = await client.generate("after the bootstrap died", max_new_tokens=8, raw=True)
+    assert (result.drafter_peer_id, result.verifier_peer_id) == (d.peer_id, v1.peer_id)
+    assert result.token_ids == local_tokens("after the bootstrap died", 8, SamplingParams())
