@@ -356,13 +356,7 @@ class DrafterService:
                         )
                         return
                 finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                        try:
-                            await vch.send(wire.VerifyClose(session_id=sid))
-                        except ChannelError:
-                            log.debug("verify_close_not_sent", session=sid)
-                        await close()
-                    vch.close_e2e()
+                    await _close_verify(vch, close, sid)
             finally:
                 await self.scheduler.release(record.peer_id)
 
@@ -479,13 +473,7 @@ class DrafterService:
                 raise ProtocolError("the auditor's answer is no signed verdict on this draft")
             return wire.VerifiedRound(verifier_peer_id=record.peer_id, draft=draft, verdict=verdict)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                try:
-                    await vch.send(wire.VerifyClose(session_id=sid))
-                except ChannelError:
-                    log.debug("verify_close_not_sent", session=sid)
-                await close()
-            vch.close_e2e()
+            await _close_verify(vch, close, sid)
 
     async def _to_client(self, channel: Channel, message: wire.Message) -> None:
         try:
@@ -588,6 +576,18 @@ class DrafterService:
                     text=state.checker.text(state.generated, reason),
                     token_ids=state.generated,
                 )
+
+
+async def _close_verify(vch: Channel, close: Callable[[], Awaitable[None]], sid: str) -> None:
+    """End a verify session: VerifyClose, close the stream, erase its keys (even while
+    being cancelled, within 2 s)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+        try:
+            await vch.send(wire.VerifyClose(session_id=sid))
+        except ChannelError:
+            log.debug("verify_close_not_sent", session=sid)
+        await close()
+    vch.close_e2e()
 
 
 class _ClientGoneError(Exception):

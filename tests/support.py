@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
+from typing import Any
 
 from p2pspec.engine import LocalEngine
+from p2pspec.launch import PeerProcess
 from p2pspec.models import LoadedModel, load_model
 from p2pspec.speculative import SamplingParams
 
@@ -23,3 +26,16 @@ def local_tokens(
     return engine.generate(
         v.tokenizer.encode(prompt), max_new_tokens=max_new, params=params
     ).token_ids
+
+
+def logged(peer: PeerProcess, event: str) -> list[dict[str, Any]]:
+    """The JSON events named `event` in the peer's log (its other lines are skipped)."""
+    out = []
+    for line in peer.log_path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # py-libp2p's own warnings are plain text
+        if isinstance(entry, dict) and entry.get("event") == event:
+            out.append(entry)
+    return out

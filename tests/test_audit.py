@@ -3,13 +3,12 @@ the answer is corrected to the verifier model's own output."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import trio
-from support import local_tokens
+from support import local_tokens, logged
 
 from p2pspec.client import Client
 from p2pspec.launch import PeerProcess, start_peer, stop_all
@@ -33,18 +32,6 @@ PARAMS = {
     # Sampled: the auditor re-runs the same draws (same draft, q and seed) and disagrees.
     "accept-all-sampled": SamplingParams(temperature=0.8, seed=3),
 }
-
-
-def logged(peer: PeerProcess, event: str) -> list[dict[str, object]]:
-    out = []
-    for line in peer.log_path.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == event:
-            out.append(entry)
-    return out
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,13 @@ network key, and both sides of a refusal say why in their logs.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
+from support import logged
 
 from p2pspec import wire
 from p2pspec.channel import Channel, RemoteError
@@ -142,18 +142,6 @@ async def open_sealed_session(
     with trio.fail_after(STEP_S):
         await channel.start_e2e(client.identity, drafter.peer_id, sid, timeout_s=STEP_S)
     return channel, raw, sid
-
-
-def logged(peer: PeerProcess, event: str) -> list[dict[str, object]]:
-    out = []
-    for line in peer.log_path.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == event:
-            out.append(entry)
-    return out
 
 
 async def test_bad_sealed_frames_and_clear_sessions_are_refused_and_peers_keep_serving(
