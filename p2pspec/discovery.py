@@ -2,7 +2,9 @@
 
 Every `advert_interval_s` a peer re-signs its own record (fresh load, `seq` + 1) and
 exchanges `DirectorySync` with every live peer it knows and with its bootstrap peers:
-it sends the records it holds and merges the ones it gets back. One bootstrap peer is
+it sends the records it holds and merges the ones it gets back. Exchanges run in the
+background, one at a time per peer, and a peer that keeps failing is dialled with
+backoff, so a dead peer never delays the refreshes of the living. One bootstrap peer is
 enough to learn the whole mesh; a peer that stops refreshing its record is dropped by
 every directory within `record_ttl_s` of its last refresh. Nothing rides on gossipsub
 (libp2p-notes.md: it drops silently under load).
@@ -29,6 +31,7 @@ from p2pspec.node import Node, NodeStream
 log = structlog.get_logger("p2pspec.discovery")
 
 INBOX_SYNCS = 64  # pushed DirectorySyncs waiting to be merged (each at most MAX_RECORDS)
+MAX_BACKOFF_S = 30.0  # longest wait before a peer that keeps failing is dialled again
 
 
 def now_ms() -> int:
@@ -133,6 +136,8 @@ class Advertiser:
         self.dial_roles = dial_roles
         self.seq = 0
         self.inbox: Mailbox[list[wire.SignedRecord]] = Mailbox(INBOX_SYNCS)
+        self._in_flight: set[str] = set()  # targets being exchanged with now
+        self._failures: dict[str, tuple[int, float]] = {}  # target -> (in a row, when)
 
     def offer(self, records: list[wire.SignedRecord]) -> bool:
         """Queue pushed records for the directory; False if the mailbox is full."""
@@ -162,16 +167,45 @@ class Advertiser:
                 out.append(record.addrs[0])
         return out
 
-    async def round(self) -> int:
-        """Refresh, expire, and exchange with every target at once; returns successes."""
+    def _refresh_and_expire(self) -> None:
         self.refresh_own_record()
         for gone in self.directory.expire(now_ms()):
             log.info("peer_expired", peer=gone)
+
+    async def _exchange(self, target: str) -> bool:
+        """One exchange, remembered: a failing target is retried with backoff."""
+        self._in_flight.add(target)
+        try:
+            ok = await exchange(self.node, self.directory, target, config=self.config)
+        finally:
+            self._in_flight.discard(target)
+        if ok:
+            self._failures.pop(target, None)
+        else:
+            failures, _ = self._failures.get(target, (0, 0.0))
+            self._failures[target] = (failures + 1, trio.current_time())
+        return ok
+
+    def _due(self, target: str) -> bool:
+        """Not being exchanged with now, and not inside a failed target's backoff
+        (one advert interval, doubling per failure in a row, at most MAX_BACKOFF_S)."""
+        if target in self._in_flight:
+            return False
+        failures, failed_at = self._failures.get(target, (0, 0.0))
+        if not failures:
+            return True
+        backoff = min(self.config.advert_interval_s * 2 ** (failures - 1), MAX_BACKOFF_S)
+        return trio.current_time() - failed_at >= backoff
+
+    async def round(self) -> int:
+        """Refresh, expire, and exchange with every target at once, waiting for all of them
+        (joining the mesh); returns successes."""
+        self._refresh_and_expire()
         ok = 0
 
         async def one(target: str) -> None:
             nonlocal ok
-            ok += await exchange(self.node, self.directory, target, config=self.config)
+            ok += await self._exchange(target)
 
         async with trio.open_nursery() as nursery:
             for target in self.targets():
@@ -179,10 +213,20 @@ class Advertiser:
         return ok
 
     async def run(self) -> None:
-        """Merge pushed records as they come, and run a round every advert interval."""
-        while True:
-            with trio.move_on_after(self.config.advert_interval_s):
-                while True:
-                    records = await self.inbox.receive()
-                    self.directory.add_all(records, now_ms())
-            await self.round()
+        """Merge pushed records as they come; every advert interval re-sign this peer's
+        record and start an exchange with each target that is due. Rounds never wait on
+        exchanges: a dead or slow peer (a dial can take seconds) must not hold back the
+        refreshes every other peer's directory depends on."""
+        async with trio.open_nursery() as exchanges:
+            while True:
+                with trio.move_on_after(self.config.advert_interval_s):
+                    while True:
+                        records = await self.inbox.receive()
+                        self.directory.add_all(records, now_ms())
+                self._refresh_and_expire()
+                targets = self.targets()
+                for gone in self._failures.keys() - set(targets):
+                    del self._failures[gone]  # forget peers that left the directory
+                for target in targets:
+                    if self._due(target):
+                        exchanges.start_soon(self._exchange, target)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import NoReturn
+
 import msgspec
 import trio
+import trio.testing
 
 from p2pspec import wire
 from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
 from p2pspec.directory import Directory, sign_record
 from p2pspec.discovery import INBOX_SYNCS, Advertiser, now_ms
+from p2pspec.node import PeerUnreachableError
 
 
 def _record(
@@ -109,3 +114,61 @@ async def test_pushed_records_reach_the_directory_through_its_bounded_mailbox() 
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert [r.peer_id for r in directory.live(now_ms())] == [other.peer_id]
+
+
+class _DeadPeerNode:
+    """A node whose every dial hangs (`hang`) or fails at once, counting the dials."""
+
+    def __init__(self, *, hang: bool) -> None:
+        self.hang = hang
+        self.dials: list[float] = []
+
+    async def open_stream(self, peer: str, protocol_id: str, *, timeout_s: float) -> NoReturn:
+        self.dials.append(trio.current_time())
+        if self.hang:
+            await trio.sleep_forever()
+        raise PeerUnreachableError(f"cannot connect to {peer}")
+
+
+def _advertiser_with_dead_bootstrap(node: _DeadPeerNode) -> Advertiser:
+    me, dead = Identity.generate(), Identity.generate()
+    config = PeerConfig(
+        advert_interval_s=1.0, bootstrap=[f"/ip4/127.0.0.1/tcp/9/p2p/{dead.peer_id}"]
+    )
+    directory = Directory(me.peer_id)
+    return Advertiser(
+        node,  # type: ignore[arg-type]
+        me,
+        directory,
+        config,
+        make_record=lambda issued, seq: _record(me, issued=issued, ttl=3000, seq=seq),
+    )
+
+
+async def test_a_hanging_peer_never_holds_back_the_refresh_of_our_own_record(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The CI flake this fixes: rounds that waited on a dead bootstrap peer's dial let
+    records expire everywhere. Refreshes keep their interval; one dial is in flight."""
+    node = _DeadPeerNode(hang=True)
+    advertiser = _advertiser_with_dead_bootstrap(node)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(advertiser.run)
+        await trio.sleep(10.5)
+        nursery.cancel_scope.cancel()
+    assert advertiser.seq == 10  # re-signed every advert interval
+    assert len(node.dials) == 1  # never a second dial while the first hangs
+
+
+async def test_a_peer_that_keeps_failing_is_dialled_with_backoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    node = _DeadPeerNode(hang=False)
+    advertiser = _advertiser_with_dead_bootstrap(node)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(advertiser.run)
+        await trio.sleep(60.5)
+        nursery.cancel_scope.cancel()
+    gaps = [round(b - a) for a, b in itertools.pairwise(node.dials)]
+    assert gaps == [1, 2, 4, 8, 16, 30][: len(gaps)] and len(gaps) >= 5, gaps
+    assert advertiser.seq == 60
