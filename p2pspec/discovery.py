@@ -194,7 +194,7 @@ class Advertiser:
         failures, failed_at = self._failures.get(target, (0, 0.0))
         if not failures:
             return True
-        backoff = min(self.config.advert_interval_s * 2 ** (failures - 1), MAX_BACKOFF_S)
+        backoff = min(self.config.advert_interval_s * (1 << (failures - 1)), MAX_BACKOFF_S)
         return trio.current_time() - failed_at >= backoff
 
     async def round(self) -> int:
