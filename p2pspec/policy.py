@@ -18,11 +18,13 @@ Acceptances are modelled as independent with probability ``α`` per position, as
 paper. Real acceptances are autocorrelated, so predictions run a little high; they are
 used to *rank* options (peers, draft lengths), where a shared bias largely cancels.
 
-What lives here: :func:`predicted_tokens_per_second` and :func:`best_draft_length` (the
-cost model), :class:`AcceptanceEstimate` and :class:`EWMA` (online estimates of its
-inputs), :func:`choose_drafter` and :func:`choose_verifier` (matching, each returning a
+What lives here: :func:`predicted_tokens_per_second`, :func:`best_plan` and
+:func:`best_draft_length` (the cost model, synchronous and pipelined),
+:class:`AcceptanceEstimate` and :class:`EWMA` (online estimates of its inputs),
+:func:`choose_drafter` and :func:`choose_verifier` (matching, each returning a
 :class:`Decision` that records every candidate's inputs, score and exclusion reason, to be
-logged as one structured event), and :class:`AdaptiveDraftLength` (per-session ``γ``).
+logged as one structured event), and :class:`AdaptiveDraftLength` (per-session ``γ`` and
+blocks in flight).
 """
 
 from __future__ import annotations
@@ -46,13 +48,17 @@ __all__ = [
     "Candidate",
     "Decision",
     "ExclusionReason",
+    "Plan",
     "assess_drafters",
     "assess_verifiers",
     "best_draft_length",
+    "best_plan",
     "choose_drafter",
     "choose_verifier",
     "effective_verify_time",
+    "pipeline_depth",
     "pipeline_hit_probability",
+    "pipeline_send_interval",
     "predicted_tokens_per_second",
 ]
 
@@ -66,6 +72,9 @@ DEFAULT_PRIOR_TRIALS = 8.0
 DEFAULT_HALF_LIFE_ROUNDS = 20.0
 # Timing samples lose half their weight after this many samples.
 DEFAULT_HALF_LIFE_SAMPLES = 8.0
+# The most draft blocks a pipelined session keeps in flight (each beyond the first is
+# thrown away on a miss; 8 covers a 100 ms link at a few ms per block).
+MAX_PIPELINE_DEPTH = 8
 
 JSONScalar = float | int | str | bool | None
 ExclusionReason = Literal["wrong_role", "excluded", "incompatible_tokenizer", "full"]
@@ -100,6 +109,20 @@ def pipeline_hit_probability(alpha: float, gamma: int) -> float:
     return math.pow(alpha, gamma + 1)
 
 
+def pipeline_send_interval(
+    *, gamma: int, t_draft_s: float, t_verify_s: float, latency_s: float, depth: int
+) -> float:
+    """Seconds between two blocks sent ahead, in steady state: the slowest of drafting a
+    block (``(γ+1)·t_draft``: its ``γ`` tokens and the guess of the previous block's extra
+    token), the verifier's pass (it takes a session's blocks in order), and the window
+    (the block ``depth`` places later is drafted only once this one's verdict is back,
+    ``L + (γ+1)·t_draft`` after it was)."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    block = (gamma + 1) * t_draft_s
+    return max(block, t_verify_s, (latency_s + block) / depth)
+
+
 def predicted_tokens_per_second(
     *,
     alpha: float,
@@ -109,6 +132,7 @@ def predicted_tokens_per_second(
     rtt_s: float,
     t_send_s: float = 0.0,
     pipelined: bool = False,
+    depth: int = 2,
 ) -> float:
     """Expected committed tokens per second of one session, from research.md's arithmetic.
 
@@ -116,29 +140,28 @@ def predicted_tokens_per_second(
 
         rate = E(α, γ) / (γ·t_draft + t_send + RTT + t_verify)
 
-    Pipelined. Assumptions, stated so they can be checked against measurements:
+    Pipelined (peers/drafter.py): the drafter keeps drafting blocks of ``γ`` tokens while
+    verdicts travel, up to ``depth`` blocks in flight, each assuming its predecessors are
+    committed whole (a *hit*, probability ``a = α^(γ+1)``,
+    :func:`pipeline_hit_probability`). The verifier takes a session's blocks in order and
+    skips, at no cost, one whose assumption failed. Assumptions, to be checked against
+    measurements: acceptances independent; a block sent every
+    ``s = pipeline_send_interval(...)`` once the pipeline runs.
 
-    1. One verify request in flight per session (the verifier sees a session's rounds in
-       order and never verifies a draft whose base is unconfirmed), and the drafter drafts
-       *one* block ahead, on the optimistic branch, while the verdict travels.
-    2. When the verdict confirms the optimistic branch (a *hit*, probability
-       ``a = α^(γ+1)``, :func:`pipeline_hit_probability`) the next block is ready, so the
-       two stages overlap and the round costs the slower one: ``max(γ·t_draft, L)`` with
-       ``L = t_send + RTT + t_verify``.
-    3. On a *miss* the block drafted ahead is thrown away and the next block is drafted
-       from the corrected prefix before it can be sent: that round costs a synchronous
-       ``γ·t_draft + L``; afterwards the pipeline is primed again.
-    4. Hits and misses are independent from round to round.
+    A *cycle* runs from a block drafted on a confirmed prefix to the verdict that first
+    misses (block ``J``, ``P(J = j) = a^(j−1)·(1 − a)``). It commits every token up to
+    and including the first rejection, ``E / (1 − a)`` on average (the same count as
+    ``1 / (1 − a)`` synchronous rounds), and takes
+    ``γ·t_draft + L + (J − 1)·s``, on average ``γ·t_draft + L + s·a / (1 − a)``::
 
-    So a round costs ``T = a·max(γ·t_draft, L) + (1 − a)·(γ·t_draft + L)`` on average and::
+        rate = (E / (1 − a)) / (γ·t_draft + L + s·a / (1 − a))
 
-        rate = E(α, γ) / T
-
-    Limits: ``α = 0`` gives the synchronous rate (every block ahead is wasted); ``α = 1``
-    gives ``E / max(γ·t_draft, L)``; pipelined is never below synchronous (``max ≤ sum``);
-    when ``L ≥ γ·t_draft``, ``T = L + (1 − a)·γ·t_draft``, so for a large RTT both rates
-    approach ``E / (t_send + RTT + t_verify)``: pipelining hides the drafting, not the
-    round trip. With ``γ = 0`` there is nothing to overlap and both are ``1 / L``.
+    against ``γ·t_draft + L`` per round synchronously: pipelining pays ``s`` instead of a
+    whole round for every hit. So it wins when ``s < γ·t_draft + L`` (any ``depth ≥ 2``
+    across a link), and only by what hits allow: at large RTT both approach ``1 / (1 − α)``
+    tokens per round trip for pipelined and ``E`` for synchronous. ``α = 0`` (no hits)
+    gives exactly the synchronous rate; ``α = 1`` gives ``(γ + 1) / s``; ``depth = 1``
+    is synchronous with an extra guess token drafted, never better.
     """
     _check_alpha(alpha)
     if gamma < 0:
@@ -155,12 +178,86 @@ def predicted_tokens_per_second(
     synchronous = drafting + latency
     if synchronous <= 0.0:
         raise ValueError("a round must take some time: all of the times are zero")
-    if pipelined:
-        hit = pipeline_hit_probability(alpha, gamma)
-        round_s = hit * max(drafting, latency) + (1.0 - hit) * synchronous
-    else:
-        round_s = synchronous
-    return expected_tokens_per_round(alpha, gamma) / round_s
+    expected = expected_tokens_per_round(alpha, gamma)
+    if not pipelined:
+        return expected / synchronous
+    send = pipeline_send_interval(
+        gamma=gamma, t_draft_s=t_draft_s, t_verify_s=t_verify_s, latency_s=latency, depth=depth
+    )
+    hit = pipeline_hit_probability(alpha, gamma)
+    if hit >= 1.0:
+        return (gamma + 1) / send
+    return (expected / (1.0 - hit)) / (synchronous + send * hit / (1.0 - hit))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a session drafts next: ``gamma`` tokens a block, up to ``depth`` blocks in
+    flight (1: synchronous), and the rate the cost model predicts for it."""
+
+    gamma: int
+    depth: int
+    tokens_per_s: float
+
+
+def pipeline_depth(
+    *, gamma: int, t_draft_s: float, t_verify_s: float, latency_s: float, max_depth: int
+) -> int:
+    """The fewest blocks in flight (2..max_depth) that keep the window from being the
+    bottleneck (:func:`pipeline_send_interval`); more only waste drafting on misses."""
+    busy = max((gamma + 1) * t_draft_s, t_verify_s)
+    if busy <= 0.0:
+        return max_depth
+    needed = math.ceil((latency_s + (gamma + 1) * t_draft_s) / busy - 1e-9)
+    return min(max(needed, 2), max_depth)
+
+
+def best_plan(
+    *,
+    alpha: float,
+    t_draft_s: float,
+    t_verify_s: float,
+    rtt_s: float,
+    t_send_s: float = 0.0,
+    max_gamma: int = MAX_DRAFT_TOKENS,
+    max_depth: int = MAX_PIPELINE_DEPTH,
+    min_gamma: int = 1,
+) -> Plan:
+    """The best :class:`Plan`: every ``γ`` in ``min_gamma..max_gamma``, synchronous or
+    pipelined at :func:`pipeline_depth` (when ``max_depth ≥ 2``), by predicted tokens per second;
+    on ties the smaller ``γ``, then synchronous (less work wasted on a rejection)."""
+    if not 0 <= min_gamma <= max_gamma:
+        raise ValueError(f"need 0 <= min_gamma <= max_gamma, got {min_gamma}, {max_gamma}")
+    if max_depth < 1:
+        raise ValueError(f"max_depth must be >= 1, got {max_depth}")
+    latency = t_send_s + rtt_s + t_verify_s
+    best = Plan(min_gamma, 1, -math.inf)
+    for gamma in range(min_gamma, max_gamma + 1):
+        depths = [1]
+        if max_depth >= 2:
+            depths.append(
+                pipeline_depth(
+                    gamma=gamma,
+                    t_draft_s=t_draft_s,
+                    t_verify_s=t_verify_s,
+                    latency_s=latency,
+                    max_depth=max_depth,
+                )
+            )
+        for depth in depths:
+            rate = predicted_tokens_per_second(
+                alpha=alpha,
+                gamma=gamma,
+                t_draft_s=t_draft_s,
+                t_verify_s=t_verify_s,
+                rtt_s=rtt_s,
+                t_send_s=t_send_s,
+                pipelined=depth > 1,
+                depth=depth,
+            )
+            if rate > best.tokens_per_s * (1 + 1e-12):
+                best = Plan(gamma, depth, rate)
+    return best
 
 
 def best_draft_length(
@@ -173,8 +270,9 @@ def best_draft_length(
     max_gamma: int = MAX_DRAFT_TOKENS,
     pipelined: bool = False,
 ) -> int:
-    """The ``γ`` in ``1..max_gamma`` that maximises :func:`predicted_tokens_per_second`;
-    the smallest such ``γ`` on ties (less work wasted on a rejection).
+    """The ``γ`` in ``1..max_gamma`` that maximises :func:`predicted_tokens_per_second`
+    (pipelined: the best :class:`Plan`'s); the smallest such ``γ`` on ties (less work
+    wasted on a rejection).
 
     Synchronous, for ``L = t_send + RTT + t_verify ≫ γ·t_draft`` the optimum satisfies
     ``α^(γ+1) ≈ t_draft / (L·ln(1/α))``, i.e. ``γ* + 1 ≈ ln(L·ln(1/α) / t_draft) / ln(1/α)``:
@@ -182,6 +280,15 @@ def best_draft_length(
     ``ln 10 / ln(1/α)`` tokens), falls as ``α`` falls, and is 1 at ``α = 0`` (every
     drafted token beyond the first costs time and yields nothing).
     """
+    if pipelined:
+        return best_plan(
+            alpha=alpha,
+            t_draft_s=t_draft_s,
+            t_verify_s=t_verify_s,
+            rtt_s=rtt_s,
+            t_send_s=t_send_s,
+            max_gamma=max_gamma,
+        ).gamma
     if max_gamma < 1:
         raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
     best_gamma, best_rate = 1, -math.inf
@@ -193,7 +300,6 @@ def best_draft_length(
             t_verify_s=t_verify_s,
             rtt_s=rtt_s,
             t_send_s=t_send_s,
-            pipelined=pipelined,
         )
         if rate > best_rate:
             best_gamma, best_rate = gamma, rate
@@ -319,7 +425,7 @@ class EWMA:
 class AdaptiveDraftLength:
     """Per-session choice of ``γ`` for the next round, from what the session has observed.
 
-    Feeds :func:`best_draft_length` with the session's :class:`AcceptanceEstimate` and
+    Feeds :func:`best_plan` with the session's :class:`AcceptanceEstimate` and
     EWMAs of ``t_draft`` (per drafted token), ``t_verify`` (the verifier's compute per
     round, e.g. ``Verdict.compute_seconds``) and ``RTT`` (the verify round trip seen by the
     drafter minus the verifier's compute, so it includes ``t_send``). Until each of the
@@ -334,6 +440,8 @@ class AdaptiveDraftLength:
         max_gamma: int = MAX_DRAFT_TOKENS,
         initial_gamma: int = 4,
         pipelined: bool = False,
+        fixed_gamma: bool = False,
+        max_depth: int = MAX_PIPELINE_DEPTH,
         acceptance: AcceptanceEstimate | None = None,
         half_life_samples: float = DEFAULT_HALF_LIFE_SAMPLES,
         t_draft_s: float | None = None,
@@ -345,6 +453,9 @@ class AdaptiveDraftLength:
         self.max_gamma = max_gamma
         self.initial_gamma = min(max(initial_gamma, 1), max_gamma)
         self.pipelined = pipelined
+        # Fixed: γ stays `initial_gamma` (0 allowed) and only the depth adapts.
+        self.fixed_gamma = initial_gamma if fixed_gamma else None
+        self.max_depth = max(max_depth, 1)
         self.acceptance = acceptance if acceptance is not None else AcceptanceEstimate()
         self.t_draft = EWMA(half_life_samples=half_life_samples, initial=t_draft_s)
         self.t_verify = EWMA(half_life_samples=half_life_samples, initial=t_verify_s)
@@ -371,21 +482,29 @@ class AdaptiveDraftLength:
         if rtt_s is not None:
             self.rtt.observe(rtt_s)
 
-    def next_gamma(self) -> int:
-        """``γ`` for the next round."""
+    def next_plan(self) -> Plan:
+        """``γ`` and blocks in flight for the next round (``depth`` 1 unless pipelined;
+        pipelined sessions still go synchronous where the model says pipelining loses)."""
         t_draft, t_verify, rtt = self.t_draft.value, self.t_verify.value, self.rtt.value
+        depth = self.max_depth if self.pipelined else 1
+        first = self.initial_gamma if self.fixed_gamma is None else self.fixed_gamma
         if t_draft is None or t_verify is None or rtt is None:
-            return self.initial_gamma
+            return Plan(first, min(depth, 2), math.nan)
         if t_draft + t_verify + rtt <= 0.0:
-            return self.initial_gamma  # nothing measurable yet: no basis to move
-        return best_draft_length(
+            return Plan(first, min(depth, 2), math.nan)  # no basis to move
+        return best_plan(
             alpha=self.acceptance.alpha,
             t_draft_s=t_draft,
             t_verify_s=t_verify,
             rtt_s=rtt,
-            max_gamma=self.max_gamma,
-            pipelined=self.pipelined,
+            min_gamma=1 if self.fixed_gamma is None else self.fixed_gamma,
+            max_gamma=self.max_gamma if self.fixed_gamma is None else self.fixed_gamma,
+            max_depth=depth,
         )
+
+    def next_gamma(self) -> int:
+        """``γ`` for the next round."""
+        return self.next_plan().gamma
 
 
 # -- matching ---------------------------------------------------------------------------
@@ -616,22 +735,15 @@ def assess_verifiers(
         t_verify = c.t_verify_s if c.t_verify_s is not None else t_verify_s_default
         t_verify_eff = effective_verify_time(t_verify, load=record.load, capacity=record.capacity)
         rtt = c.rtt_s if c.rtt_s is not None else rtt_s_unmeasured
-        gamma = best_draft_length(
+        plan = best_plan(
             alpha=alpha,
             t_draft_s=t_draft_s,
             t_verify_s=t_verify_eff,
             rtt_s=rtt if rtt is not None else 0.0,
             max_gamma=gamma_max,
-            pipelined=pipelined,
+            max_depth=MAX_PIPELINE_DEPTH if pipelined else 1,
         )
-        rate = predicted_tokens_per_second(
-            alpha=alpha,
-            gamma=gamma,
-            t_draft_s=t_draft_s,
-            t_verify_s=t_verify_eff,
-            rtt_s=rtt if rtt is not None else 0.0,
-            pipelined=pipelined,
-        )
+        gamma, rate = plan.gamma, plan.tokens_per_s
         inputs.update(
             alpha=alpha,
             alpha_observed=c.alpha is not None,
@@ -640,6 +752,7 @@ def assess_verifiers(
             t_verify_eff_s=t_verify_eff,
             rtt_assumed_s=rtt,
             gamma=gamma,
+            depth=plan.depth,
             pipelined=pipelined,
         )
         key = (0.0 if rtt is not None else 1.0, -rate, _utilisation(record))

@@ -17,16 +17,19 @@ from hypothesis import strategies as st
 
 from p2pspec.policy import (
     EWMA,
+    MAX_PIPELINE_DEPTH,
     AcceptanceEstimate,
     AdaptiveDraftLength,
     Candidate,
     assess_drafters,
     assess_verifiers,
     best_draft_length,
+    best_plan,
     choose_drafter,
     choose_verifier,
     effective_verify_time,
     pipeline_hit_probability,
+    pipeline_send_interval,
     predicted_tokens_per_second,
 )
 from p2pspec.speculative import expected_tokens_per_round
@@ -78,8 +81,9 @@ def test_synchronous_rate_by_hand() -> None:
 
 
 def test_pipelined_rate_by_hand() -> None:
-    # L = 0.01 + 0.04 + 0.05 = 0.1, γ·t_draft = 0.03, hit a = 0.5^4 = 0.0625:
-    # T = 0.0625·max(0.03, 0.1) + 0.9375·0.13 = 0.128125.
+    # L = 0.01 + 0.04 + 0.05 = 0.1; a block (γ + 1)·t_draft = 0.04; two in flight: the
+    # send interval s = max(0.04, t_verify 0.05, (L + 0.04) / 2) = 0.07; hit a = 0.5^4.
+    # A cycle commits E / (1 − a) = 1.875 / 0.9375 = 2 tokens in 0.13 + s·a / (1 − a).
     got = predicted_tokens_per_second(
         alpha=0.5,
         gamma=3,
@@ -88,13 +92,17 @@ def test_pipelined_rate_by_hand() -> None:
         rtt_s=0.04,
         t_send_s=0.01,
         pipelined=True,
+        depth=2,
     )
-    assert got == pytest.approx(1.875 / 0.128125)
+    assert got == pytest.approx(2 / (0.13 + 0.07 * 0.0625 / 0.9375))
     assert pipeline_hit_probability(0.5, 3) == pytest.approx(0.0625)
+    assert pipeline_send_interval(
+        gamma=3, t_draft_s=0.01, t_verify_s=0.05, latency_s=0.1, depth=2
+    ) == pytest.approx(0.07)
 
 
 def test_rate_edge_cases() -> None:
-    def rate(alpha: float, gamma: int, pipelined: bool = False) -> float:
+    def rate(alpha: float, gamma: int, pipelined: bool = False, depth: int = 2) -> float:
         return predicted_tokens_per_second(
             alpha=alpha,
             gamma=gamma,
@@ -102,17 +110,20 @@ def test_rate_edge_cases() -> None:
             t_verify_s=0.05,
             rtt_s=0.02,
             pipelined=pipelined,
+            depth=depth,
         )
 
-    # α = 1: every token accepted, E = γ + 1; pipelined costs max(γ·t_draft, L) = max(0.04, 0.07).
+    # α = 1: every block hits, E = γ + 1 per send interval: max(0.05, 0.05, 0.12 / depth).
     assert rate(1.0, 4) == pytest.approx(5 / 0.11)
-    assert rate(1.0, 4, pipelined=True) == pytest.approx(5 / 0.07)
+    assert rate(1.0, 4, pipelined=True, depth=2) == pytest.approx(5 / 0.06)
+    assert rate(1.0, 4, pipelined=True, depth=8) == pytest.approx(5 / 0.05)
     # α = 0: one token per round; pipelining never hits, so it is exactly synchronous.
     for pipelined in (False, True):
         assert rate(0.0, 4, pipelined) == pytest.approx(1 / 0.11)
-    # γ = 0: plain decoding across the link, one token per L, nothing to overlap.
-    for pipelined in (False, True):
-        assert rate(0.7, 0, pipelined) == pytest.approx(1 / 0.07)
+    # γ = 0: plain decoding across the link, one token per L; pipelined guesses each next
+    # token and sends it ahead.
+    assert rate(0.7, 0) == pytest.approx(1 / 0.07)
+    assert rate(0.7, 0, pipelined=True) > rate(0.7, 0)
 
 
 @pytest.mark.parametrize(
@@ -151,46 +162,91 @@ seconds = st.floats(min_value=1e-4, max_value=2.0)
     t_d=seconds,
     t_v=seconds,
     rtt=st.floats(0.0, 2.0),
+    depth=st.integers(2, 16),
 )
-def test_pipelined_never_below_synchronous(
-    alpha: float, gamma: int, t_d: float, t_v: float, rtt: float
+def test_pipelined_never_below_synchronous_across_a_link(
+    alpha: float, gamma: int, t_d: float, t_v: float, rtt: float, depth: int
 ) -> None:
+    """Two or more blocks in flight never lose, as long as drafting one token is quicker
+    than a round trip (else the guess token each block drafts costs more than it saves,
+    and best_plan stays synchronous)."""
     args = {"alpha": alpha, "gamma": gamma, "t_draft_s": t_d, "t_verify_s": t_v, "rtt_s": rtt}
     sync = predicted_tokens_per_second(**args)  # type: ignore[arg-type]
-    pipe = predicted_tokens_per_second(pipelined=True, **args)  # type: ignore[arg-type]
-    assert pipe >= sync * (1 - 1e-12)
+    pipe = predicted_tokens_per_second(pipelined=True, depth=depth, **args)  # type: ignore[arg-type]
     assert sync == pytest.approx(sync_rate(alpha, gamma, t_d, t_v, rtt), rel=1e-9)
+    if t_d <= rtt + t_v:
+        assert pipe >= sync * (1 - 1e-9)
 
 
 def test_pipelined_with_zero_rtt_beats_synchronous_by_the_overlap() -> None:
-    # α = 0.9, γ = 4, t_draft = 0.01, t_verify = 0.04, RTT = 0: sync round 0.08; pipelined
-    # a = 0.9^5, T = a·0.04 + (1 − a)·0.08.
+    # α = 0.9, γ = 4, t_draft = 0.01, t_verify = 0.04, RTT = 0: sync round 0.08; blocks
+    # every s = 0.05 (drafting 5 tokens); a = 0.9^5: ratio 0.08 / (0.08 − 0.03·a).
     a = 0.9**5
-    e = (1 - 0.9**5) / 0.1
-    sync = predicted_tokens_per_second(alpha=0.9, gamma=4, t_draft_s=0.01, t_verify_s=0.04, rtt_s=0)
-    pipe = predicted_tokens_per_second(
-        alpha=0.9, gamma=4, t_draft_s=0.01, t_verify_s=0.04, rtt_s=0, pipelined=True
-    )
-    assert sync == pytest.approx(e / 0.08)
-    assert pipe == pytest.approx(e / (a * 0.04 + (1 - a) * 0.08))
-    assert pipe > 1.4 * sync
+    args = {"alpha": 0.9, "gamma": 4, "t_draft_s": 0.01, "t_verify_s": 0.04, "rtt_s": 0.0}
+    sync = predicted_tokens_per_second(**args)  # type: ignore[arg-type]
+    pipe = predicted_tokens_per_second(pipelined=True, depth=8, **args)  # type: ignore[arg-type]
+    assert pipe / sync == pytest.approx(0.08 / (0.08 - 0.03 * a))
+    assert pipe > 1.25 * sync
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
 @pytest.mark.parametrize("rtt", [1.0, 10.0, 100.0])
-def test_large_rtt_pipelining_hides_drafting_not_the_round_trip(alpha: float, rtt: float) -> None:
+def test_at_large_rtt_pipelining_commits_every_token_to_the_first_rejection_per_trip(
+    alpha: float, rtt: float
+) -> None:
+    """With enough blocks in flight, one round trip commits 1 / (1 − α) tokens (every
+    token up to the first rejection) against E(α, γ) synchronously."""
     gamma, t_d, t_v = 4, 0.01, 0.05
-    e = expected_tokens_per_round(alpha, gamma)
+    depth = math.ceil(rtt / t_v) + 2  # the window never binds
     pipe = predicted_tokens_per_second(
-        alpha=alpha, gamma=gamma, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt, pipelined=True
+        alpha=alpha,
+        gamma=gamma,
+        t_draft_s=t_d,
+        t_verify_s=t_v,
+        rtt_s=rtt,
+        pipelined=True,
+        depth=depth,
     )
     sync = predicted_tokens_per_second(
         alpha=alpha, gamma=gamma, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt
     )
-    # T = L + (1 − a)·γ·t_draft when L ≥ γ·t_draft: within γ·t_draft / RTT of E / (RTT + t_v).
-    assert pipe == pytest.approx(e / (rtt + t_v), rel=gamma * t_d / rtt)
-    assert pipe == pytest.approx(e / (rtt + t_v + (1 - alpha ** (gamma + 1)) * gamma * t_d))
-    assert pipe / sync == pytest.approx(1.0, abs=gamma * t_d / rtt)
+    assert pipe == pytest.approx(1 / ((1 - alpha) * (rtt + t_v)), rel=10 * t_v / rtt)
+    assert pipe / sync == pytest.approx(
+        1 / ((1 - alpha) * expected_tokens_per_round(alpha, gamma)), rel=10 * t_v / rtt
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(alpha=alphas, t_d=seconds, t_v=seconds, rtt=st.floats(0.0, 0.5))
+def test_best_plan_is_the_argmax_over_draft_length_and_depth(
+    alpha: float, t_d: float, t_v: float, rtt: float
+) -> None:
+    plan = best_plan(alpha=alpha, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt, max_gamma=8)
+    rates = [
+        predicted_tokens_per_second(
+            alpha=alpha,
+            gamma=g,
+            t_draft_s=t_d,
+            t_verify_s=t_v,
+            rtt_s=rtt,
+            pipelined=d > 1,
+            depth=d,
+        )
+        for g in range(1, 9)
+        for d in range(1, MAX_PIPELINE_DEPTH + 1)
+    ]
+    assert plan.tokens_per_s == pytest.approx(max(rates), rel=1e-9)
+    assert 1 <= plan.gamma <= 8 and 1 <= plan.depth <= MAX_PIPELINE_DEPTH
+    synchronous = best_plan(
+        alpha=alpha, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt, max_gamma=8, max_depth=1
+    )
+    assert synchronous.depth == 1 and plan.tokens_per_s >= synchronous.tokens_per_s
+
+
+def test_best_plan_goes_deep_on_a_long_link_and_stays_synchronous_without_hits() -> None:
+    far = best_plan(alpha=0.7, t_draft_s=0.002, t_verify_s=0.003, rtt_s=0.1)
+    assert far.depth > 4
+    assert best_plan(alpha=0.0, t_draft_s=0.002, t_verify_s=0.003, rtt_s=0.1).depth == 1
 
 
 def test_a_50ms_rtt_can_turn_a_gain_into_a_slowdown() -> None:
@@ -220,15 +276,11 @@ def test_best_gamma_is_the_argmax(alpha: float, rtt: float) -> None:
     assert 1 <= got <= 16
 
 
-@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("alpha", [0.3, 0.6, 0.8, 0.9])
-def test_best_gamma_grows_with_rtt(alpha: float, pipelined: bool) -> None:
+def test_best_gamma_grows_with_rtt(alpha: float) -> None:
     rtts = [i * 0.005 for i in range(200)]  # 0 .. 1 s
     gammas = [
-        best_draft_length(
-            alpha=alpha, t_draft_s=0.005, t_verify_s=0.03, rtt_s=r, pipelined=pipelined
-        )
-        for r in rtts
+        best_draft_length(alpha=alpha, t_draft_s=0.005, t_verify_s=0.03, rtt_s=r) for r in rtts
     ]
     assert gammas == sorted(gammas)
     assert gammas[-1] > gammas[0] or gammas[0] == 16
@@ -251,16 +303,12 @@ def test_best_gamma_grows_only_logarithmically(alpha: float) -> None:
 def test_best_gamma_shrinks_as_alpha_falls() -> None:
     alphas = [i / 50 for i in range(51)]
     for rtt in (0.0, 0.05, 0.3):
-        for pipelined in (False, True):
-            gammas = [
-                best_draft_length(
-                    alpha=a, t_draft_s=0.005, t_verify_s=0.03, rtt_s=rtt, pipelined=pipelined
-                )
-                for a in alphas
-            ]
-            assert gammas == sorted(gammas), (rtt, pipelined)
-            assert gammas[0] == 1  # α = 0: drafting more than one token only costs
-            assert gammas[2] <= 2  # α = 0.04
+        gammas = [
+            best_draft_length(alpha=a, t_draft_s=0.005, t_verify_s=0.03, rtt_s=rtt) for a in alphas
+        ]
+        assert gammas == sorted(gammas), rtt
+        assert gammas[0] == 1  # α = 0: drafting more than one token only costs
+        assert gammas[2] <= 2  # α = 0.04
 
 
 def test_best_gamma_bounds() -> None:
