@@ -491,6 +491,7 @@ class Client:
         stop: Sequence[str] = (),
         raw: bool = False,
         draft_tokens: int | Literal["auto"] = "auto",
+        pipelined: bool = True,
         wait_s: float = 0.0,
         verifier: str = "",
     ) -> Stream:
@@ -498,6 +499,9 @@ class Client:
 
         `draft_tokens`: k per round, or "auto" (the default) for the drafter to adapt k to
         the observed acceptance, compute times and round trip; outputs are the same either way.
+
+        `pipelined` (the default): the drafter keeps drafting while verdicts travel, with
+        several verify requests in flight; False: one draft, one verdict, in turn.
 
         `wait_s`: when every drafter or verifier is at capacity the session is refused
         (`ClientError` with code 'overloaded' or 'no_verifier'); with `wait_s` > 0 the
@@ -520,6 +524,7 @@ class Client:
                 raw=raw,
                 draft_tokens=4 if draft_tokens == "auto" else draft_tokens,
                 adaptive=draft_tokens == "auto",
+                pipelined=pipelined,
                 verifier=verifier,
             )
             request = msgspec.convert(msgspec.to_builtins(request), wire.GenerateRequest)

@@ -41,6 +41,9 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     liveness_interval_s: Seconds = 1.0  # ping a peer this often while waiting on it
     liveness_timeout_s: Seconds = 5.0  # a peer silent this long (no pong) is taken for dead
     max_failovers: Annotated[int, Meta(ge=0, le=16)] = 3  # peers a session may move away from
+    # When every compatible verifier has failed, a session waits this long for one to
+    # come back (a cut link that heals) before it is refused.
+    reconnect_window_s: Seconds = 30.0
     probe_interval_s: Seconds = 2.0  # how often a drafter measures its RTT to each verifier
     batch_max_sessions: Annotated[int, Meta(ge=1, le=64)] = 8  # verify requests per batch
     batch_max_wait_s: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.004  # wait for a batch to fill
@@ -69,8 +72,17 @@ class TestnetPeers(Struct, forbid_unknown_fields=True, kw_only=True):
     count: Count = 1  # how many processes
     capacity_sessions: Count = 8  # sessions each serves at once
     threads: Annotated[int, Meta(ge=0, le=256)] = 1  # torch threads per process (0 = default)
-    # One-way delay added in front of these peers' addresses, in ms (a DelayProxy each).
+    # The link in front of each of these peers (a DelayProxy each, per direction): one-way
+    # delay and jitter in ms, bandwidth in Mbit/s (0: unlimited).
     delay_ms: Annotated[float, Meta(ge=0.0, le=10_000.0)] = 0.0
+    jitter_ms: Annotated[float, Meta(ge=0.0, le=10_000.0)] = 0.0
+    rate_mbit: Annotated[float, Meta(ge=0.0, le=100_000.0)] = 0.0
+    # Packet loss on each of these peers' links, both ways (links = "netns" only).
+    loss: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.0
+
+    @property
+    def link_emulated(self) -> bool:
+        return self.delay_ms > 0 or self.jitter_ms > 0 or self.rate_mbit > 0
 
 
 class Workload(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -85,6 +97,12 @@ class Workload(Struct, forbid_unknown_fields=True, kw_only=True):
     wait_s: Annotated[float, Meta(ge=0.0)] = 0.0  # how long a session waits for capacity
     kill_peer: str = ""  # chaos: the name of a peer to SIGKILL mid-run (e.g. "verifier-0-1")
     kill_after_tokens: Annotated[int, Meta(ge=0)] = 0  # ... once this many tokens streamed
+    # Links: cut this peer off (e.g. "verifier-0-0") once `cut_after_tokens` tokens have
+    # streamed, and heal it `heal_after_s` later.
+    cut_peer: str = ""
+    cut_after_tokens: Annotated[int, Meta(ge=0)] = 0
+    heal_after_s: Annotated[float, Meta(ge=0.0)] = 2.0
+    pipelined: bool = True  # keep drafting while verdicts travel (Client.stream)
 
 
 class Topology(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -94,6 +112,17 @@ class Topology(Struct, forbid_unknown_fields=True, kw_only=True):
     dtype: Literal["float32", "bfloat16"] = "float32"
     ready_timeout_s: Seconds = 600.0  # deadline for every peer to print its ready line
     peer: PeerConfig = msgspec.field(default_factory=PeerConfig)  # settings for every peer
+    # "proxy": links emulated by a DelayProxy in front of each peer (portable, no root).
+    # "netns": each peer in a network namespace of its own too (Linux, root), for loss and
+    # partitions that drop packets (p2pspec/netns.py).
+    links: Literal["proxy", "netns"] = "proxy"
+    # Pin each peer process to one core of its own, in turn (with one torch thread):
+    # drafter and verifier then compute side by side, as on separate machines.
+    pin_cores: bool = False
+
+    def __post_init__(self) -> None:
+        if self.links != "netns" and any(p.loss for p in [*self.verifiers, *self.drafters]):
+            raise ValueError('packet loss needs links = "netns": a TCP proxy cannot lose packets')
 
 
 def load_toml(path: str | Path, kind: type[T]) -> T:

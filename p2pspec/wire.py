@@ -93,6 +93,9 @@ class GenerateRequest(Base, tag="generate"):
     # Adapt k each round to the observed acceptance, compute times and RTT (research.md);
     # `draft_tokens` is then the first round's k. Outputs do not depend on k.
     adaptive: bool = False
+    # Keep drafting while verdicts are in flight, several verify requests at once, each
+    # assuming the ones before it are committed whole (issue 6; outputs do not change).
+    pipelined: bool = False
     verifier: str = ""  # a preferred verifier peer id; empty = the drafter chooses
     # Failover: tokens already committed by an earlier drafter; generation resumes after
     # them and the output is the same as without the failure.
@@ -134,6 +137,13 @@ class SessionStats(Base, tag="session_stats"):
     draft_lengths: Annotated[list[NonNegative], Meta(max_length=MAX_PROMPT_TOKENS)] = []  # k/round
     audited_rounds: NonNegative = 0  # rounds re-verified by a second verifier
     corrections: NonNegative = 0  # times a caught verifier's tokens were replaced
+    # Pipelined sessions: blocks drafted ahead whose assumption a verdict broke (the
+    # verifier skipped them), their tokens, and the most blocks that were in flight.
+    blocks_discarded: NonNegative = 0
+    drafted_discarded: NonNegative = 0
+    max_in_flight: NonNegative = 0
+    # The bytes of every VerifyRequest sent (framed, sealed when e2e is on).
+    request_bytes: NonNegative = 0
 
 
 class SessionFinished(Base, tag="session_finished"):
@@ -226,6 +236,11 @@ class VerifyRequest(Base, tag="verify"):
     session_id: SessionId
     round: NonNegative
     base_len: NonNegative  # committed tokens before this draft; both sides must agree
+    # -1: the base is committed. A token: the request was drafted ahead (pipelined) on a
+    # base the drafter assumed, ending with this token; the verifier verifies it only if
+    # its committed tokens are `base_len` long and end with it, else skips it unanswered
+    # (the drafter knows: the verdict that broke the assumption told it).
+    base_token: Annotated[int, Meta(ge=-1, lt=1 << 31)] = -1
     draft: Annotated[list[TokenId], Meta(max_length=MAX_DRAFT_TOKENS)] = []
     q: Annotated[list[SparseQ], Meta(max_length=MAX_DRAFT_TOKENS + 1)] = []
 

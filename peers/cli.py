@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens drafted per round; auto (default): adapted each round on the mesh, "
         "4 with --local",
     )
+    gen.add_argument(
+        "--no-pipeline",
+        dest="pipelined",
+        action="store_false",
+        help="on the mesh, wait for each verdict before drafting on (default: keep drafting "
+        "while verdicts travel)",
+    )
     _add_model_options(gen)
     _add_generation_options(gen)
 
@@ -320,6 +327,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
                         stop=args.stop,
                         raw=args.raw,
                         draft_tokens=args.draft_tokens,
+                        pipelined=args.pipelined,
                     )
                     async with stream as chunks:
                         async for chunk in chunks:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -42,7 +43,7 @@ from p2pspec.engine import (
 )
 from p2pspec.errors import UserError
 from p2pspec.models import LoadedModel
-from p2pspec.policy import AdaptiveDraftLength
+from p2pspec.policy import AdaptiveDraftLength, Plan
 from p2pspec.scheduler import Scheduler
 from p2pspec.speculative import SamplingParams, SparseDistribution
 from p2pspec.transcript import round_tokens
@@ -53,6 +54,9 @@ log = structlog.get_logger("p2pspec.drafter")
 # The longest draft the adaptive controller may choose (research.md: the best k grows only
 # logarithmically with the round trip).
 MAX_ADAPTIVE_DRAFT = 12
+# Waiting for a failed verifier to come back (no other is left): first and longest pause.
+RETRY_INITIAL_S = 0.25
+RETRY_MAX_S = 2.0
 
 # Opens a verify stream to a peer (given its record) and returns a channel and its closer.
 OpenChannel = Callable[[wire.PeerRecord], Awaitable[tuple[Channel, Callable[[], Awaitable[None]]]]]
@@ -230,135 +234,138 @@ class DrafterService:
         prompt_ids: list[int],
         params: SamplingParams,
     ) -> None:
-        """Run the session, moving to another verifier whenever one fails or hangs.
+        """Run the session while watching the client: its cancel, or its going away, ends
+        the session at once, whatever it is doing (drafting, waiting for a verifier)."""
+        sid = request.session_id
+        state = _SessionState(self.lm, request, prompt_ids, params)
+        outcome: wire.SessionFinished | tuple[str, str] | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_client, channel, nursery.cancel_scope, sid)
+            try:
+                outcome = await self._session(channel, state)
+            except _ClientGoneError as e:
+                log.info("session_cancelled", session=sid, reason=str(e))
+            nursery.cancel_scope.cancel()
+        if outcome is None:  # the client cancelled or left; already logged
+            return
+        if isinstance(outcome, wire.SessionFinished):
+            try:
+                await self._to_client(channel, outcome)
+            except _ClientGoneError as e:
+                log.info("session_cancelled", session=sid, reason=str(e))
+                return
+            log.info("session_finished", session=sid, reason=outcome.finish_reason)
+            return
+        code, why = outcome
+        log.info("session_refused", session=sid, reason=code, detail=why)
+        await channel.refuse(code, why, sid)
+
+    async def _session(
+        self, channel: Channel, state: _SessionState
+    ) -> wire.SessionFinished | tuple[str, str]:
+        """Serve the session, moving to another verifier whenever one fails or hangs; the
+        finished session, or why it is refused (code, message).
 
         The committed tokens are the session's only essential state (design.md): a new
         verifier is opened with them as its prefix, and the output is the same as if
-        nothing had failed.
+        nothing had failed. When every compatible verifier has failed, the session waits
+        for one to come back (a cut link that heals) for `reconnect_window_s`.
         """
-        sid = request.session_id
-        state = _SessionState(self.lm, request, prompt_ids, params)
+        cfg = self.config
+        sid = state.request.session_id
         failed: set[str] = set()
         full: set[str] = set()  # verifiers that refused for capacity: busy, not broken
-        started = False
+        lost_at: float | None = None  # when every verifier had failed, if one has
+        retry_s = RETRY_INITIAL_S
         while True:
             record = await self.scheduler.place(
-                sid, preferred=request.verifier, exclude=frozenset(failed | full)
+                sid, preferred=state.request.verifier, exclude=frozenset(failed | full)
             )
             if record is None:
-                if failed:
-                    code, why = "verifier_failed", f"{len(failed)} verifiers failed"
-                elif full:
-                    code, why = "overloaded", "every compatible verifier is at capacity"
-                else:
-                    code, why = "no_verifier", "no compatible verifier with free capacity"
-                log.info("session_refused", session=sid, reason=code)
-                await channel.refuse(code, why, sid)
-                return
-            try:
-                try:
-                    vch, close = await self.open_verify_channel(record)
-                    if self.config.e2e_encryption:
-                        try:
-                            await vch.start_e2e(
-                                self.identity,
-                                record.peer_id,
-                                sid,
-                                timeout_s=self.config.request_timeout_s,
-                            )
-                        except ChannelError:
-                            with trio.CancelScope(shield=True):
-                                await close()
-                            raise
-                except ChannelError as e:
-                    failed.add(record.peer_id)
-                    log.info(
-                        "verifier_unreachable", session=sid, verifier=record.peer_id, error=str(e)
-                    )
-                    continue
-                try:
-                    await vch.send(state.verify_open(self.lm.tokenizer.fingerprint))
-                    await vch.expect(wire.VerifyOpened, timeout_s=self.config.request_timeout_s)
-                    if not started:
-                        await self._to_client(
-                            channel,
-                            wire.SessionStarted(
-                                session_id=sid,
-                                drafter_peer_id=self.peer_id,
-                                verifier_peer_id=record.peer_id,
-                                prompt_token_ids=prompt_ids,
-                            ),
-                        )
-                        started = True
-                    state.served_from = len(state.generated)  # this verifier's first token
-                    finished: wire.SessionFinished | None = None
-                    failure: Exception | None = None
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._watch_client, channel, nursery.cancel_scope, sid)
-                        try:
-                            finished = await self._rounds(channel, vch, state, record.peer_id)
-                        except (
-                            ChannelError,
-                            _ClientGoneError,
-                            DraftFailedError,
-                            _VerifierCaughtError,
-                        ) as e:
-                            failure = e  # raised below, outside the nursery's ExceptionGroup
-                        nursery.cancel_scope.cancel()
-                    if failure is not None:
-                        raise failure
-                    if finished is None:  # the client cancelled; _watch_client logged it
-                        return
-                    await self._to_client(channel, finished)
-                    log.info("session_finished", session=sid, reason=finished.finish_reason)
-                    return
-                except _ClientGoneError as e:
-                    log.info("session_cancelled", session=sid, reason=str(e))
-                    return
-                except DraftFailedError as e:
-                    log.warning("session_failed", session=sid, error=str(e))
-                    await channel.refuse("drafter_error", str(e), sid)
-                    return
-                except _VerifierCaughtError as e:
-                    # Every round it served is suspect: take back its tokens and go on
-                    # from before its first one with another verifier.
-                    failed.add(e.verifier)
-                    state.stats.verifier_failovers += 1
-                    state.stats.corrections += 1
-                    correction = state.rewind(state.served_from, e)
-                    try:
-                        await self._to_client(channel, correction)
-                    except _ClientGoneError as gone:
-                        log.info("session_cancelled", session=sid, reason=str(gone))
-                        return
-                    if len(failed) > self.config.max_failovers:
-                        await channel.refuse(
-                            "verifier_failed", f"{len(failed)} verifiers failed", sid
-                        )
-                        return
-                except ChannelError as e:
-                    if isinstance(e, RemoteError) and e.code == "overloaded" and not started:
-                        full.add(record.peer_id)  # busy, not broken: try the next one
-                        log.info("verifier_full", session=sid, verifier=record.peer_id)
+                if failed and state.stats.verifier_failovers <= cfg.max_failovers:
+                    lost_at = trio.current_time() if lost_at is None else lost_at
+                    if trio.current_time() - lost_at < cfg.reconnect_window_s:
+                        log.info("verifier_wait", session=sid, failed=len(failed), retry_s=retry_s)
+                        await trio.sleep(retry_s)
+                        retry_s = min(2 * retry_s, RETRY_MAX_S)
+                        failed.clear()  # try them again: a cut link may have healed
                         continue
-                    failed.add(record.peer_id)
-                    state.stats.verifier_failovers += 1
-                    log.warning(
-                        "verifier_failover",
-                        session=sid,
-                        verifier=record.peer_id,
-                        error=str(e),
-                        committed=len(state.generated),
-                    )
-                    if len(failed) > self.config.max_failovers:
-                        await channel.refuse(
-                            "verifier_failed", f"{len(failed)} verifiers failed", sid
-                        )
-                        return
-                finally:
-                    await _close_verify(vch, close, sid)
+                if failed:
+                    return "verifier_failed", f"{len(failed)} verifiers failed"
+                if full:
+                    return "overloaded", "every compatible verifier is at capacity"
+                return "no_verifier", "no compatible verifier with free capacity"
+            try:
+                return await self._with_verifier(channel, state, record)
+            except _VerifierCaughtError as e:
+                # Every round it served is suspect: take back its tokens and go on from
+                # before its first one with another verifier.
+                failed.add(e.verifier)
+                state.stats.verifier_failovers += 1
+                state.stats.corrections += 1
+                await self._to_client(channel, state.rewind(state.served_from, e))
+            except _VerifierUnreachableError as e:
+                failed.add(record.peer_id)
+                log.info("verifier_unreachable", session=sid, verifier=record.peer_id, error=e.why)
+                continue
+            except ChannelError as e:
+                if isinstance(e, RemoteError) and e.code == "overloaded" and not state.announced:
+                    full.add(record.peer_id)  # busy, not broken: try the next one
+                    log.info("verifier_full", session=sid, verifier=record.peer_id)
+                    continue
+                failed.add(record.peer_id)
+                state.stats.verifier_failovers += 1
+                log.warning(
+                    "verifier_failover",
+                    session=sid,
+                    verifier=record.peer_id,
+                    error=str(e),
+                    committed=len(state.generated),
+                )
+            except DraftFailedError as e:
+                log.warning("session_failed", session=sid, error=str(e))
+                return "drafter_error", str(e)
             finally:
                 await self.scheduler.release(record.peer_id)
+            if state.stats.verifier_failovers > cfg.max_failovers:
+                return "verifier_failed", f"{len(failed)} verifiers failed"
+            lost_at, retry_s = None, RETRY_INITIAL_S  # it served: a fresh window next time
+
+    async def _with_verifier(
+        self, channel: Channel, state: _SessionState, record: wire.PeerRecord
+    ) -> wire.SessionFinished:
+        """Open a verify session on `record` and run rounds on it to the end."""
+        cfg = self.config
+        sid = state.request.session_id
+        try:
+            vch, close = await self.open_verify_channel(record)
+        except ChannelError as e:
+            raise _VerifierUnreachableError(str(e)) from None
+        try:
+            if cfg.e2e_encryption:
+                try:
+                    await vch.start_e2e(
+                        self.identity, record.peer_id, sid, timeout_s=cfg.request_timeout_s
+                    )
+                except ChannelError as e:
+                    raise _VerifierUnreachableError(str(e)) from None
+            await vch.send(state.verify_open(self.lm.tokenizer.fingerprint))
+            await vch.expect(wire.VerifyOpened, timeout_s=cfg.request_timeout_s)
+            if not state.announced:
+                await self._to_client(
+                    channel,
+                    wire.SessionStarted(
+                        session_id=sid,
+                        drafter_peer_id=self.peer_id,
+                        verifier_peer_id=record.peer_id,
+                        prompt_token_ids=state.prompt_ids,
+                    ),
+                )
+                state.announced = True
+            state.served_from = len(state.generated)  # this verifier's first token
+            return await self._rounds(channel, vch, state, record.peer_id)
+        finally:
+            await _close_verify(vch, close, sid)
 
     async def _audit(
         self, state: _SessionState, proof: wire.VerifiedRound, *, q: list[wire.SparseQ]
@@ -500,73 +507,88 @@ class DrafterService:
     async def _rounds(
         self, channel: Channel, vch: Channel, state: _SessionState, verifier_id: str
     ) -> wire.SessionFinished:
+        """Draft, send, and commit what the verdicts confirm, until the session ends.
+
+        Synchronous sessions keep one block in flight. Pipelined ones draft further blocks
+        while verdicts travel, up to the plan's depth, each on the assumption that the
+        blocks before it are committed whole; a verdict that breaks the assumption
+        discards every block after it (the verifier skips them, `VerifyRequest.base_token`)
+        and drafting resumes from what was committed. Either way only signed verdicts
+        commit tokens, so the output is the verifier's own.
+        """
         cfg = self.config
         sid = state.request.session_id
         stats = state.stats
+        in_flight: deque[_Block] = deque()
         while True:
-            k = min(state.next_draft_length(), state.remaining - 1)
-            t0 = time.perf_counter()
-            draft = await self.draft_worker.propose(state.drafter, state.committed, k)
-            t1 = time.perf_counter()
-            await vch.send(
-                wire.VerifyRequest(
-                    session_id=sid,
-                    round=state.round,
-                    base_len=len(state.committed),
-                    draft=draft.tokens,
-                    q=[q_to_wire(q) for q in draft.q or []],
-                )
-            )
+            plan = state.next_plan()
+            while len(in_flight) < plan.depth:
+                block = await self._draft_block(state, in_flight, plan.gamma)
+                if block is None:
+                    break
+                sent_before = vch.bytes_sent
+                await vch.send(block.request(sid))
+                block.sent_at = time.perf_counter()
+                stats.request_bytes += vch.bytes_sent - sent_before
+                in_flight.append(block)
+                stats.max_in_flight = max(stats.max_in_flight, len(in_flight))
             verdict = await vch.receive_alive(
                 timeout_s=cfg.verify_timeout_s,
                 ping_interval_s=cfg.liveness_interval_s,
                 liveness_timeout_s=cfg.liveness_timeout_s,
             )
-            t2 = time.perf_counter()
+            round_trip = time.perf_counter() - in_flight[0].sent_at
+            block = in_flight.popleft()
+            tokens = block.draft.tokens
+            k = len(tokens)
             if (
                 not isinstance(verdict, wire.Verdict)
-                or verdict.round != state.round
+                or verdict.round != block.round
                 or verdict.base_len != len(state.committed)
                 or verdict.accepted > k
                 or verdict.token >= self.lm.vocab_size
             ):
                 raise ProtocolError("the verdict does not answer this round's draft")
-            if not check_verdict(verifier_id, verdict, draft.tokens):
+            if not check_verdict(verifier_id, verdict, tokens):
                 # Not this verifier's judgement of this draft: nothing of it is committed.
                 raise ProtocolError("the verdict's signature does not check")
-            proof = wire.VerifiedRound(
-                verifier_peer_id=verifier_id, draft=draft.tokens, verdict=verdict
-            )
+            proof = wire.VerifiedRound(verifier_peer_id=verifier_id, draft=tokens, verdict=verdict)
             if random.random() < cfg.audit_fraction:
-                await self._audit(state, proof, q=[q_to_wire(q) for q in draft.q or []])
+                await self._audit(state, proof, q=block.q)
             stats.rounds += 1
             stats.drafted += k
             stats.accepted += verdict.accepted
-            stats.draft_seconds += t1 - t0
-            stats.verify_seconds += t2 - t1
+            stats.draft_seconds += block.draft_s
+            stats.verify_seconds += round_trip
             stats.verifier_compute_seconds += verdict.compute_seconds
             stats.max_batch_size = max(stats.max_batch_size, verdict.batch_size)
             stats.verifier_forward_passes += 1
             stats.drafter_forward_passes = state.drafter.forward_passes
-            stats.round_overhead_ms.append(1000 * (t2 - t1 - verdict.compute_seconds))
+            stats.round_overhead_ms.append(1000 * (round_trip - verdict.compute_seconds))
             stats.draft_lengths.append(k)
-            state.observe(k, verdict.accepted, t1 - t0, verdict.compute_seconds, t2 - t1)
+            # A block sent behind others waited for them at the verifier: only a block
+            # that was alone on the link measures it.
+            link_s = round_trip if block.alone else None
+            state.observe(k, verdict.accepted, block.draft_s, verdict.compute_seconds, link_s)
             self.scheduler.observe(
-                verifier_id, k, verdict.accepted, t1 - t0, verdict.compute_seconds
+                verifier_id, k, verdict.accepted, block.draft_s, verdict.compute_seconds
             )
-            fresh, reason = state.commit([*draft.tokens[: verdict.accepted], verdict.token])
+            if in_flight and (verdict.accepted < k or verdict.token != in_flight[0].base_token):
+                stats.blocks_discarded += len(in_flight)
+                stats.drafted_discarded += sum(len(b.draft.tokens) + 1 for b in in_flight)
+                in_flight.clear()  # drafted on a base that is not the committed one
+            fresh, reason = state.commit([*tokens[: verdict.accepted], verdict.token])
             if fresh:
                 await self._to_client(
                     channel,
                     wire.TokensCommitted(
                         session_id=sid,
-                        round=state.round,
+                        round=verdict.round,
                         tokens=fresh,
                         text=state.deltas.push(fresh),
                         proof=proof,
                     ),
                 )
-            state.round += 1
             if reason is not None:
                 stats.total_seconds = time.perf_counter() - state.started
                 return wire.SessionFinished(
@@ -576,6 +598,67 @@ class DrafterService:
                     text=state.checker.text(state.generated, reason),
                     token_ids=state.generated,
                 )
+
+    async def _draft_block(
+        self, state: _SessionState, in_flight: deque[_Block], gamma: int
+    ) -> _Block | None:
+        """The next block: on the committed tokens when nothing is in flight, else on
+        them and every block in flight, whose last one's extra token it guesses first (the
+        drafter's own next token; the verifier's is the same when the block hits). None
+        when no room is left before max_new_tokens, or the blocks in flight end the answer."""
+        ahead: list[int] = []  # the tokens the blocks in flight would commit if all hit
+        for i, b in enumerate(in_flight):
+            if i:  # the first one's base is committed; the others' end with their guess
+                ahead.append(b.base_token)
+            ahead += b.draft.tokens
+        if any(t in state.eos for t in ahead):
+            return None
+        base = state.committed + ahead
+        guessing = bool(in_flight)
+        # The verifier takes a draft only if its base, draft and own token fit the limit.
+        room = state.limit - len(base) - 1 - guessing
+        if room < 0:
+            return None
+        k = min(gamma, room)
+        started = time.perf_counter()
+        draft = await self.draft_worker.propose(state.drafter, base, k + guessing)
+        draft_s = time.perf_counter() - started
+        alone = not in_flight
+        if guessing:
+            guess = draft.tokens[0]
+            draft = Draft(tokens=draft.tokens[1:], q=None if draft.q is None else draft.q[1:])
+            block = _Block(state.round, len(base) + 1, guess, draft, draft_s * k / (k + 1), alone)
+        else:
+            block = _Block(state.round, len(base), -1, draft, draft_s, alone)
+        state.round += 1
+        return block
+
+
+@dataclass
+class _Block:
+    """A draft sent to the verifier and not yet judged (one round)."""
+
+    round: int
+    base_len: int
+    base_token: int  # -1: drafted on committed tokens; else the guessed last base token
+    draft: Draft
+    draft_s: float
+    alone: bool  # nothing else was in flight: its round trip measures the link
+    sent_at: float = 0.0
+
+    @property
+    def q(self) -> list[wire.SparseQ]:
+        return [q_to_wire(q) for q in self.draft.q or []]
+
+    def request(self, session_id: str) -> wire.VerifyRequest:
+        return wire.VerifyRequest(
+            session_id=session_id,
+            round=self.round,
+            base_len=self.base_len,
+            base_token=self.base_token,
+            draft=self.draft.tokens,
+            q=self.q,
+        )
 
 
 async def _close_verify(vch: Channel, close: Callable[[], Awaitable[None]], sid: str) -> None:
@@ -592,6 +675,14 @@ async def _close_verify(vch: Channel, close: Callable[[], Awaitable[None]], sid:
 
 class _ClientGoneError(Exception):
     """The client's stream broke: the session ends here, there is no one to answer."""
+
+
+class _VerifierUnreachableError(Exception):
+    """No verify stream could be opened to a verifier (dial, handshake)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
 
 
 class _VerifierCaughtError(Exception):
@@ -618,6 +709,7 @@ class _SessionState:
         self.params = params
         self.prompt_ids = prompt_ids
         self.served_from = 0  # tokens generated before the current verifier's first round
+        self.announced = False  # SessionStarted was sent to the client
         self.generated: list[int] = list(request.resume)
         self.committed: list[int] = prompt_ids + self.generated
         self.drafter = Drafter(lm, params)
@@ -627,31 +719,42 @@ class _SessionState:
         self.stats = wire.SessionStats()
         self.round = 0
         self.started = time.perf_counter()
-        self.adaptive = (
-            AdaptiveDraftLength(
-                max_gamma=MAX_ADAPTIVE_DRAFT, initial_gamma=max(request.draft_tokens, 1)
-            )
+        self.eos = frozenset(lm.tokenizer.eos_token_ids)
+        # The draft length (adaptive, or fixed at the request's) and the blocks in flight
+        # (1 unless pipelined), from the session's observed acceptance and times.
+        self.planner = AdaptiveDraftLength(
+            max_gamma=MAX_ADAPTIVE_DRAFT,
+            initial_gamma=max(request.draft_tokens, 1)
             if request.adaptive
-            else None
+            else request.draft_tokens,
+            fixed_gamma=not request.adaptive,
+            pipelined=request.pipelined,
         )
 
     @property
     def remaining(self) -> int:
         return self.request.max_new_tokens - len(self.generated)
 
-    def next_draft_length(self) -> int:
-        return self.adaptive.next_gamma() if self.adaptive else self.request.draft_tokens
+    @property
+    def limit(self) -> int:
+        """The most tokens the session's sequence may hold, prompt included."""
+        return len(self.prompt_ids) + self.request.max_new_tokens
+
+    def next_plan(self) -> Plan:
+        return self.planner.next_plan()
 
     def observe(
-        self, k: int, accepted: int, draft_s: float, compute_s: float, round_trip_s: float
+        self, k: int, accepted: int, draft_s: float, compute_s: float, round_trip_s: float | None
     ) -> None:
-        if self.adaptive and k > 0:
-            self.adaptive.observe_round(
+        """One verdict's facts; `round_trip_s` None when the round trip did not measure the
+        link (the request queued behind others at the verifier)."""
+        if k > 0:
+            self.planner.observe_round(
                 accepted=accepted,
                 drafted=k,
                 draft_s=draft_s,
                 verify_s=compute_s,
-                rtt_s=max(round_trip_s - compute_s, 0.0),
+                rtt_s=None if round_trip_s is None else max(round_trip_s - compute_s, 0.0),
             )
 
     def verify_open(self, tokenizer_fingerprint: str) -> wire.VerifyOpen:
@@ -687,5 +790,6 @@ class _SessionState:
         fresh = kept[len(self.generated) :]
         self.generated = kept
         self.committed.extend(fresh)
-        self.drafter.rollback(self.committed)
+        # The drafter's cache is left as it is: the next draft keeps what it drafted ahead
+        # on these tokens, and crops the rest (Drafter.propose syncs it).
         return fresh, reason

@@ -149,6 +149,7 @@ class VerifierService:
         self.sessions: dict[str, Verifier] = {}
         self.refused = 0
         self.served = 0
+        self.skipped = 0  # pipelined requests whose assumed base a verdict contradicted
         self.worker = VerifierWorker(
             compute,
             max_batch=config.batch_max_sessions,
@@ -323,6 +324,14 @@ class VerifierService:
         sampling = opening.temperature > 0
         try:
             wire.check_verify_request(message, sampling=sampling, vocab_size=self.lm.vocab_size)
+            if message.base_token >= 0 and (
+                message.base_len != len(committed) or committed[-1] != message.base_token
+            ):
+                # Drafted ahead on a base a verdict has since contradicted: skipped, and
+                # the drafter, which saw that verdict, expects no answer.
+                self.skipped += 1
+                log.debug("verify_request_skipped", session=sid, round=message.round)
+                return True
             if message.base_len != len(committed):
                 raise wire.WireError(
                     f"base_len {message.base_len} but {len(committed)} tokens are committed"

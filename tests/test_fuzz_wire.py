@@ -103,6 +103,7 @@ CONFIG = PeerConfig(
     liveness_timeout_s=5.0,
     batch_max_wait_s=0.0,
     max_failovers=1,
+    reconnect_window_s=0.0,  # a failed verifier is not waited for here
 )
 MAX_FRAME = CONFIG.max_frame_bytes
 

@@ -1,0 +1,184 @@
+"""Pipelined drafting on the mesh: lossless against the verifier alone (real processes,
+tiny models), across an emulated link, and a link cut mid-session and healed."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import support
+import trio
+from scipy.stats import chisquare
+
+from p2pspec.client import Client, Result
+from p2pspec.engine import greedy_decode
+from p2pspec.launch import Link, PeerProcess, start_peer, start_peer_behind_proxy, stop_all
+from p2pspec.models import KVCacheRunner
+from p2pspec.speculative import SamplingParams, target_distribution
+
+VERIFIER = "tiny-random:11"
+DRAFTER = "tiny-random:11:noise=0.004"  # per-token acceptance α ≈ 0.7
+FAST = ["--threads", "1"]
+
+
+@pytest.fixture
+async def peers(tmp_path: Path) -> AsyncIterator[list[PeerProcess]]:
+    started: list[PeerProcess] = []
+    try:
+        yield started
+    finally:
+        await stop_all(started)
+
+
+async def test_pipelined_adaptive_output_is_the_verifiers_own_across_a_20ms_link(
+    tmp_path: Path, peers: list[PeerProcess]
+) -> None:
+    """Greedy: every pipelined session commits exactly the verifier's greedy decoding,
+    while several drafts were in flight and some were thrown away on rejections."""
+    async with trio.open_nursery() as proxies:
+        v, _ = await start_peer_behind_proxy(
+            "v",
+            "verifier",
+            VERIFIER,
+            proxies=proxies,
+            link=Link(delay_ms=10.0, jitter_ms=2.0),
+            workdir=tmp_path,
+            extra_args=FAST,
+        )
+        peers.append(v)
+        d = await start_peer("d", "drafter", DRAFTER, workdir=tmp_path, bootstrap=[v.address])
+        peers.append(d)
+        verifier = support.model(VERIFIER)
+        async with Client([v.address]) as client:
+            for prompt in ("pipelined drafting", "hides the round trip"):
+                result = await client.generate(prompt, max_new_tokens=48, raw=True)
+                want = greedy_decode(verifier, result.prompt_token_ids, 48)
+                assert result.token_ids == want
+                stats = result.stats
+                assert stats["max_in_flight"] >= 2
+                assert stats["blocks_discarded"] >= 1  # rejections discarded drafts ahead
+                assert stats["request_bytes"] > 0
+            synchronous = await client.generate(
+                "pipelined drafting", max_new_tokens=48, raw=True, pipelined=False
+            )
+            assert synchronous.stats["max_in_flight"] == 1
+            assert synchronous.stats["blocks_discarded"] == 0
+        proxies.cancel_scope.cancel()
+
+
+SMALL = "tiny-random:21:vocab=4"
+N_SAMPLES = 1600
+
+
+def _exact_three_token_distribution(prompt: list[int], params: SamplingParams) -> np.ndarray:
+    """P(the first three generated tokens) under the verifier's own sampling, exactly."""
+    verifier = support.model(SMALL)
+
+    def p(prefix: list[int]) -> np.ndarray:
+        logits = KVCacheRunner(verifier).forward([*prompt, *prefix])[-1].double().numpy()
+        return target_distribution(logits, params)
+
+    joint = np.zeros(64)
+    for a, b, c in itertools.product(range(4), repeat=3):
+        joint[16 * a + 4 * b + c] = p([])[a] * p([a])[b] * p([a, b])[c]
+    return joint
+
+
+async def test_pipelined_sampling_follows_the_verifiers_own_distribution(
+    tmp_path: Path, peers: list[PeerProcess]
+) -> None:
+    """Sessions of 3 tokens at k = 1 pipelined: the second block is always drafted ahead
+    on a guessed token. The joint law of the 3 tokens, over 1600 seeds, is the
+    verifier's own (chi-square); both kinds of outcome (a kept and a discarded block
+    ahead) occur."""
+    v = await start_peer("v", "verifier", SMALL, workdir=tmp_path, extra_args=FAST)
+    peers.append(v)
+    drafter_model = SMALL + ":noise=0.5"
+    d = await start_peer(
+        "d", "drafter", drafter_model, workdir=tmp_path, bootstrap=[v.address], extra_args=FAST
+    )
+    peers.append(d)
+    params = SamplingParams(temperature=1.0)
+    results: list[Result] = []
+    async with Client([v.address]) as client:
+        limit = trio.Semaphore(6)  # under the peers' capacity of 8
+
+        async def one(seed: int) -> None:
+            async with limit:
+                results.append(
+                    await client.generate(
+                        "ab",
+                        max_new_tokens=3,
+                        raw=True,
+                        temperature=1.0,
+                        seed=seed,
+                        draft_tokens=1,
+                    )
+                )
+
+        with trio.fail_after(600):
+            async with trio.open_nursery() as nursery:
+                for seed in range(N_SAMPLES):
+                    nursery.start_soon(one, seed)
+    counts = Counter(16 * r.token_ids[0] + 4 * r.token_ids[1] + r.token_ids[2] for r in results)
+    observed = np.array([counts[i] for i in range(64)], dtype=float)
+    exact = _exact_three_token_distribution(results[0].prompt_token_ids, params)
+    keep = exact * N_SAMPLES >= 5  # chi-square needs expected counts >= 5
+    expected = exact[keep] / exact[keep].sum() * observed[keep].sum()
+    assert chisquare(observed[keep], expected).pvalue > 1e-3
+    assert all(r.stats["max_in_flight"] == 2 for r in results)
+    discarded = sum(r.stats["blocks_discarded"] > 0 for r in results)
+    assert 0 < discarded < N_SAMPLES
+
+
+async def test_a_link_cut_mid_session_and_healed_still_completes_with_the_same_output(
+    tmp_path: Path, peers: list[PeerProcess]
+) -> None:
+    """The only verifier's link is cut (connections reset, new ones refused) after 8
+    tokens and healed 1.5 s later: the drafter waits for it, redials through libp2p's
+    60 s block on the failed address, and the answer is the verifier's own."""
+    async with trio.open_nursery() as nursery:
+        v, proxy = await start_peer_behind_proxy(
+            "v",
+            "verifier",
+            VERIFIER,
+            proxies=nursery,
+            link=Link(delay_ms=5.0),
+            workdir=tmp_path,
+            extra_args=FAST,
+        )
+        peers.append(v)
+        d = await start_peer(
+            "d", "drafter", DRAFTER, workdir=tmp_path, bootstrap=[v.address], extra_args=FAST
+        )
+        peers.append(d)
+
+        async def heal_later() -> None:
+            await trio.sleep(1.5)
+            proxy.heal()
+
+        streamed: list[int] = []
+        async with Client([d.address]) as client:
+            with trio.fail_after(60):
+                async with client.stream("cut and heal", max_new_tokens=64, raw=True) as chunks:
+                    async for chunk in chunks:
+                        streamed += chunk.tokens
+                        if (
+                            len(streamed) >= 8
+                            and not proxy.is_cut
+                            and not support.logged(d, "verifier_failover")
+                        ):
+                            proxy.cut()
+                            nursery.start_soon(heal_later)
+        nursery.cancel_scope.cancel()
+    result = chunks.result
+    assert result is not None
+    assert result.token_ids == streamed
+    assert result.token_ids == greedy_decode(support.model(VERIFIER), result.prompt_token_ids, 64)
+    assert result.stats["verifier_failovers"] >= 1
+    assert support.logged(d, "verifier_wait")  # it waited for the link to come back
+    assert result.verifier_peer_id == v.peer_id
