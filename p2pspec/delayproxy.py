@@ -22,14 +22,19 @@ with tcp-reset would): every current connection is reset, both towards the diale
 towards the target, and new connections are accepted and reset straight away until
 `heal()`. Data in flight when a cut happens is lost, as on a real broken link.
 
-Room to grow (jitter, bandwidth, loss): every chunk passes through `_release_time`, which
-already keeps release times monotonic per direction so that a jittered delay could never
-reorder a TCP byte stream; a rate limit belongs in `_DelayLine` next to the buffer bound.
+Jitter and bandwidth. `jitter_s` adds to each chunk's delay a uniform draw from
+[-jitter, +jitter] (seeded, never below zero delay), and release times stay monotonic per
+direction, so a jittered link never reorders a TCP byte stream (as on a real path, late
+chunks hold back the ones behind them). `rate_bps` serialises each direction: a chunk
+leaves when the link has sent the chunks before it, taking `8·len / rate` seconds, and
+then travels `delay_s`. Loss cannot be emulated above TCP (a proxy only sees a reliable
+byte stream): that needs the network-namespace mode (p2pspec/netns.py).
 """
 
 from __future__ import annotations
 
 import errno
+import random
 import socket
 import struct
 from collections import deque
@@ -70,6 +75,7 @@ class _DelayLine:
         self.max_buffer_bytes = max_buffer_bytes
         self.in_flight = 0  # bytes read and not yet handed to the receiving socket
         self.last_release = float("-inf")
+        self.link_free_at = float("-inf")  # when the emulated link has sent what it holds
         self._items: deque[tuple[float, bytes]] = deque()
         self._has_items = trio.lowlevel.ParkingLot()
         self._has_room = trio.lowlevel.ParkingLot()
@@ -129,12 +135,22 @@ class DelayProxy:
         target_port: int,
         *,
         delay_s: float,
+        jitter_s: float = 0.0,
+        rate_bps: float = 0.0,
+        seed: int = 0,
         listen_host: str = "127.0.0.1",
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     ) -> None:
         if delay_s < 0:
             raise ValueError(f"delay_s must be >= 0, not {delay_s}")
+        if jitter_s < 0:
+            raise ValueError(f"jitter_s must be >= 0, not {jitter_s}")
+        if rate_bps < 0:
+            raise ValueError(f"rate_bps must be >= 0 (0: unlimited), not {rate_bps}")
+        self.jitter_s = jitter_s
+        self.rate_bps = rate_bps  # bits per second each way; 0: unlimited
+        self._random = random.Random(seed)
         if max_buffer_bytes < 1:
             raise ValueError(f"max_buffer_bytes must be >= 1, not {max_buffer_bytes}")
         self.target_host = target_host
@@ -272,9 +288,16 @@ class DelayProxy:
             nursery.start_soon(self._send_from, connection, line, sink)
         finished[index] = True
 
-    def _release_time(self, line: _DelayLine, arrival: float) -> float:
+    def _release_time(self, line: _DelayLine, arrival: float, size: int) -> float:
+        departure = arrival
+        if self.rate_bps > 0:  # wait for the link, then take 8·size / rate to send
+            departure = max(arrival, line.link_free_at) + 8 * size / self.rate_bps
+            line.link_free_at = departure
+        delay = self.delay_s
+        if self.jitter_s > 0:
+            delay = max(delay + self._random.uniform(-self.jitter_s, self.jitter_s), 0.0)
         # Never before an earlier chunk: a byte stream must not be reordered.
-        return max(arrival + self.delay_s, line.last_release)
+        return max(departure + delay, line.last_release)
 
     async def _read_into(
         self, connection: _Connection, source: trio.SocketStream, line: _DelayLine
@@ -286,7 +309,7 @@ class DelayProxy:
             except trio.BrokenResourceError:
                 connection.abort()  # the sender reset its side: pass the reset on
                 return
-            line.put(self._release_time(line, trio.current_time()), chunk)
+            line.put(self._release_time(line, trio.current_time(), len(chunk)), chunk)
             if not chunk:
                 return
 
@@ -312,5 +335,6 @@ class DelayProxy:
     def __repr__(self) -> str:
         return (
             f"DelayProxy(port={self._port}, target={self.target_host}:{self.target_port}, "
-            f"delay_s={self.delay_s}, cut={self._cut})"
+            f"delay_s={self.delay_s}, jitter_s={self.jitter_s}, rate_bps={self.rate_bps}, "
+            f"cut={self._cut})"
         )

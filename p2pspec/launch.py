@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from p2pspec.delayproxy import DelayProxy
 from p2pspec.errors import P2PSpecError
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"  # loopback, any free port
@@ -98,6 +101,66 @@ def peer_command(
     return cmd + list(extra_args)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port of `host` that was free a moment ago. Racy: another process may take it
+    before the peer binds it; the peer then cannot listen and fails cleanly
+    (PeerStartError). A peer behind a proxy must bind a known port, so there is no
+    race-free way."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Link:
+    """An emulated link in front of a peer (per direction): one-way delay, jitter, and
+    bandwidth (0: unlimited)."""
+
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    rate_mbit: float = 0.0
+
+
+async def start_peer_behind_proxy(
+    name: str,
+    role: str,
+    model: str,
+    *,
+    proxies: trio.Nursery,
+    link: Link,
+    seed: int = 0,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    proxy_host: str = "127.0.0.1",
+    extra_args: Sequence[str] = (),
+    **kwargs: Any,
+) -> tuple[PeerProcess, DelayProxy]:
+    """Start a peer behind a DelayProxy (run in `proxies`) that emulates `link`: the peer
+    listens on `host`:`port` (a free port when 0) and announces the proxy's address, so
+    every dial to it crosses the link. Returns the peer and its proxy (to cut and heal)."""
+    port = port or free_port(host)
+    proxy = DelayProxy(
+        host,
+        port,
+        delay_s=link.delay_ms / 1000.0,
+        jitter_s=link.jitter_ms / 1000.0,
+        rate_bps=link.rate_mbit * 1e6,
+        seed=seed,
+        listen_host=proxy_host,
+    )
+    proxy_port = await proxies.start(proxy.run)
+    peer = await start_peer(
+        name,
+        role,
+        model,
+        listen=f"/ip4/{host}/tcp/{port}",
+        extra_args=[*extra_args, "--announce", f"/ip4/{proxy_host}/tcp/{proxy_port}"],
+        **kwargs,
+    )
+    return peer, proxy
+
+
 async def _read_ready_line(process: trio.Process) -> str:
     assert process.stdout is not None
     buf = b""
@@ -144,6 +207,7 @@ async def start_peer(
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
     peer = PeerProcess(name=name, role=role, model=model, process=process, log_path=log_path)
+    peer.extra["listen"] = listen  # what it was told to bind
     try:
         with trio.fail_after(ready_timeout_s):
             peer.address = await _read_ready_line(process)

@@ -7,22 +7,28 @@ ephemeral loopback ports (the first verifier is everyone's bootstrap peer), wait
 ready line, runs the workload's sessions through the Python client (several at once),
 prints a report, and stops every process it started, also on failure or Ctrl-C.
 
-Peers with `delay_ms` sit behind a DelayProxy (p2pspec/delayproxy.py) that adds that
-one-way delay: the peer listens on a private port and announces the proxy's, so every dial
-to it (from drafters, from the client) crosses the delay. Dials the peer makes itself do
-not: a far verifier that dials a drafter first holds an undelayed connection to it, which
-libp2p may then use for the drafter's streams too. Before the workload the client
-measures its round trip to every peer (one directory request/response, several times),
-and the report carries it beside the configured delay.
+Peers with an emulated link (`delay_ms`, `jitter_ms`, `rate_mbit`) sit behind a DelayProxy
+(p2pspec/delayproxy.py): the peer listens on a private port and announces the proxy's, so
+every dial to it (from drafters, from the client) crosses the link. With links = "netns"
+(Linux, root) every peer also runs in a network namespace of its own, where `loss` drops
+packets and a cut is a real partition (p2pspec/netns.py). The workload may cut one peer
+off mid-run and heal it (`cut_peer`), and `pin_cores` pins each peer to a core of its own.
+Dials a peer makes itself do not cross its own proxy: a far verifier that dials a drafter
+first holds an undelayed connection to it, which libp2p may then use for the drafter's
+streams too. Before the workload the client measures its round trip to every peer (one
+directory request/response, several times), and the report carries it beside the
+configured link.
 Nothing imports this file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
+import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,7 +44,15 @@ from p2pspec.client import Client, ClientError
 from p2pspec.config import TestnetPeers, Topology, load_toml
 from p2pspec.delayproxy import DelayProxy
 from p2pspec.errors import P2PSpecError, UserError
-from p2pspec.launch import DEFAULT_LISTEN, PeerProcess, start_peer, stop_all
+from p2pspec.launch import (
+    DEFAULT_LISTEN,
+    Link,
+    PeerProcess,
+    start_peer,
+    start_peer_behind_proxy,
+    stop_all,
+)
+from p2pspec.netns import PEER_PORT, Namespaces
 from p2pspec.node import Node
 from p2pspec.prober import ProbeError, directory_round_trip
 
@@ -60,46 +74,81 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
-def _free_loopback_port() -> int:
-    """A port that was free a moment ago. Racy: another process may take it between our
-    close and the peer's bind; the peer then cannot listen and the run fails cleanly
-    (PeerStartError). The peer must bind the port itself, so there is no race-free way."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+class Links:
+    """The emulated links of one run. A DelayProxy (run in `proxies`) sits in front of
+    every peer whose link is emulated or that the workload cuts; with links = "netns"
+    every peer also lives in a network namespace of its own (p2pspec/netns.py), which
+    carries its packet loss and makes cuts real partitions. With pin_cores, each peer
+    process is pinned to a core of its own, in turn."""
 
+    def __init__(
+        self, topology: Topology, proxies: trio.Nursery, namespaces: Namespaces | None
+    ) -> None:
+        self.topology = topology
+        self.proxies = proxies
+        self.namespaces = namespaces
+        self.by_peer: dict[str, DelayProxy] = {}
+        self.cores = itertools.cycle(sorted(os.sched_getaffinity(0)))
 
-async def _start(
-    topology: Topology,
-    workdir: Path,
-    proxies: trio.Nursery,
-    name: str,
-    role: str,
-    spec: TestnetPeers,
-    bootstrap: list[str],
-) -> PeerProcess:
-    """Start one peer; behind a DelayProxy (run in `proxies`) if the spec has a delay."""
-    args = _peer_args(topology, spec.capacity_sessions, spec.threads)
-    listen = DEFAULT_LISTEN
-    if spec.delay_ms > 0:
-        port = _free_loopback_port()
-        proxy = DelayProxy("127.0.0.1", port, delay_s=spec.delay_ms / 1000.0)
-        proxy_port = await proxies.start(proxy.run)
-        listen = f"/ip4/127.0.0.1/tcp/{port}"
-        args += ["--announce", f"/ip4/127.0.0.1/tcp/{proxy_port}"]
-    peer = await start_peer(
-        name,
-        role,
-        spec.model,
-        workdir=workdir,
-        bootstrap=bootstrap,
-        extra_args=args,
-        ready_timeout_s=topology.ready_timeout_s,
-        listen=listen,
-    )
-    peer.extra.update(delay_ms=repr(spec.delay_ms), listen=listen)
-    return peer
+    async def start(
+        self, workdir: Path, name: str, role: str, spec: TestnetPeers, bootstrap: list[str]
+    ) -> PeerProcess:
+        topology = self.topology
+        threads = 1 if topology.pin_cores else spec.threads
+        args = _peer_args(topology, spec.capacity_sessions, threads)
+        program = [sys.executable, "-m", "p2pspec.peers.cli"]
+        if topology.pin_cores:
+            program = ["taskset", "-c", str(next(self.cores)), *program]
+        host, port, proxy_host = "127.0.0.1", 0, "127.0.0.1"
+        if self.namespaces is not None:
+            space = self.namespaces.add(name)
+            self.namespaces.set_loss(name, spec.loss)
+            program = [*space.exec_prefix, *program]
+            host, port, proxy_host = space.address, PEER_PORT, self.namespaces.host_address
+        common: dict[str, Any] = {
+            "workdir": workdir,
+            "bootstrap": bootstrap,
+            "extra_args": args,
+            "ready_timeout_s": topology.ready_timeout_s,
+            "program": program,
+        }
+        if spec.link_emulated or name == topology.workload.cut_peer:
+            link = Link(delay_ms=spec.delay_ms, jitter_ms=spec.jitter_ms, rate_mbit=spec.rate_mbit)
+            peer, self.by_peer[name] = await start_peer_behind_proxy(
+                name,
+                role,
+                spec.model,
+                proxies=self.proxies,
+                link=link,
+                seed=len(self.by_peer),
+                host=host,
+                port=port,
+                proxy_host=proxy_host,
+                **common,
+            )
+        else:
+            listen = f"/ip4/{host}/tcp/{port}"
+            peer = await start_peer(name, role, spec.model, listen=listen, **common)
+        peer.extra.update(
+            delay_ms=repr(spec.delay_ms),
+            jitter_ms=repr(spec.jitter_ms),
+            rate_mbit=repr(spec.rate_mbit),
+            loss=repr(spec.loss),
+        )
+        return peer
+
+    def cut(self, name: str) -> None:
+        """Cut `name` off: a partition in netns mode, else its proxy resets and refuses."""
+        if self.namespaces is not None:
+            self.namespaces.cut(name)
+        else:
+            self.by_peer[name].cut()
+
+    def heal(self, name: str) -> None:
+        if self.namespaces is not None:
+            self.namespaces.heal(name)
+        else:
+            self.by_peer[name].heal()
 
 
 def _delay_note(p: PeerProcess) -> str:
@@ -113,21 +162,21 @@ async def start_mesh(
     peers: list[PeerProcess],
     *,
     log: Any,
-    proxies: trio.Nursery,
+    links: Links,
 ) -> str:
     """Start every peer (appending to `peers` as they come up); return the bootstrap addr.
 
-    Delay proxies run in `proxies`; the caller cancels it after stopping the peers."""
+    Delay proxies run in `links.proxies`; the caller cancels it after stopping the peers."""
     first, *rest = [
         (f"verifier-{i}-{j}", v) for i, v in enumerate(topology.verifiers) for j in range(v.count)
     ]
     name, spec = first
-    boot = await _start(topology, workdir, proxies, name, "verifier", spec, [])
+    boot = await links.start(workdir, name, "verifier", spec, [])
     peers.append(boot)
     log(f"{name} ready at {boot.address}{_delay_note(boot)}")
 
     async def one(name: str, role: str, spec: TestnetPeers) -> None:
-        p = await _start(topology, workdir, proxies, name, role, spec, [boot.address])
+        p = await links.start(workdir, name, role, spec, [boot.address])
         peers.append(p)
         log(f"{name} ready at {p.address}{_delay_note(p)}")
 
@@ -171,6 +220,7 @@ async def run_workload(
     *,
     stream_first: bool,
     rtts: dict[str, list[float]] | None = None,
+    links: Links | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """Run the workload's sessions; return their results and the wall time they took.
 
@@ -182,8 +232,11 @@ async def run_workload(
     victim = next((p for p in peers if p.name == w.kill_peer), None)
     if w.kill_peer not in ("", "serving-verifier") and victim is None:
         raise UserError(f"kill_peer {w.kill_peer!r} names no peer of this topology")
+    if w.cut_peer and (links is None or w.cut_peer not in {p.name for p in peers}):
+        raise UserError(f"cut_peer {w.cut_peer!r} names no peer of this topology")
     by_id = {p.peer_id: p for p in peers}
     killed: list[str] = []
+    cut: list[str] = []
     streamed = 0
     limiter = trio.CapacityLimiter(w.concurrency)
     results: list[dict[str, Any]] = [{} for _ in range(w.sessions)]
@@ -199,6 +252,10 @@ async def run_workload(
             rtts.update(await measure_rtts(client.node, peers))
             started += time.perf_counter() - measuring
 
+        async def heal_later(links: Links, name: str) -> None:
+            await trio.sleep(w.heal_after_s)
+            links.heal(name)
+
         async def session(i: int) -> None:
             nonlocal streamed
             prompt = w.prompts[i % len(w.prompts)]
@@ -212,10 +269,16 @@ async def run_workload(
                         seed=w.seed + i,
                         raw=w.raw,
                         draft_tokens=w.draft_tokens,
+                        pipelined=w.pipelined,
                         wait_s=w.wait_s,
                     ) as chunks:
                         async for chunk in chunks:
                             streamed += len(chunk.tokens)
+                            if w.cut_peer and not cut and streamed >= w.cut_after_tokens:
+                                assert links is not None
+                                cut.append(w.cut_peer)
+                                links.cut(w.cut_peer)  # the link breaks mid-run
+                                nursery.start_soon(heal_later, links, w.cut_peer)
                             if w.kill_peer and not killed and streamed >= w.kill_after_tokens:
                                 assert chunks.started is not None
                                 target = victim or by_id[chunks.started.verifier_peer_id]
@@ -332,15 +395,15 @@ async def main_async(args: argparse.Namespace) -> int:
 
     ok = False
 
-    async def run(proxies: trio.Nursery) -> int:
+    async def run(links: Links) -> int:
         nonlocal ok
         t0 = time.perf_counter()
-        bootstrap = await start_mesh(topology, workdir, peers, log=log, proxies=proxies)
+        bootstrap = await start_mesh(topology, workdir, peers, log=log, links=links)
         ready_s = time.perf_counter() - t0
         log(f"mesh of {len(peers)} peers ready in {ready_s:.1f} s; logs in {workdir}")
         rtts: dict[str, list[float]] = {}
         results, wall_s = await run_workload(
-            topology, bootstrap, peers, stream_first=args.stream, rtts=rtts
+            topology, bootstrap, peers, stream_first=args.stream, rtts=rtts, links=links
         )
         rep = report(results, wall_s, ready_s)
         rep["peers"] = [_peer_report(p, rtts.get(p.name, [])) for p in peers]
@@ -352,19 +415,22 @@ async def main_async(args: argparse.Namespace) -> int:
         ok = rep["completed"] == rep["sessions"]
         return 0 if ok else 1
 
+    namespaces = Namespaces() if topology.links == "netns" else None
     try:
-        # Delay proxies live in their own nursery, torn down right after the peers.
-        async with trio.open_nursery() as proxies:
-            try:
-                return await run(proxies)
-            finally:
-                await stop_all(peers)
-                proxies.cancel_scope.cancel()
-                log(f"stopped {len(peers)} peers")
-                if ok and not args.workdir:
-                    shutil.rmtree(workdir, ignore_errors=True)
-                elif not ok:
-                    log(f"peer logs kept in {workdir}")
+        # Delay proxies live in their own nursery, torn down right after the peers, and
+        # the namespaces after both.
+        with namespaces or contextlib.nullcontext():
+            async with trio.open_nursery() as proxies:
+                try:
+                    return await run(Links(topology, proxies, namespaces))
+                finally:
+                    await stop_all(peers)
+                    proxies.cancel_scope.cancel()
+                    log(f"stopped {len(peers)} peers")
+                    if ok and not args.workdir:
+                        shutil.rmtree(workdir, ignore_errors=True)
+                    elif not ok:
+                        log(f"peer logs kept in {workdir}")
     except BaseExceptionGroup as group:
         # The nursery wraps whatever the run raised: main() wants the error itself.
         raise _first_meaningful(group) from None
@@ -391,6 +457,9 @@ def _peer_report(p: PeerProcess, rtts: list[float]) -> dict[str, Any]:
         "address": p.address,  # what it announces (a proxy's port if delayed)
         "listen": p.extra.get("listen", DEFAULT_LISTEN),  # what it was told to bind
         "delay_ms": float(p.extra.get("delay_ms", "0")),
+        "jitter_ms": float(p.extra.get("jitter_ms", "0")),
+        "rate_mbit": float(p.extra.get("rate_mbit", "0")),
+        "loss": float(p.extra.get("loss", "0")),
         # The client's directory round trip to it, in ms (None if it did not answer).
         "rtt_ms_min": min(rtts) * 1000 if rtts else None,
         "rtt_ms_median": statistics.median(rtts) * 1000 if rtts else None,

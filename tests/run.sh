@@ -11,5 +11,13 @@ ruff format --check .
 echo "== mypy (strict on the pure core)" >&2
 mypy --strict p2pspec/speculative.py p2pspec/errors.py p2pspec/wire.py p2pspec/config.py \
   p2pspec/directory.py p2pspec/policy.py p2pspec/framing.py crypto/
+# The network-namespace link tests need root, `ip` and `nft`; CI runs as root.
+if [ "$(id -u)" = 0 ] && ! { command -v nft && command -v ip; } >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1; then
+  echo "== nftables and iproute2 (the network-namespace tests)" >&2
+  { apt-get install -y -qq nftables iproute2 >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq nftables iproute2 >/dev/null; }; } \
+    || echo "could not install nftables: the namespace tests will be skipped" >&2
+fi
 echo "== pytest" >&2
 python -m pytest "$@"

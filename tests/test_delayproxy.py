@@ -29,7 +29,7 @@ async def _echo(stream: trio.SocketStream) -> None:
 
 
 @asynccontextmanager
-async def echo_server_and_proxy(delay_s: float, **kwargs: int) -> AsyncIterator[DelayProxy]:
+async def echo_server_and_proxy(delay_s: float, **kwargs: float) -> AsyncIterator[DelayProxy]:
     """An echo server on an ephemeral port with a DelayProxy in front of it."""
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
@@ -88,9 +88,52 @@ async def test_a_round_trip_takes_twice_the_one_way_delay() -> None:
     assert min(rtts) >= 0.040  # a chunk is never released before its delay
 
 
-async def test_a_2_mib_transfer_arrives_intact_and_in_order() -> None:
+async def test_jitter_spreads_round_trips_within_its_bounds_and_never_reorders() -> None:
+    async with echo_server_and_proxy(0.020, jitter_s=0.010, seed=3) as proxy:
+        with trio.fail_after(STEP_TIMEOUT_S * 3):
+            stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+            async with stream:
+                rtts = [await _round_trip(stream, b"ping %d" % i) for i in range(40)]
+    assert min(rtts) >= 0.020  # two crossings of at least 10 ms each
+    assert statistics.median(rtts) <= 0.080, rtts
+    assert statistics.pstdev(rtts) >= 0.003, rtts  # a fixed delay would spread < 1 ms
+
+
+async def test_a_rate_limit_holds_throughput_to_the_configured_bandwidth() -> None:
+    """1 MiB echoed through a 16 Mbit/s link (each way): about 0.52 s, never less."""
+    rate = 16e6
+    payload = os.urandom(1024 * 1024)
+    async with echo_server_and_proxy(0.001, rate_bps=rate) as proxy:
+        with trio.fail_after(STEP_TIMEOUT_S * 3):
+            stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+            t0 = trio.current_time()
+            got = 0
+
+            async def send() -> None:
+                await stream.send_all(payload)
+                await stream.send_eof()
+
+            async with stream, trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                while chunk := await stream.receive_some(65536):
+                    got += len(chunk)
+            elapsed = trio.current_time() - t0
+    assert got == len(payload)
+    serialisation = 8 * len(payload) / rate  # 0.524 s; the two directions overlap
+    assert serialisation <= elapsed <= 2.5 * serialisation, elapsed
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        {"delay_s": 0.010, "max_buffer_bytes": 64 * 1024},
+        {"delay_s": 0.005, "jitter_s": 0.005, "rate_bps": 400e6},
+    ],
+    ids=["bounded-buffer", "jitter-and-rate"],
+)
+async def test_a_2_mib_transfer_arrives_intact_and_in_order(link: dict[str, float]) -> None:
     payload = os.urandom(2 * 1024 * 1024)
-    async with echo_server_and_proxy(0.010, max_buffer_bytes=64 * 1024) as proxy:
+    async with echo_server_and_proxy(**link) as proxy:
         with trio.fail_after(STEP_TIMEOUT_S * 3):
             stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
             received = hashlib.sha256()
@@ -173,3 +216,7 @@ def test_bad_arguments_are_refused() -> None:
         DelayProxy("127.0.0.1", 1, delay_s=-1.0)
     with pytest.raises(ValueError):
         DelayProxy("127.0.0.1", 1, delay_s=0.0, max_buffer_bytes=0)
+    with pytest.raises(ValueError):
+        DelayProxy("127.0.0.1", 1, delay_s=0.0, jitter_s=-0.001)
+    with pytest.raises(ValueError):
+        DelayProxy("127.0.0.1", 1, delay_s=0.0, rate_bps=-1.0)
