@@ -123,6 +123,7 @@ class SessionStats(Base, tag="session_stats"):
     rounds: NonNegative = 0
     drafted: NonNegative = 0
     accepted: NonNegative = 0
+    rejections: NonNegative = 0  # rounds that rejected a drafted token (α's trials)
     verifier_forward_passes: NonNegative = 0
     drafter_forward_passes: NonNegative = 0
     draft_seconds: float = 0.0

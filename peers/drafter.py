@@ -556,6 +556,7 @@ class DrafterService:
             if random.random() < cfg.audit_fraction:
                 await self._audit(state, proof, q=block.q)
             stats.rounds += 1
+            stats.rejections += verdict.accepted < k
             stats.drafted += k
             stats.accepted += verdict.accepted
             stats.draft_seconds += block.draft_s
