@@ -37,6 +37,7 @@ from typing import Any
 
 import trio
 
+from p2pspec import logs
 from p2pspec.client import Client, Result
 from p2pspec.launch import Link, start_peer, start_peer_behind_proxy, stop_all
 from p2pspec.policy import predicted_tokens_per_second
@@ -67,6 +68,7 @@ SETUPS: dict[str, dict[str, Any]] = {
     },
 }
 SCALING_RTT_MS = 40
+SETUP_ROUND_TRIPS = 2  # per session, before its first draft: key exchange, VerifyOpen
 
 
 def _pinned(core: int) -> list[str]:
@@ -86,7 +88,7 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
     for key in (
         "rounds", "drafted", "accepted", "rejections", "draft_seconds",
         "verifier_compute_seconds", "verifier_forward_passes", "request_bytes",
-        "blocks_discarded",
+        "blocks_discarded", "request_overhead_seconds",
     ):  # fmt: skip
         totals[key] = sum(r.stats[key] for r in results)
     lengths = [k for r in results for k in r.stats["draft_lengths"]]
@@ -95,15 +97,20 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
     alpha = _alpha(totals)
     t_draft = totals["draft_seconds"] / max(totals["drafted"], 1)
     t_verify = totals["verifier_compute_seconds"] / max(totals["rounds"], 1)
-    predicted = predicted_tokens_per_second(
+    t_send = totals["request_overhead_seconds"] / max(totals["rounds"], 1)
+    rate = predicted_tokens_per_second(
         alpha=alpha,
         gamma=gamma,
         t_draft_s=t_draft,
         t_verify_s=t_verify,
         rtt_s=rtt_s,
+        t_send_s=t_send,
         pipelined=depth > 1,
         depth=max(depth, 1),
     )
+    # Each session also opens its verify stream: a key exchange and VerifyOpen, two
+    # round trips before the first draft (and the arithmetic's rate after that).
+    predicted = tokens / (tokens / rate + len(results) * SETUP_ROUND_TRIPS * rtt_s)
     measured = tokens / seconds
     return {
         "tokens": tokens,
@@ -116,6 +123,7 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
         "max_in_flight": depth,
         "t_draft_ms": 1000 * t_draft,
         "t_verify_ms": 1000 * t_verify,
+        "t_send_ms": 1000 * t_send,
         "verifier_passes_per_token": totals["verifier_forward_passes"] / max(tokens, 1),
         "request_bytes_per_token": totals["request_bytes"] / max(tokens, 1),
         "request_bytes_per_drafted_token": totals["request_bytes"] / max(totals["drafted"], 1),
@@ -299,6 +307,7 @@ def _ar_worker() -> None:
 
 
 def run(setup_name: str, out: Path) -> dict[str, Any]:
+    logs.configure(level="warning")
     setup = SETUPS[setup_name]
     cores = sorted(os.sched_getaffinity(0))
     workdir = Path(tempfile.mkdtemp(prefix="p2pspec-bench-wan-"))

@@ -56,6 +56,7 @@ __all__ = [
     "choose_drafter",
     "choose_verifier",
     "effective_verify_time",
+    "pipeline_block_seconds",
     "pipeline_depth",
     "pipeline_hit_probability",
     "pipeline_send_interval",
@@ -109,18 +110,23 @@ def pipeline_hit_probability(alpha: float, gamma: int) -> float:
     return math.pow(alpha, gamma + 1)
 
 
+def pipeline_block_seconds(*, gamma: int, t_draft_s: float, t_send_s: float) -> float:
+    """The drafter's work per block sent ahead: its ``γ`` tokens and the guess of the
+    previous block's extra token, ``(γ+1)·t_draft``, plus ``t_send``, the per-request
+    work (framing, sealing, the verdict's check) that one block costs however short."""
+    return (gamma + 1) * t_draft_s + t_send_s
+
+
 def pipeline_send_interval(
-    *, gamma: int, t_draft_s: float, t_verify_s: float, latency_s: float, depth: int
+    *, block_s: float, t_verify_s: float, latency_s: float, depth: int
 ) -> float:
     """Seconds between two blocks sent ahead, in steady state: the slowest of drafting a
-    block (``(γ+1)·t_draft``: its ``γ`` tokens and the guess of the previous block's extra
-    token), the verifier's pass (it takes a session's blocks in order), and the window
-    (the block ``depth`` places later is drafted only once this one's verdict is back,
-    ``L + (γ+1)·t_draft`` after it was)."""
+    block (:func:`pipeline_block_seconds`), the verifier's pass (it takes a session's
+    blocks in order), and the window (the block ``depth`` places later is drafted only
+    once this one's verdict is back, ``L + block`` after it was)."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
-    block = (gamma + 1) * t_draft_s
-    return max(block, t_verify_s, (latency_s + block) / depth)
+    return max(block_s, t_verify_s, (latency_s + block_s) / depth)
 
 
 def predicted_tokens_per_second(
@@ -152,16 +158,17 @@ def predicted_tokens_per_second(
     misses (block ``J``, ``P(J = j) = a^(j−1)·(1 − a)``). It commits every token up to
     and including the first rejection, ``E / (1 − a)`` on average (the same count as
     ``1 / (1 − a)`` synchronous rounds), and takes
-    ``γ·t_draft + L + (J − 1)·s``, on average ``γ·t_draft + L + s·a / (1 − a)``::
+    ``γ·t_draft + L + b/2 + (J − 1)·s``: the verdict that misses finds the drafter in the
+    middle of drafting a block ahead (``b``, :func:`pipeline_block_seconds`) and waits
+    for it, ``b/2`` on average. On average::
 
-        rate = (E / (1 − a)) / (γ·t_draft + L + s·a / (1 − a))
+        rate = (E / (1 − a)) / (γ·t_draft + L + b/2 + s·a / (1 − a))
 
     against ``γ·t_draft + L`` per round synchronously: pipelining pays ``s`` instead of a
-    whole round for every hit. So it wins when ``s < γ·t_draft + L`` (any ``depth ≥ 2``
-    across a link), and only by what hits allow: at large RTT both approach ``1 / (1 − α)``
-    tokens per round trip for pipelined and ``E`` for synchronous. ``α = 0`` (no hits)
-    gives exactly the synchronous rate; ``α = 1`` gives ``(γ + 1) / s``; ``depth = 1``
-    is synchronous with an extra guess token drafted, never better.
+    whole round for every hit, and ``b/2`` per miss. So it wins when hits are likely and
+    the link is long; at large RTT pipelined approaches ``1 / (1 − α)`` tokens per round
+    trip against ``E`` for synchronous. ``α = 0`` (no hits) loses the ``b/2`` per round;
+    ``α = 1`` gives ``(γ + 1) / s``. :func:`best_plan` weighs both.
     """
     _check_alpha(alpha)
     if gamma < 0:
@@ -181,13 +188,14 @@ def predicted_tokens_per_second(
     expected = expected_tokens_per_round(alpha, gamma)
     if not pipelined:
         return expected / synchronous
+    block = pipeline_block_seconds(gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s)
     send = pipeline_send_interval(
-        gamma=gamma, t_draft_s=t_draft_s, t_verify_s=t_verify_s, latency_s=latency, depth=depth
+        block_s=block, t_verify_s=t_verify_s, latency_s=latency, depth=depth
     )
     hit = pipeline_hit_probability(alpha, gamma)
     if hit >= 1.0:
         return (gamma + 1) / send
-    return (expected / (1.0 - hit)) / (synchronous + send * hit / (1.0 - hit))
+    return (expected / (1.0 - hit)) / (synchronous + block / 2 + send * hit / (1.0 - hit))
 
 
 @dataclass(frozen=True)
@@ -200,15 +208,13 @@ class Plan:
     tokens_per_s: float
 
 
-def pipeline_depth(
-    *, gamma: int, t_draft_s: float, t_verify_s: float, latency_s: float, max_depth: int
-) -> int:
+def pipeline_depth(*, block_s: float, t_verify_s: float, latency_s: float, max_depth: int) -> int:
     """The fewest blocks in flight (2..max_depth) that keep the window from being the
     bottleneck (:func:`pipeline_send_interval`); more only waste drafting on misses."""
-    busy = max((gamma + 1) * t_draft_s, t_verify_s)
+    busy = max(block_s, t_verify_s)
     if busy <= 0.0:
         return max_depth
-    needed = math.ceil((latency_s + (gamma + 1) * t_draft_s) / busy - 1e-9)
+    needed = math.ceil((latency_s + block_s) / busy - 1e-9)
     return min(max(needed, 2), max_depth)
 
 
@@ -237,8 +243,9 @@ def best_plan(
         if max_depth >= 2:
             depths.append(
                 pipeline_depth(
-                    gamma=gamma,
-                    t_draft_s=t_draft_s,
+                    block_s=pipeline_block_seconds(
+                        gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s
+                    ),
                     t_verify_s=t_verify_s,
                     latency_s=latency,
                     max_depth=max_depth,
@@ -460,6 +467,7 @@ class AdaptiveDraftLength:
         self.t_draft = EWMA(half_life_samples=half_life_samples, initial=t_draft_s)
         self.t_verify = EWMA(half_life_samples=half_life_samples, initial=t_verify_s)
         self.rtt = EWMA(half_life_samples=half_life_samples, initial=rtt_s)
+        self.t_send = EWMA(half_life_samples=half_life_samples, initial=None)
 
     def observe_round(
         self,
@@ -469,6 +477,7 @@ class AdaptiveDraftLength:
         draft_s: float | None = None,
         verify_s: float | None = None,
         rtt_s: float | None = None,
+        send_s: float | None = None,
     ) -> None:
         """Record one round. ``draft_s`` is the round's total drafting time (divided by
         ``drafted`` here); ``verify_s`` the verifier's compute; ``rtt_s`` the network part
@@ -481,6 +490,8 @@ class AdaptiveDraftLength:
             self.t_verify.observe(verify_s)
         if rtt_s is not None:
             self.rtt.observe(rtt_s)
+        if send_s is not None:  # the drafter's own work per request (t_send)
+            self.t_send.observe(send_s)
 
     def next_plan(self) -> Plan:
         """``γ`` and blocks in flight for the next round (``depth`` 1 unless pipelined;
@@ -497,6 +508,7 @@ class AdaptiveDraftLength:
             t_draft_s=t_draft,
             t_verify_s=t_verify,
             rtt_s=rtt,
+            t_send_s=self.t_send.value or 0.0,
             min_gamma=1 if self.fixed_gamma is None else self.fixed_gamma,
             max_gamma=self.max_gamma if self.fixed_gamma is None else self.fixed_gamma,
             max_depth=depth,

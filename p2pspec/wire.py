@@ -145,6 +145,9 @@ class SessionStats(Base, tag="session_stats"):
     max_in_flight: NonNegative = 0
     # The bytes of every VerifyRequest sent (framed, sealed when e2e is on).
     request_bytes: NonNegative = 0
+    # The drafter's own work per request besides drafting (sending it, checking and
+    # committing its verdict, telling the client), summed: the cost model's t_send.
+    request_overhead_seconds: float = 0.0
 
 
 class SessionFinished(Base, tag="session_finished"):

@@ -527,8 +527,10 @@ class DrafterService:
                 if block is None:
                     break
                 sent_before = vch.bytes_sent
+                sending = time.perf_counter()
                 await vch.send(block.request(sid))
                 block.sent_at = time.perf_counter()
+                block.send_s = block.sent_at - sending
                 stats.request_bytes += vch.bytes_sent - sent_before
                 in_flight.append(block)
                 stats.max_in_flight = max(stats.max_in_flight, len(in_flight))
@@ -537,7 +539,8 @@ class DrafterService:
                 ping_interval_s=cfg.liveness_interval_s,
                 liveness_timeout_s=cfg.liveness_timeout_s,
             )
-            round_trip = time.perf_counter() - in_flight[0].sent_at
+            received = time.perf_counter()
+            round_trip = received - in_flight[0].sent_at
             block = in_flight.popleft()
             tokens = block.draft.tokens
             k = len(tokens)
@@ -570,7 +573,14 @@ class DrafterService:
             # A block sent behind others waited for them at the verifier: only a block
             # that was alone on the link measures it.
             link_s = round_trip if block.alone else None
-            state.observe(k, verdict.accepted, block.draft_s, verdict.compute_seconds, link_s)
+            state.observe(
+                k,
+                verdict.accepted,
+                block.draft_s,
+                verdict.compute_seconds,
+                link_s,
+                state.last_overhead_s + block.send_s,
+            )
             self.scheduler.observe(
                 verifier_id, k, verdict.accepted, block.draft_s, verdict.compute_seconds
             )
@@ -590,6 +600,10 @@ class DrafterService:
                         proof=proof,
                     ),
                 )
+            # The work this verdict cost here besides drafting (checks, commit, the
+            # client's message): with the request's send, the model's t_send.
+            state.last_overhead_s = time.perf_counter() - received
+            stats.request_overhead_seconds += state.last_overhead_s + block.send_s
             if reason is not None:
                 stats.total_seconds = time.perf_counter() - state.started
                 return wire.SessionFinished(
@@ -646,6 +660,7 @@ class _Block:
     draft_s: float
     alone: bool  # nothing else was in flight: its round trip measures the link
     sent_at: float = 0.0
+    send_s: float = 0.0  # framing, sealing and writing the request
 
     @property
     def q(self) -> list[wire.SparseQ]:
@@ -721,6 +736,7 @@ class _SessionState:
         self.round = 0
         self.started = time.perf_counter()
         self.eos = frozenset(lm.tokenizer.eos_token_ids)
+        self.last_overhead_s = 0.0  # the work the latest verdict cost besides drafting
         # The draft length (adaptive, or fixed at the request's) and the blocks in flight
         # (1 unless pipelined), from the session's observed acceptance and times.
         self.planner = AdaptiveDraftLength(
@@ -745,10 +761,17 @@ class _SessionState:
         return self.planner.next_plan()
 
     def observe(
-        self, k: int, accepted: int, draft_s: float, compute_s: float, round_trip_s: float | None
+        self,
+        k: int,
+        accepted: int,
+        draft_s: float,
+        compute_s: float,
+        round_trip_s: float | None,
+        overhead_s: float,
     ) -> None:
         """One verdict's facts; `round_trip_s` None when the round trip did not measure the
-        link (the request queued behind others at the verifier)."""
+        link (the request queued behind others at the verifier); `overhead_s` this
+        drafter's own work per request besides drafting."""
         if k > 0:
             self.planner.observe_round(
                 accepted=accepted,
@@ -756,6 +779,7 @@ class _SessionState:
                 draft_s=draft_s,
                 verify_s=compute_s,
                 rtt_s=None if round_trip_s is None else max(round_trip_s - compute_s, 0.0),
+                send_s=overhead_s,
             )
 
     def verify_open(self, tokenizer_fingerprint: str) -> wire.VerifyOpen:

@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -81,9 +82,10 @@ def test_synchronous_rate_by_hand() -> None:
 
 
 def test_pipelined_rate_by_hand() -> None:
-    # L = 0.01 + 0.04 + 0.05 = 0.1; a block (γ + 1)·t_draft = 0.04; two in flight: the
-    # send interval s = max(0.04, t_verify 0.05, (L + 0.04) / 2) = 0.07; hit a = 0.5^4.
-    # A cycle commits E / (1 − a) = 1.875 / 0.9375 = 2 tokens in 0.13 + s·a / (1 − a).
+    # L = 0.01 + 0.04 + 0.05 = 0.1; a block (γ + 1)·t_draft + t_send = 0.05; two in flight:
+    # the send interval s = max(0.05, t_verify 0.05, (L + 0.05) / 2) = 0.075; a = 0.5^4.
+    # A cycle commits E / (1 − a) = 1.875 / 0.9375 = 2 tokens in 0.13 + 0.05 / 2 (the
+    # missing verdict waits for the block being drafted) + s·a / (1 − a).
     got = predicted_tokens_per_second(
         alpha=0.5,
         gamma=3,
@@ -94,10 +96,10 @@ def test_pipelined_rate_by_hand() -> None:
         pipelined=True,
         depth=2,
     )
-    assert got == pytest.approx(2 / (0.13 + 0.07 * 0.0625 / 0.9375))
+    assert got == pytest.approx(2 / (0.13 + 0.025 + 0.075 * 0.0625 / 0.9375))
     assert pipeline_hit_probability(0.5, 3) == pytest.approx(0.0625)
     assert pipeline_send_interval(
-        gamma=3, t_draft_s=0.01, t_verify_s=0.05, latency_s=0.1, depth=2
+        block_s=0.04, t_verify_s=0.05, latency_s=0.1, depth=2
     ) == pytest.approx(0.07)
 
 
@@ -117,9 +119,10 @@ def test_rate_edge_cases() -> None:
     assert rate(1.0, 4) == pytest.approx(5 / 0.11)
     assert rate(1.0, 4, pipelined=True, depth=2) == pytest.approx(5 / 0.06)
     assert rate(1.0, 4, pipelined=True, depth=8) == pytest.approx(5 / 0.05)
-    # α = 0: one token per round; pipelining never hits, so it is exactly synchronous.
-    for pipelined in (False, True):
-        assert rate(0.0, 4, pipelined) == pytest.approx(1 / 0.11)
+    # α = 0: one token per round; pipelining never hits and each verdict waits for half
+    # a block drafted in vain (0.05 / 2).
+    assert rate(0.0, 4) == pytest.approx(1 / 0.11)
+    assert rate(0.0, 4, pipelined=True) == pytest.approx(1 / 0.135)
     # γ = 0: plain decoding across the link, one token per L; pipelined guesses each next
     # token and sends it ahead.
     assert rate(0.7, 0) == pytest.approx(1 / 0.07)
@@ -164,29 +167,34 @@ seconds = st.floats(min_value=1e-4, max_value=2.0)
     rtt=st.floats(0.0, 2.0),
     depth=st.integers(2, 16),
 )
-def test_pipelined_never_below_synchronous_across_a_link(
+def test_pipelined_loses_at_most_the_wait_for_a_block_being_drafted(
     alpha: float, gamma: int, t_d: float, t_v: float, rtt: float, depth: int
 ) -> None:
-    """Two or more blocks in flight never lose, as long as drafting one token is quicker
-    than a round trip (else the guess token each block drafts costs more than it saves,
-    and best_plan stays synchronous)."""
+    """Whenever a block ahead is sent sooner than a synchronous round would end, every
+    hit saves time, and pipelining is never slower than synchronous rounds that each
+    also waited for half a block."""
     args = {"alpha": alpha, "gamma": gamma, "t_draft_s": t_d, "t_verify_s": t_v, "rtt_s": rtt}
     sync = predicted_tokens_per_second(**args)  # type: ignore[arg-type]
     pipe = predicted_tokens_per_second(pipelined=True, depth=depth, **args)  # type: ignore[arg-type]
     assert sync == pytest.approx(sync_rate(alpha, gamma, t_d, t_v, rtt), rel=1e-9)
-    if t_d <= rtt + t_v:
-        assert pipe >= sync * (1 - 1e-9)
+    block = (gamma + 1) * t_d
+    round_s = gamma * t_d + rtt + t_v
+    send = pipeline_send_interval(block_s=block, t_verify_s=t_v, latency_s=rtt + t_v, depth=depth)
+    if send <= round_s + block / 2:
+        expected = expected_tokens_per_round(alpha, gamma)
+        assert pipe >= expected / (round_s + block / 2) * (1 - 1e-9)
 
 
 def test_pipelined_with_zero_rtt_beats_synchronous_by_the_overlap() -> None:
     # α = 0.9, γ = 4, t_draft = 0.01, t_verify = 0.04, RTT = 0: sync round 0.08; blocks
-    # every s = 0.05 (drafting 5 tokens); a = 0.9^5: ratio 0.08 / (0.08 − 0.03·a).
+    # every s = 0.05 (drafting 5 tokens); a miss also waits 0.025 for the block being
+    # drafted; a = 0.9^5: ratio 0.08 / (0.105 − 0.055·a).
     a = 0.9**5
     args = {"alpha": 0.9, "gamma": 4, "t_draft_s": 0.01, "t_verify_s": 0.04, "rtt_s": 0.0}
     sync = predicted_tokens_per_second(**args)  # type: ignore[arg-type]
     pipe = predicted_tokens_per_second(pipelined=True, depth=8, **args)  # type: ignore[arg-type]
-    assert pipe / sync == pytest.approx(0.08 / (0.08 - 0.03 * a))
-    assert pipe > 1.25 * sync
+    assert pipe / sync == pytest.approx(0.08 / (0.105 - 0.055 * a))
+    assert pipe > 1.05 * sync
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
@@ -454,6 +462,30 @@ def test_adaptive_follows_acceptance_and_rtt() -> None:
     assert min(far_good) >= max(near_good)
     assert max(near_bad) <= 2
     assert sum(near_good) > sum(near_bad)
+
+
+def _pipelined_session(rtt: float, **kw: Any) -> AdaptiveDraftLength:
+    adapt = AdaptiveDraftLength(pipelined=True, **kw)
+    for _ in range(30):
+        adapt.observe_round(accepted=3, drafted=4, draft_s=0.008, verify_s=0.003, rtt_s=rtt)
+    return adapt
+
+
+def test_a_pipelined_session_goes_deep_on_a_long_link_and_shallow_on_loopback() -> None:
+    assert AdaptiveDraftLength(pipelined=True).next_plan().depth == 2  # before any timing
+    session = _pipelined_session(0.1)
+    far, near = session.next_plan(), _pipelined_session(0.0).next_plan()
+    assert far.depth > near.depth >= 1
+    assert far == best_plan(
+        alpha=session.acceptance.alpha, t_draft_s=0.002, t_verify_s=0.003, rtt_s=0.1,
+        max_gamma=16,
+    )  # fmt: skip
+    # A fixed draft length stays fixed (0 too); only the depth adapts.
+    fixed = _pipelined_session(0.1, initial_gamma=3, fixed_gamma=True).next_plan()
+    assert fixed.gamma == 3 and fixed.depth > 1
+    assert AdaptiveDraftLength(initial_gamma=0, fixed_gamma=True).next_plan().gamma == 0
+    synchronous = _pipelined_session(0.1, initial_gamma=0, fixed_gamma=True, max_depth=1)
+    assert (synchronous.next_plan().gamma, synchronous.next_plan().depth) == (0, 1)
 
 
 # -- matching: drafters ------------------------------------------------------------------
