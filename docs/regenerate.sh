@@ -11,3 +11,7 @@ python -m p2pspec.bench_batching --verifier qwen2.5-coder-1.5b-instruct \
 python testnet/testnet.py --topology configs/testnet-tiny.toml --out docs/bench/testnet-tiny.json
 python testnet/testnet.py --topology configs/testnet-load.toml --out docs/bench/testnet-load.json
 python -m p2pspec.bench_crypto --out docs/bench/crypto.json
+# The WAN report: each peer pinned to a core of its own; writes JSON and PNG beside it.
+python -m p2pspec.bench_wan --setup tiny --out docs/bench/wan-tiny.json
+python -m p2pspec.bench_wan --setup qwen --out docs/bench/wan-qwen.json
+python -m p2pspec.bench_wan_plot docs/bench/wan-tiny.json docs/bench/wan-qwen.json

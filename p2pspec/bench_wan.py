@@ -88,7 +88,8 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
     for key in (
         "rounds", "drafted", "accepted", "rejections", "draft_seconds",
         "verifier_compute_seconds", "verifier_forward_passes", "request_bytes",
-        "blocks_discarded", "request_overhead_seconds",
+        "blocks_discarded", "request_overhead_seconds", "receive_overhead_seconds",
+        "receive_samples",
     ):  # fmt: skip
         totals[key] = sum(r.stats[key] for r in results)
     lengths = [k for r in results for k in r.stats["draft_lengths"]]
@@ -98,6 +99,7 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
     t_draft = totals["draft_seconds"] / max(totals["drafted"], 1)
     t_verify = totals["verifier_compute_seconds"] / max(totals["rounds"], 1)
     t_send = totals["request_overhead_seconds"] / max(totals["rounds"], 1)
+    t_receive = totals["receive_overhead_seconds"] / max(totals["receive_samples"], 1)
     rate = predicted_tokens_per_second(
         alpha=alpha,
         gamma=gamma,
@@ -107,6 +109,7 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
         t_send_s=t_send,
         pipelined=depth > 1,
         depth=max(depth, 1),
+        t_receive_s=t_receive,
     )
     # Each session also opens its verify stream: a key exchange and VerifyOpen, two
     # round trips before the first draft (and the arithmetic's rate after that).
@@ -124,6 +127,7 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
         "t_draft_ms": 1000 * t_draft,
         "t_verify_ms": 1000 * t_verify,
         "t_send_ms": 1000 * t_send,
+        "t_receive_ms": 1000 * t_receive,
         "verifier_passes_per_token": totals["verifier_forward_passes"] / max(tokens, 1),
         "request_bytes_per_token": totals["request_bytes"] / max(tokens, 1),
         "request_bytes_per_drafted_token": totals["request_bytes"] / max(totals["drafted"], 1),

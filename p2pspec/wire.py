@@ -148,6 +148,10 @@ class SessionStats(Base, tag="session_stats"):
     # The drafter's own work per request besides drafting (sending it, checking and
     # committing its verdict, telling the client), summed: the cost model's t_send.
     request_overhead_seconds: float = 0.0
+    # Pipelined: per block drafted ahead that hit, what its verdict cost beyond drafting,
+    # sending and the verifier's pass (summed over `receive_samples`): the model's t_receive.
+    receive_overhead_seconds: float = 0.0
+    receive_samples: NonNegative = 0
 
 
 class SessionFinished(Base, tag="session_finished"):

@@ -520,6 +520,8 @@ class DrafterService:
         sid = state.request.session_id
         stats = state.stats
         in_flight: deque[_Block] = deque()
+        previous = 0.0  # when the previous verdict arrived
+        busy = 0.0  # seconds of drafting and sending since then
         while True:
             plan = state.next_plan()
             while len(in_flight) < plan.depth:
@@ -531,6 +533,7 @@ class DrafterService:
                 await vch.send(block.request(sid))
                 block.sent_at = time.perf_counter()
                 block.send_s = block.sent_at - sending
+                busy += block.work_s + block.send_s
                 stats.request_bytes += vch.bytes_sent - sent_before
                 in_flight.append(block)
                 stats.max_in_flight = max(stats.max_in_flight, len(in_flight))
@@ -573,6 +576,17 @@ class DrafterService:
             # A block sent behind others waited for them at the verifier: only a block
             # that was alone on the link measures it.
             link_s = round_trip if block.alone else None
+            # A block already in flight when the verdict before it came (a hit): the gap
+            # between the two verdicts is what one more block costs. What of it neither
+            # the drafting and sending here nor the verifier's pass explain (reading and
+            # opening frames, scheduling) is the model's t_receive.
+            receive_s = None
+            if block.sent_at < previous:
+                gap = received - previous
+                receive_s = max(gap - max(busy + state.last_overhead_s, verdict.compute_seconds), 0)
+                stats.receive_overhead_seconds += receive_s
+                stats.receive_samples += 1
+            previous, busy = received, 0.0
             state.observe(
                 k,
                 verdict.accepted,
@@ -580,6 +594,7 @@ class DrafterService:
                 verdict.compute_seconds,
                 link_s,
                 state.last_overhead_s + block.send_s,
+                receive_s,
             )
             self.scheduler.observe(
                 verifier_id, k, verdict.accepted, block.draft_s, verdict.compute_seconds
@@ -642,9 +657,11 @@ class DrafterService:
         if guessing:
             guess = draft.tokens[0]
             draft = Draft(tokens=draft.tokens[1:], q=None if draft.q is None else draft.q[1:])
-            block = _Block(state.round, len(base) + 1, guess, draft, draft_s * k / (k + 1), alone)
+            block = _Block(
+                state.round, len(base) + 1, guess, draft, draft_s * k / (k + 1), alone, draft_s
+            )
         else:
-            block = _Block(state.round, len(base), -1, draft, draft_s, alone)
+            block = _Block(state.round, len(base), -1, draft, draft_s, alone, draft_s)
         state.round += 1
         return block
 
@@ -659,6 +676,7 @@ class _Block:
     draft: Draft
     draft_s: float
     alone: bool  # nothing else was in flight: its round trip measures the link
+    work_s: float  # drafting it, the guessed token included
     sent_at: float = 0.0
     send_s: float = 0.0  # framing, sealing and writing the request
 
@@ -768,6 +786,7 @@ class _SessionState:
         compute_s: float,
         round_trip_s: float | None,
         overhead_s: float,
+        receive_s: float | None,
     ) -> None:
         """One verdict's facts; `round_trip_s` None when the round trip did not measure the
         link (the request queued behind others at the verifier); `overhead_s` this
@@ -780,6 +799,7 @@ class _SessionState:
                 verify_s=compute_s,
                 rtt_s=None if round_trip_s is None else max(round_trip_s - compute_s, 0.0),
                 send_s=overhead_s,
+                receive_s=receive_s,
             )
 
     def verify_open(self, tokenizer_fingerprint: str) -> wire.VerifyOpen:

@@ -145,17 +145,25 @@ def _advertiser_with_dead_bootstrap(node: _DeadPeerNode) -> Advertiser:
     )
 
 
+async def _run_with_dead_bootstrap(
+    *, hang: bool, seconds: float
+) -> tuple[_DeadPeerNode, Advertiser]:
+    """Run an Advertiser whose only target is a dead bootstrap peer for `seconds`."""
+    node = _DeadPeerNode(hang=hang)
+    advertiser = _advertiser_with_dead_bootstrap(node)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(advertiser.run)
+        await trio.sleep(seconds)
+        nursery.cancel_scope.cancel()
+    return node, advertiser
+
+
 async def test_a_hanging_peer_never_holds_back_the_refresh_of_our_own_record(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """The CI flake this fixes: rounds that waited on a dead bootstrap peer's dial let
     records expire everywhere. Refreshes keep their interval; one dial is in flight."""
-    node = _DeadPeerNode(hang=True)
-    advertiser = _advertiser_with_dead_bootstrap(node)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(advertiser.run)
-        await trio.sleep(10.5)
-        nursery.cancel_scope.cancel()
+    node, advertiser = await _run_with_dead_bootstrap(hang=True, seconds=10.5)
     assert advertiser.seq == 10  # re-signed every advert interval
     assert len(node.dials) == 1  # never a second dial while the first hangs
 
@@ -163,12 +171,7 @@ async def test_a_hanging_peer_never_holds_back_the_refresh_of_our_own_record(
 async def test_a_peer_that_keeps_failing_is_dialled_with_backoff(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    node = _DeadPeerNode(hang=False)
-    advertiser = _advertiser_with_dead_bootstrap(node)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(advertiser.run)
-        await trio.sleep(60.5)
-        nursery.cancel_scope.cancel()
+    node, advertiser = await _run_with_dead_bootstrap(hang=False, seconds=60.5)
     gaps = [round(b - a) for a, b in itertools.pairwise(node.dials)]
     assert gaps == [1, 2, 4, 8, 16, 30][: len(gaps)] and len(gaps) >= 5, gaps
     assert advertiser.seq == 60

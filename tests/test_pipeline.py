@@ -15,13 +15,14 @@ import trio
 from scipy.stats import chisquare
 
 from p2pspec.client import Client, Result
+from p2pspec.delayproxy import DelayProxy
 from p2pspec.engine import greedy_decode
 from p2pspec.launch import Link, PeerProcess, start_peer, start_peer_behind_proxy, stop_all
 from p2pspec.models import KVCacheRunner
 from p2pspec.speculative import SamplingParams, target_distribution
 
 VERIFIER = "tiny-random:11"
-DRAFTER = "tiny-random:11:noise=0.004"  # per-token acceptance α ≈ 0.7
+DRAFTER = "tiny-random:11:noise=0.001"  # per-token acceptance α ≈ 0.9: pipelining pays
 FAST = ["--threads", "1"]
 
 
@@ -34,24 +35,30 @@ async def peers(tmp_path: Path) -> AsyncIterator[list[PeerProcess]]:
         await stop_all(started)
 
 
+async def _far_verifier_and_drafter(
+    workdir: Path, peers: list[PeerProcess], proxies: trio.Nursery, link: Link
+) -> tuple[PeerProcess, DelayProxy, PeerProcess]:
+    """A verifier behind `link` (its proxy runs in `proxies`) and a drafter that dials it."""
+    v, proxy = await start_peer_behind_proxy(
+        "v", "verifier", VERIFIER, proxies=proxies, link=link, workdir=workdir, extra_args=FAST
+    )
+    peers.append(v)
+    d = await start_peer(
+        "d", "drafter", DRAFTER, workdir=workdir, bootstrap=[v.address], extra_args=FAST
+    )
+    peers.append(d)
+    return v, proxy, d
+
+
 async def test_pipelined_adaptive_output_is_the_verifiers_own_across_a_20ms_link(
     tmp_path: Path, peers: list[PeerProcess]
 ) -> None:
     """Greedy: every pipelined session commits exactly the verifier's greedy decoding,
     while several drafts were in flight and some were thrown away on rejections."""
     async with trio.open_nursery() as proxies:
-        v, _ = await start_peer_behind_proxy(
-            "v",
-            "verifier",
-            VERIFIER,
-            proxies=proxies,
-            link=Link(delay_ms=10.0, jitter_ms=2.0),
-            workdir=tmp_path,
-            extra_args=FAST,
+        v, _, _ = await _far_verifier_and_drafter(
+            tmp_path, peers, proxies, Link(delay_ms=10.0, jitter_ms=2.0)
         )
-        peers.append(v)
-        d = await start_peer("d", "drafter", DRAFTER, workdir=tmp_path, bootstrap=[v.address])
-        peers.append(d)
         verifier = support.model(VERIFIER)
         async with Client([v.address]) as client:
             for prompt in ("pipelined drafting", "hides the round trip"):
@@ -142,20 +149,7 @@ async def test_a_link_cut_mid_session_and_healed_still_completes_with_the_same_o
     tokens and healed 1.5 s later: the drafter waits for it, redials through libp2p's
     60 s block on the failed address, and the answer is the verifier's own."""
     async with trio.open_nursery() as nursery:
-        v, proxy = await start_peer_behind_proxy(
-            "v",
-            "verifier",
-            VERIFIER,
-            proxies=nursery,
-            link=Link(delay_ms=5.0),
-            workdir=tmp_path,
-            extra_args=FAST,
-        )
-        peers.append(v)
-        d = await start_peer(
-            "d", "drafter", DRAFTER, workdir=tmp_path, bootstrap=[v.address], extra_args=FAST
-        )
-        peers.append(d)
+        v, proxy, d = await _far_verifier_and_drafter(tmp_path, peers, nursery, Link(delay_ms=5.0))
 
         async def heal_later() -> None:
             await trio.sleep(1.5)
