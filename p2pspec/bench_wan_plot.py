@@ -54,9 +54,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     assisted = report["transformers_assisted_rtt0"]["tokens_per_second"]
     ax.plot([0], [assisted], "C2D", markersize=9, label="(d) transformers assisted, in process")
     ax.set_xlabel("measured round trip to the verifier, ms")
-    ax.set_ylabel("tokens / s (one session)")
     ax.set_title(f"{report['verifier']} verified, {report['drafter']} drafting", fontsize=9)
-    ax.set_ylim(bottom=0)
+    lows, highs = ax.get_ylim()
+    if highs > 10 * max(lows, 1e-9):  # a wide range: the lower curves need a log scale
+        ax.set_yscale("log")
+        ax.set_ylabel("tokens / s (one session, log scale)")
+    else:
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("tokens / s (one session)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if panels == 2:
