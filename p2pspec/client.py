@@ -417,11 +417,8 @@ class Client:
 
     def verifier_record(self, peer_id: str) -> wire.PeerRecord | None:
         """The newest verifier record held of `peer_id` (expired or not), or None."""
-        signed = self.directory.signed(peer_id)
-        if signed is None:
-            return None
-        record = wire.decode_record(signed.record)
-        return record if record.role == "verifier" else None
+        record = self.directory.record(peer_id)
+        return record if record is not None and record.role == "verifier" else None
 
     def signed_records(self, peer_ids: set[str]) -> list[wire.SignedRecord]:
         """The signed records this client holds of these peers (for transcripts)."""

@@ -97,6 +97,11 @@ class Directory:
         e = self._entries.get(peer_id)
         return e.signed if e is not None else None
 
+    def record(self, peer_id: str) -> wire.PeerRecord | None:
+        """The newest record held of `peer_id`, expired or not (decoded once, on arrival)."""
+        e = self._entries.get(peer_id)
+        return e.record if e is not None else None
+
     def get(self, peer_id: str, now_ms: int) -> wire.PeerRecord | None:
         e = self._entries.get(peer_id)
         return e.record if e is not None and e.expires_at_ms > now_ms else None

@@ -142,12 +142,14 @@ class Drafter:
 class Verifier:
     """Verifies drafts for one sequence with the large model p, keeping its KV cache."""
 
-    def __init__(self, lm: LoadedModel, params: SamplingParams) -> None:
+    def __init__(self, lm: LoadedModel, params: SamplingParams, *, margins: bool = False) -> None:
         self.params = params
         self.sequence = CachedSequence(lm)
         # How robust the last verdict is, for audits. Greedy: at the first rejected
         # position, the verifier's logit for its token minus the drafted one's (0 when
-        # all were accepted). Sampling: speculative.rejection_margin.
+        # all were accepted). Sampling: speculative.rejection_margin, computed only with
+        # `margins` (it costs a pass over the vocabulary per position; 0 otherwise).
+        self.margins = margins
         self.last_margin = 0.0
 
     @property
@@ -185,9 +187,14 @@ class Verifier:
             verdict = verify_rejection(
                 draft.tokens, draft.q, p, base_position=base, seed=self.params.seed
             )
-            self.last_margin = rejection_margin(
-                draft.tokens, draft.q, p, base_position=base, seed=self.params.seed, verdict=verdict
-            )
+            self.last_margin = (
+                rejection_margin(
+                    draft.tokens, draft.q, p, base_position=base, seed=self.params.seed,
+                    verdict=verdict,
+                )
+                if self.margins
+                else 0.0
+            )  # fmt: skip
         self.sequence.truncate(base + verdict.accepted)
         return verdict
 

@@ -231,6 +231,9 @@ class VerifyOpen(Base, tag="verify_open"):
     top_k: NonNegative = 0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     seed: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 0
+    # An audit: every verdict carries its sampled margin too (speculative.rejection_margin,
+    # a pass over the vocabulary that other sessions need not pay for).
+    margins: bool = False
 
 
 class VerifyOpened(Base, tag="verify_opened"):

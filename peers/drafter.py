@@ -454,6 +454,7 @@ class DrafterService:
                     top_k=params.top_k,
                     top_p=params.top_p,
                     seed=params.seed,
+                    margins=True,  # an audit weighs a disagreement by the auditor's margin
                 )
             )
             await vch.expect(wire.VerifyOpened, timeout_s=cfg.request_timeout_s)

@@ -207,7 +207,7 @@ class VerifierService:
             top_p=opening.top_p,
             seed=opening.seed,
         )
-        verifier = Verifier(self.lm, params)
+        verifier = Verifier(self.lm, params, margins=opening.margins)
         sid = opening.session_id
         self.sessions[sid] = verifier
         self.served += 1

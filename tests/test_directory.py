@@ -175,3 +175,14 @@ async def test_a_peer_that_keeps_failing_is_dialled_with_backoff(
     gaps = [round(b - a) for a, b in itertools.pairwise(node.dials)]
     assert gaps == [1, 2, 4, 8, 16, 30][: len(gaps)] and len(gaps) >= 5, gaps
     assert advertiser.seq == 60
+
+
+def test_a_held_record_is_returned_decoded_until_it_is_dropped() -> None:
+    me = Identity.generate()
+    d = Directory()
+    d.add(sign_record(me, _record(me, issued=1000, ttl=1000)), now_ms=1500)
+    assert d.get(me.peer_id, 3000) is None  # expired
+    held = d.record(me.peer_id)  # still held: transcripts check verdicts against it
+    assert held is not None and held == _record(me, issued=1000, ttl=1000)
+    d.expire(3000)
+    assert d.record(me.peer_id) is None

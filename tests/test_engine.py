@@ -241,3 +241,22 @@ def test_stats_count_rounds_drafts_and_verifier_passes() -> None:
     assert stats.drafted == stats.accepted == 16
     assert stats.verifier_forward_passes == 4
     assert stats.draft_seconds > 0 and stats.verify_seconds > 0
+
+
+def test_the_sampled_margin_is_computed_only_for_audit_sessions() -> None:
+    """`rejection_margin` costs a pass over the vocabulary per position: only a Verifier
+    opened for an audit (`margins`) pays it; the verdicts are the same either way."""
+    params = SamplingParams(1.0, seed=3)
+    target, draft = model(TARGET), model(TARGET + ":noise=0.1")
+    drafter = Drafter(draft, params)
+    plain, audit = Verifier(target, params), Verifier(target, params, margins=True)
+    committed = list(PROMPTS[0])
+    margins = []
+    for _ in range(6):
+        proposal = drafter.propose(committed, 4)
+        verdict = plain.verify(committed, proposal)
+        assert audit.verify(committed, proposal) == verdict
+        assert plain.last_margin == 0.0
+        margins.append(audit.last_margin)
+        committed += [*proposal.tokens[: verdict.accepted], verdict.token]
+    assert any(m > 0 for m in margins)
