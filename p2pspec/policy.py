@@ -113,11 +113,14 @@ def pipeline_hit_probability(alpha: float, gamma: int) -> float:
     return math.pow(alpha, gamma + 1)
 
 
-def pipeline_block_seconds(*, gamma: int, t_draft_s: float, t_send_s: float) -> float:
+def pipeline_block_seconds(
+    *, gamma: int, t_draft_s: float, t_send_s: float, t_receive_s: float = 0.0
+) -> float:
     """The drafter's work per block sent ahead: its ``γ`` tokens and the guess of the
     previous block's extra token, ``(γ+1)·t_draft``, plus ``t_send``, the per-request
-    work (framing, sealing, the verdict's check) that one block costs however short."""
-    return (gamma + 1) * t_draft_s + t_send_s
+    work (framing, sealing, the verdict's check) that one block costs however short, plus
+    ``t_receive`` (:func:`predicted_tokens_per_second`)."""
+    return (gamma + 1) * t_draft_s + t_send_s + t_receive_s
 
 
 def pipeline_send_interval(
@@ -154,7 +157,8 @@ def predicted_tokens_per_second(
     verdicts travel, up to ``depth`` blocks in flight, each assuming its predecessors are
     committed whole (a *hit*, probability ``a = α^(γ+1)``,
     :func:`pipeline_hit_probability`). The verifier takes a session's blocks in order and
-    skips, at no cost, one whose assumption failed. Assumptions, to be checked against
+    skips one whose assumption failed (free in this model; :func:`best_plan`'s margin
+    covers what it really costs). Assumptions, to be checked against
     measurements: acceptances independent; a block sent every
     ``s = pipeline_send_interval(...)`` once the pipeline runs.
 
@@ -198,8 +202,9 @@ def predicted_tokens_per_second(
     expected = expected_tokens_per_round(alpha, gamma)
     if not pipelined:
         return expected / synchronous
-    block = pipeline_block_seconds(gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s)
-    block += t_receive_s
+    block = pipeline_block_seconds(
+        gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s, t_receive_s=t_receive_s
+    )
     send = pipeline_send_interval(
         block_s=block, t_verify_s=t_verify_s, latency_s=latency, depth=depth
     )
@@ -260,9 +265,8 @@ def best_plan(
             depths.append(
                 pipeline_depth(
                     block_s=pipeline_block_seconds(
-                        gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s
-                    )
-                    + t_receive_s,
+                        gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s, t_receive_s=t_receive_s
+                    ),
                     t_verify_s=t_verify_s,
                     latency_s=latency,
                     max_depth=max_depth,

@@ -544,8 +544,8 @@ class DrafterService:
                 liveness_timeout_s=cfg.liveness_timeout_s,
             )
             received = time.perf_counter()
-            round_trip = received - in_flight[0].sent_at
             block = in_flight.popleft()
+            round_trip = received - block.sent_at
             tokens = block.draft.tokens
             k = len(tokens)
             if (
