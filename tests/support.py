@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
+
+import pytest
+import trio
 
 from p2pspec.engine import LocalEngine
 from p2pspec.launch import PeerProcess
 from p2pspec.models import LoadedModel, load_model
 from p2pspec.speculative import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @functools.cache
@@ -39,3 +47,31 @@ def logged(peer: PeerProcess, event: str) -> list[dict[str, Any]]:
         if isinstance(entry, dict) and entry.get("event") == event:
             out.append(entry)
     return out
+
+
+async def run_testnet(
+    topology: Path, *extra_args: str, returncodes: tuple[int, ...] = (0,)
+) -> dict[str, Any]:
+    """Run `testnet/testnet.py --topology TOPOLOGY --json --quiet [extra_args]` and return
+    its JSON report, having checked its exit code and that every peer process is gone."""
+    proc = await trio.run_process(
+        [
+            sys.executable,
+            str(ROOT / "testnet" / "testnet.py"),
+            "--topology",
+            str(topology),
+            "--json",
+            "--quiet",
+            *extra_args,
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode in returncodes, proc.stderr.decode()[-3000:]
+    report: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    for p in report["peers"]:  # every peer process is gone, whatever happened
+        with pytest.raises(ProcessLookupError):
+            os.kill(p["pid"], 0)
+    return report

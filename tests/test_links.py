@@ -4,7 +4,6 @@ limit and a cut that heals (portable proxies), and packet loss with a real parti
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -14,34 +13,12 @@ from typing import Any
 
 import pytest
 import support
-import trio
 
 from p2pspec.engine import greedy_decode
 from p2pspec.netns import Namespaces, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 VERIFIER = "tiny-random:11"
-
-
-async def _testnet(topology: str, out: Path) -> dict[str, Any]:
-    proc = await trio.run_process(
-        [
-            sys.executable,
-            str(ROOT / "testnet" / "testnet.py"),
-            "--topology",
-            topology,
-            "--quiet",
-            "--out",
-            str(out),
-        ],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    report: dict[str, Any] = json.loads(out.read_text())
-    return report
 
 
 def _answers_are_the_verifiers_own(report: dict[str, Any]) -> None:
@@ -54,7 +31,7 @@ def _answers_are_the_verifiers_own(report: dict[str, Any]) -> None:
 
 
 async def test_edge_and_cloud_links_with_a_cut_and_heal(tmp_path: Path) -> None:
-    report = await _testnet(str(ROOT / "configs" / "testnet-wan.toml"), tmp_path / "wan.json")
+    report = await support.run_testnet(ROOT / "configs" / "testnet-wan.toml")
     _answers_are_the_verifiers_own(report)
     peers = {p["name"]: p for p in report["peers"]}
     for name in ("verifier-0-0", "verifier-0-1"):
@@ -72,7 +49,7 @@ async def test_five_percent_loss_and_a_partition_that_heals(tmp_path: Path) -> N
     and is partitioned for 3 s mid-run; every session completes with the right answer,
     and every namespace, veth and bridge is gone afterwards."""
     before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    report = await _testnet(str(ROOT / "configs" / "testnet-netns.toml"), tmp_path / "n.json")
+    report = await support.run_testnet(ROOT / "configs" / "testnet-netns.toml")
     _answers_are_the_verifiers_own(report)
     peers = {p["name"]: p for p in report["peers"]}
     assert peers["verifier-0-0"]["loss"] == 0.05

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -205,26 +204,7 @@ async def test_100_concurrent_sessions_complete_or_are_refused_clearly_without_d
 
 async def _testnet_any(topology: str) -> dict[str, Any]:
     """Run the testnet; its JSON report, whether or not every session completed."""
-    proc = await trio.run_process(
-        [
-            sys.executable,
-            str(ROOT / "testnet" / "testnet.py"),
-            "--topology",
-            str(ROOT / "configs" / topology),
-            "--json",
-            "--quiet",
-        ],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        cwd=ROOT,
-    )
-    assert proc.returncode in (0, 1), proc.stderr.decode()[-3000:]
-    rep: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    for p in rep["peers"]:  # every peer process is gone, whatever happened
-        with pytest.raises(ProcessLookupError):
-            os.kill(p["pid"], 0)
-    return rep
+    return await support.run_testnet(ROOT / "configs" / topology, returncodes=(0, 1))
 
 
 async def _testnet(topology: str) -> dict[str, Any]:

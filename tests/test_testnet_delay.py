@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
-import trio
+import support
 
 ROOT = Path(__file__).resolve().parent.parent
 ONE_WAY_MS = 40.0  # delay_ms of the far verifiers in the topology
@@ -19,22 +18,7 @@ def _port(addr: str) -> int:
 
 
 async def test_far_verifiers_sit_behind_a_delay_proxy_and_the_run_completes() -> None:
-    proc = await trio.run_process(
-        [
-            sys.executable,
-            str(ROOT / "testnet" / "testnet.py"),
-            "--topology",
-            str(ROOT / "configs" / "testnet-placement.toml"),
-            "--json",
-            "--quiet",
-        ],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    rep = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    rep = await support.run_testnet(ROOT / "configs" / "testnet-placement.toml")
     assert rep["sessions"] == rep["completed"] == 12
 
     peers = {p["name"]: p for p in rep["peers"]}
@@ -73,24 +57,7 @@ async def test_sessions_prefer_near_verifiers_and_move_to_far_ones_when_the_near
     text = text.replace("max_new_tokens = 32", "max_new_tokens = 64")
     topology.write_text(text)
     workdir = tmp_path / "work"
-    proc = await trio.run_process(
-        [
-            sys.executable,
-            str(ROOT / "testnet" / "testnet.py"),
-            "--topology",
-            str(topology),
-            "--json",
-            "--quiet",
-            "--workdir",
-            str(workdir),
-        ],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    rep = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    rep = await support.run_testnet(topology, "--workdir", str(workdir))
     names = {p["peer_id"]: p["name"] for p in rep["peers"]}
     near_ids = {pid for pid, n in names.items() if n.startswith("verifier-0-")}
     far_ids = {pid for pid, n in names.items() if n.startswith("verifier-1-")}
