@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -40,7 +41,11 @@ import trio
 from p2pspec import logs
 from p2pspec.client import Client, Result
 from p2pspec.launch import Link, start_peer, start_peer_behind_proxy, stop_all
-from p2pspec.policy import predicted_tokens_per_second
+from p2pspec.policy import (
+    branch_threshold,
+    pipeline_block_seconds,
+    predicted_tokens_per_second,
+)
 from p2pspec.prober import directory_round_trip
 
 RTTS_MS = [0, 10, 40, 100]
@@ -89,7 +94,8 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
         "rounds", "drafted", "accepted", "rejections", "draft_seconds",
         "verifier_compute_seconds", "verifier_forward_passes", "request_bytes",
         "blocks_discarded", "request_overhead_seconds", "receive_overhead_seconds",
-        "receive_samples",
+        "receive_samples", "branch_blocks", "branches_taken", "runner_up_hits",
+        "runner_up_misses",
     ):  # fmt: skip
         totals[key] = sum(r.stats[key] for r in results)
     lengths = [k for r in results for k in r.stats["draft_lengths"]]
@@ -100,6 +106,15 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
     t_verify = totals["verifier_compute_seconds"] / max(totals["rounds"], 1)
     t_send = totals["request_overhead_seconds"] / max(totals["rounds"], 1)
     t_receive = totals["receive_overhead_seconds"] / max(totals["receive_samples"], 1)
+    runner_up = totals["runner_up_hits"] / max(
+        totals["runner_up_hits"] + totals["runner_up_misses"], 1
+    )
+    threshold = math.inf  # no branches
+    if totals["branch_blocks"]:
+        threshold = branch_threshold(
+            block_s=pipeline_block_seconds(gamma=gamma, t_draft_s=t_draft, t_send_s=t_send),
+            latency_s=t_send + rtt_s + t_verify,
+        )
     rate = predicted_tokens_per_second(
         alpha=alpha,
         gamma=gamma,
@@ -110,6 +125,8 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
         pipelined=depth > 1,
         depth=max(depth, 1),
         t_receive_s=t_receive,
+        runner_up=runner_up,
+        threshold=threshold,
     )
     # Each session also opens its verify stream: a key exchange and VerifyOpen, two
     # round trips before the first draft (and the arithmetic's rate after that).
@@ -132,6 +149,10 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
         "request_bytes_per_token": totals["request_bytes"] / max(tokens, 1),
         "request_bytes_per_drafted_token": totals["request_bytes"] / max(totals["drafted"], 1),
         "blocks_discarded": totals["blocks_discarded"],
+        "branch_blocks": totals["branch_blocks"],
+        "branches_taken": totals["branches_taken"],
+        "runner_up_rate": runner_up,
+        "branch_threshold": threshold if math.isfinite(threshold) else None,
         "token_ids": [r.token_ids for r in results],
         "prompt_token_ids": [r.prompt_token_ids for r in results],
     }

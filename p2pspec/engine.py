@@ -42,10 +42,16 @@ DRAFT_MAX_SUPPORT = 256
 
 @dataclass(frozen=True)
 class Draft:
-    """k drafted tokens, and in sampling mode the k+1 sparse distributions q_1..q_{k+1}."""
+    """k drafted tokens, and in sampling mode the k+1 sparse distributions q_1..q_{k+1}.
+
+    `alternatives`: the drafter's runner-up at each drafted position (-1: none), the
+    token the verifier most likely chooses where it rejects: the next most probable one
+    (greedy), or the most probable of q besides the drawn one (sampling). Pipelined
+    drafters branch on them (p2pspec.drafttree); verification never reads them."""
 
     tokens: list[int]
     q: list[SparseDistribution] | None = None
+    alternatives: list[int] | None = None
 
 
 def _logits_to_numpy(logits: torch.Tensor) -> np.ndarray:
@@ -113,6 +119,7 @@ class Drafter:
             raise ValueError(f"draft length must be >= 0, got {k}")
         pending = self.sequence.sync(committed)
         tokens: list[int] = []
+        alternatives: list[int] = []
         qs: list[SparseDistribution] = []
         sampling = not self.params.greedy
         # Greedy needs k forwards; sampling also needs q_{k+1}, the drafter's distribution
@@ -128,15 +135,27 @@ class Drafter:
                 if i == k:
                     break
                 token = draft_token(q, seed=self.params.seed, position=len(committed) + i)
+                alternatives.append(_runner_up(q, token))
             else:
                 token = int(torch.argmax(last).item())
+                top = [int(t) for t in torch.topk(last, min(2, last.shape[-1])).indices.tolist()]
+                alternatives.append(next((t for t in top if t != token), -1))
             tokens.append(token)
             pending = [token]
-        return Draft(tokens=tokens, q=qs if sampling else None)
+        return Draft(tokens=tokens, q=qs if sampling else None, alternatives=alternatives)
 
     def rollback(self, committed: Sequence[int]) -> None:
         """Drop drafted tokens the verifier rejected: the cache becomes committed[:-1]."""
         self.sequence.sync(committed)
+
+
+def _runner_up(q: SparseDistribution, drawn: int) -> int:
+    """The most probable token of q other than `drawn` (-1 if q has no other)."""
+    order = np.argsort(-q.probs, kind="stable")
+    for i in order[:2]:
+        if int(q.token_ids[i]) != drawn:
+            return int(q.token_ids[i])
+    return -1
 
 
 class Verifier:

@@ -34,6 +34,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from p2pspec.drafttree import tree_reaches
 from p2pspec.speculative import expected_tokens_per_round
 from p2pspec.wire import MAX_DRAFT_TOKENS, PeerRecord, Role
 
@@ -53,6 +54,7 @@ __all__ = [
     "assess_verifiers",
     "best_draft_length",
     "best_plan",
+    "branch_threshold",
     "choose_drafter",
     "choose_verifier",
     "effective_verify_time",
@@ -79,6 +81,10 @@ MAX_PIPELINE_DEPTH = 8
 # Pipelining is chosen over the best synchronous plan only when predicted this much faster
 # (best_plan says why).
 PIPELINE_MARGIN = 1.1
+# The most blocks, main chain and branches, a session keeps in flight.
+MAX_TREE_BLOCKS = 32
+# Until observed, how often the verifier's token at a rejection is the drafter's runner-up.
+DEFAULT_PRIOR_RUNNER_UP = 0.5
 
 JSONScalar = float | int | str | bool | None
 ExclusionReason = Literal["wrong_role", "excluded", "incompatible_tokenizer", "full"]
@@ -135,6 +141,46 @@ def pipeline_send_interval(
     return max(block_s, t_verify_s, (latency_s + block_s) / depth)
 
 
+def branch_threshold(*, block_s: float, latency_s: float) -> float:
+    """The least chance of being verified that makes a branch worth drafting
+    (p2pspec.drafttree): drafting and sending it takes ``block_s`` of the drafter's time
+    (:func:`pipeline_block_seconds` without ``t_receive``), by which it may delay
+    everything after it; if the verifier reaches its base, it saves waiting
+    about a whole verification latency ``L`` for a block drafted only then. So branch
+    when ``p·L ≥ block_s``. Long links and fast drafters branch; loopback does not."""
+    _check_seconds("block_s", block_s)
+    _check_seconds("latency_s", latency_s)
+    if latency_s <= 0.0:
+        return math.inf
+    return block_s / latency_s
+
+
+def _reached_blocks(
+    *, alpha: float, gamma: int, hit: float, runner_up: float, threshold: float
+) -> float:
+    """Per cycle (see below), the expected number of blocks the verifier takes: the main
+    chain's (``1 / (1 − a)``) and, with branches, those of every branch drafted on them,
+    where each chain block ``j`` (reached with chance ``a^j``) carries the branches whose
+    chance of being reached, ``a^j·r``, is at least ``threshold``."""
+    if hit >= 1.0:
+        raise ValueError("an endless cycle: every block hits")
+    chain = 1.0 / (1.0 - hit)
+    if runner_up <= 0.0 or not math.isfinite(threshold):
+        return chain
+    branches = tree_reaches(
+        alpha=alpha,
+        runner_up=runner_up,
+        gamma=gamma,
+        threshold=threshold,
+        max_blocks=MAX_TREE_BLOCKS - 1,
+    )
+    extra, reach_j = 0.0, 1.0
+    while branches and reach_j * branches[0] >= threshold:
+        extra += reach_j * sum(r for r in branches if reach_j * r >= threshold)
+        reach_j *= hit
+    return chain + extra
+
+
 def predicted_tokens_per_second(
     *,
     alpha: float,
@@ -146,6 +192,8 @@ def predicted_tokens_per_second(
     pipelined: bool = False,
     depth: int = 2,
     t_receive_s: float = 0.0,
+    runner_up: float = 0.0,
+    threshold: float = math.inf,
 ) -> float:
     """Expected committed tokens per second of one session, from research.md's arithmetic.
 
@@ -182,6 +230,17 @@ def predicted_tokens_per_second(
     opening its verdict, scheduling), measured by the drafter from the gaps between the
     verdicts of consecutive hits; it adds to ``b``. On loopback with tiny models it is of
     the order of the drafting itself, so it decides whether short blocks pay.
+
+    Branches (p2pspec.drafttree; a finite ``threshold`` from :func:`branch_threshold`,
+    ``runner_up`` the chance ``h`` that the verifier's token at a rejection is the
+    drafter's runner-up there): blocks drafted on the likely misses of the blocks in
+    flight let a cycle go on past a miss. A miss at ``i`` is drafted on with chance
+    ``α^i·(1 − α)·h`` per block reached, its own hits and misses likewise, as long as
+    that chance is at least ``threshold``. Each reached block commits ``E`` and costs
+    ``s`` (it was drafted ahead), so with ``B`` reached blocks a cycle (``1 / (1 − a)``
+    without branches)::
+
+        rate = E·B / (γ·t_draft + L + b/2 + s·(B − 1))
     """
     _check_alpha(alpha)
     if gamma < 0:
@@ -211,7 +270,10 @@ def predicted_tokens_per_second(
     hit = pipeline_hit_probability(alpha, gamma)
     if hit >= 1.0:
         return (gamma + 1) / send
-    return (expected / (1.0 - hit)) / (synchronous + block / 2 + send * hit / (1.0 - hit))
+    blocks = _reached_blocks(
+        alpha=alpha, gamma=gamma, hit=hit, runner_up=runner_up, threshold=threshold
+    )
+    return expected * blocks / (synchronous + block / 2 + send * (blocks - 1.0))
 
 
 @dataclass(frozen=True)
@@ -222,6 +284,13 @@ class Plan:
     gamma: int
     depth: int
     tokens_per_s: float
+    # Branches are drafted when their chance of being verified is at least this
+    # (branch_threshold); infinite: no branches.
+    threshold: float = math.inf
+
+    @property
+    def branching(self) -> bool:
+        return math.isfinite(self.threshold)
 
 
 def pipeline_depth(*, block_s: float, t_verify_s: float, latency_s: float, max_depth: int) -> int:
@@ -246,9 +315,11 @@ def best_plan(
     min_gamma: int = 1,
     t_receive_s: float = 0.0,
     margin: float = PIPELINE_MARGIN,
+    runner_up: float = 0.0,
 ) -> Plan:
     """The best :class:`Plan`: every ``γ`` in ``min_gamma..max_gamma``, synchronous or
-    pipelined at :func:`pipeline_depth` (when ``max_depth ≥ 2``), by predicted tokens per second;
+    pipelined at :func:`pipeline_depth` (when ``max_depth ≥ 2``), with branches too when
+    ``runner_up > 0`` (:func:`branch_threshold`), by predicted tokens per second;
     on ties the smaller ``γ``. Pipelined only when it beats the best synchronous plan by
     ``margin``: every block drafted ahead also costs what the model leaves out (the
     verifier reads and skips the ones a miss discards; they take the drafter's core from
@@ -260,19 +331,21 @@ def best_plan(
     latency = t_send_s + rtt_s + t_verify_s
     best = {1: Plan(min_gamma, 1, -math.inf), 2: Plan(min_gamma, 2, -math.inf)}
     for gamma in range(min_gamma, max_gamma + 1):
-        depths = [1]
+        block = pipeline_block_seconds(
+            gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s, t_receive_s=t_receive_s
+        )
+        plans = [(1, math.inf)]
         if max_depth >= 2:
-            depths.append(
-                pipeline_depth(
-                    block_s=pipeline_block_seconds(
-                        gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s, t_receive_s=t_receive_s
-                    ),
-                    t_verify_s=t_verify_s,
-                    latency_s=latency,
-                    max_depth=max_depth,
-                )
+            depth = pipeline_depth(
+                block_s=block, t_verify_s=t_verify_s, latency_s=latency, max_depth=max_depth
             )
-        for depth in depths:
+            plans.append((depth, math.inf))
+            if runner_up > 0.0:
+                drafting = pipeline_block_seconds(
+                    gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s
+                )
+                plans.append((depth, branch_threshold(block_s=drafting, latency_s=latency)))
+        for depth, threshold in plans:
             rate = predicted_tokens_per_second(
                 alpha=alpha,
                 gamma=gamma,
@@ -283,10 +356,12 @@ def best_plan(
                 pipelined=depth > 1,
                 depth=depth,
                 t_receive_s=t_receive_s,
+                runner_up=runner_up,
+                threshold=threshold,
             )
             kind = min(depth, 2)  # synchronous or pipelined
             if rate > best[kind].tokens_per_s * (1 + 1e-12):
-                best[kind] = Plan(gamma, depth, rate)
+                best[kind] = Plan(gamma, depth, rate, threshold)
     synchronous, pipelined = best[1], best[2]
     return pipelined if pipelined.tokens_per_s > margin * synchronous.tokens_per_s else synchronous
 
@@ -478,6 +553,9 @@ class AdaptiveDraftLength:
         self.rtt = EWMA(half_life_samples=half_life_samples, initial=rtt_s)
         self.t_send = EWMA(half_life_samples=half_life_samples, initial=None)
         self.t_receive = EWMA(half_life_samples=half_life_samples, initial=None)
+        # How often the verifier's token at a rejection is the drafter's runner-up (h);
+        # pipelined sessions weigh branching with it.
+        self.runner_up = AcceptanceEstimate(prior_alpha=DEFAULT_PRIOR_RUNNER_UP)
 
     def observe_round(
         self,
@@ -506,6 +584,10 @@ class AdaptiveDraftLength:
         if receive_s is not None:  # what a block ahead cost beyond the model (t_receive)
             self.t_receive.observe(receive_s)
 
+    def observe_runner_up(self, hit: bool) -> None:
+        """A rejection whose position had a runner-up: was the verifier's token it?"""
+        self.runner_up.observe(int(hit), 1)
+
     def next_plan(self) -> Plan:
         """``γ`` and blocks in flight for the next round (``depth`` 1 unless pipelined;
         pipelined sessions still go synchronous where the model says pipelining loses)."""
@@ -526,6 +608,7 @@ class AdaptiveDraftLength:
             min_gamma=1 if self.fixed_gamma is None else self.fixed_gamma,
             max_gamma=self.max_gamma if self.fixed_gamma is None else self.fixed_gamma,
             max_depth=depth,
+            runner_up=self.runner_up.alpha if self.pipelined else 0.0,
         )
 
     def next_gamma(self) -> int:

@@ -28,6 +28,7 @@ VERIFY_PROTOCOL = f"/p2pspec/verify/{PROTOCOL_VERSION}"
 
 MAX_FRAME_BYTES = 1 << 20  # a frame larger than this is refused before it is read
 MAX_DRAFT_TOKENS = 16  # per verify request
+MAX_ASSUMED_TOKENS = 1024  # of a request drafted ahead (VerifyRequest.assumed)
 MAX_Q_SUPPORT = 1024  # entries of one sparse drafter distribution
 MAX_PROMPT_TOKENS = 32768
 MAX_RECORDS = 512  # peer records in one directory exchange
@@ -143,6 +144,13 @@ class SessionStats(Base, tag="session_stats"):
     blocks_discarded: NonNegative = 0
     drafted_discarded: NonNegative = 0
     max_in_flight: NonNegative = 0
+    # Branches (p2pspec.drafttree): blocks drafted on a likely miss of a block in flight,
+    # how many of them the verifier took, and the rejections whose token was the
+    # drafter's runner-up (of those that had one).
+    branch_blocks: NonNegative = 0
+    branches_taken: NonNegative = 0
+    runner_up_hits: NonNegative = 0
+    runner_up_misses: NonNegative = 0
     # The bytes of every VerifyRequest sent (framed, sealed when e2e is on).
     request_bytes: NonNegative = 0
     # The drafter's own work per request besides drafting (sending it, checking and
@@ -247,11 +255,12 @@ class VerifyRequest(Base, tag="verify"):
     session_id: SessionId
     round: NonNegative
     base_len: NonNegative  # committed tokens before this draft; both sides must agree
-    # -1: the base is committed. A token: the request was drafted ahead (pipelined) on a
-    # base the drafter assumed, ending with this token; the verifier verifies it only if
-    # its committed tokens are `base_len` long and end with it, else skips it unanswered
-    # (the drafter knows: the verdict that broke the assumption told it).
-    base_token: Annotated[int, Meta(ge=-1, lt=1 << 31)] = -1
+    # Empty: the base is committed. Else the request was drafted ahead (pipelined) on a
+    # base the drafter assumed, whose last tokens these are (those it had not seen
+    # committed); the verifier verifies it only if its committed tokens are `base_len`
+    # long and end with them, else skips it unanswered. The drafter replays the same rule
+    # (p2pspec.drafttree), so it knows which requests are answered.
+    assumed: Annotated[list[TokenId], Meta(max_length=MAX_ASSUMED_TOKENS)] = []
     draft: Annotated[list[TokenId], Meta(max_length=MAX_DRAFT_TOKENS)] = []
     q: Annotated[list[SparseQ], Meta(max_length=MAX_DRAFT_TOKENS + 1)] = []
 
@@ -341,6 +350,8 @@ def check_verify_request(req: VerifyRequest, *, sampling: bool, vocab_size: int)
         raise WireError(f"a sampling draft of {len(req.draft)} tokens needs {len(req.draft) + 1} q")
     if not sampling and req.q:
         raise WireError("a greedy draft carries no q")
+    if len(req.assumed) > req.base_len:
+        raise WireError(f"{len(req.assumed)} assumed tokens of a base of {req.base_len}")
     for t in req.draft:
         if t >= vocab_size:
             raise WireError(f"draft token {t} is outside the vocabulary ({vocab_size})")

@@ -9,10 +9,10 @@ stream) ends the session here and on the verifier at once.
 
 from __future__ import annotations
 
+import math
 import random
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +33,7 @@ from p2pspec.channel import (
 )
 from p2pspec.config import PeerConfig
 from p2pspec.crypto import Identity
+from p2pspec.drafttree import Block, Candidate, DraftTree
 from p2pspec.engine import (
     Draft,
     Drafter,
@@ -43,7 +44,7 @@ from p2pspec.engine import (
 )
 from p2pspec.errors import UserError
 from p2pspec.models import LoadedModel
-from p2pspec.policy import AdaptiveDraftLength, Plan
+from p2pspec.policy import MAX_TREE_BLOCKS, AdaptiveDraftLength, Plan
 from p2pspec.scheduler import Scheduler
 from p2pspec.speculative import SamplingParams, SparseDistribution
 from p2pspec.transcript import round_tokens
@@ -510,25 +511,79 @@ class DrafterService:
     ) -> wire.SessionFinished:
         """Draft, send, and commit what the verdicts confirm, until the session ends.
 
-        Synchronous sessions keep one block in flight. Pipelined ones draft further blocks
-        while verdicts travel, up to the plan's depth, each on the assumption that the
-        blocks before it are committed whole; a verdict that breaks the assumption
-        discards every block after it (the verifier skips them, `VerifyRequest.base_token`)
-        and drafting resumes from what was committed. Either way only signed verdicts
-        commit tokens, so the output is the verifier's own.
+        Verdicts are read by a task of their own, so that drafting ahead never delays
+        one: between two blocks the drafter takes every verdict that has come.
         """
+        send, verdicts = trio.open_memory_channel[tuple[wire.Message, float] | ChannelError](
+            math.inf
+        )
+        finished: wire.SessionFinished | None = None
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_verdicts, vch, send)
+            try:
+                finished = await self._pipeline(channel, vch, state, verifier_id, verdicts)
+            except Exception as e:  # re-raised below, not wrapped in an ExceptionGroup
+                error = e
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        assert finished is not None
+        return finished
+
+    async def _read_verdicts(
+        self,
+        vch: Channel,
+        out: trio.MemorySendChannel[tuple[wire.Message, float] | ChannelError],
+    ) -> None:
+        """Every message the verifier sends, with when it came; the error that ends them."""
         cfg = self.config
+        while True:
+            try:
+                message = await vch.receive_alive(
+                    timeout_s=cfg.verify_timeout_s,
+                    ping_interval_s=cfg.liveness_interval_s,
+                    liveness_timeout_s=cfg.liveness_timeout_s,
+                )
+            except ChannelError as e:
+                out.send_nowait(e)
+                return
+            out.send_nowait((message, time.perf_counter()))
+
+    async def _pipeline(
+        self,
+        channel: Channel,
+        vch: Channel,
+        state: _SessionState,
+        verifier_id: str,
+        verdicts: trio.MemoryReceiveChannel[tuple[wire.Message, float] | ChannelError],
+    ) -> wire.SessionFinished:
+        """Synchronous sessions keep one block in flight. Pipelined ones draft further
+        blocks while verdicts travel (p2pspec.drafttree): the main chain, up to the plan's
+        depth, each on the assumption that the blocks before it are committed whole; and,
+        when the plan branches, blocks on the likely misses of those in flight, while
+        their chance of being verified pays for the drafting. A verdict that breaks a
+        block's assumption kills it (the verifier skips it) and drafting goes on from what
+        was committed. Either way only signed verdicts commit tokens, so the output is
+        the verifier's own."""
         sid = state.request.session_id
         stats = state.stats
-        in_flight: deque[_Block] = deque()
+        tree = DraftTree()
+        plan = state.next_plan()
         previous = 0.0  # when the previous verdict arrived
         busy = 0.0  # seconds of drafting and sending since then
         while True:
-            plan = state.next_plan()
-            while len(in_flight) < plan.depth:
-                block = await self._draft_block(state, in_flight, plan.gamma)
-                if block is None:
+            while verdicts.statistics().current_buffer_used == 0:
+                candidate = self._choose(state, tree, plan)
+                if candidate is None:
                     break
+                block = await self._draft_block(state, candidate, plan.gamma)
+                if block is None:
+                    if candidate.parent is None:
+                        break  # no room left for a root: the verdicts in flight end it
+                    candidate.parent.children.add(candidate.outcome)  # never worth it
+                    continue
+                block.alone = not tree.pending
                 sent_before = vch.bytes_sent
                 sending = time.perf_counter()
                 await vch.send(block.request(sid))
@@ -536,22 +591,26 @@ class DrafterService:
                 block.send_s = block.sent_at - sending
                 busy += block.work_s + block.send_s
                 stats.request_bytes += vch.bytes_sent - sent_before
-                in_flight.append(block)
-                stats.max_in_flight = max(stats.max_in_flight, len(in_flight))
-            verdict = await vch.receive_alive(
-                timeout_s=cfg.verify_timeout_s,
-                ping_interval_s=cfg.liveness_interval_s,
-                liveness_timeout_s=cfg.liveness_timeout_s,
+                stats.branch_blocks += block.branch
+                tree.add(block)
+                stats.max_in_flight = max(stats.max_in_flight, len(tree))
+            item = await verdicts.receive()
+            if isinstance(item, ChannelError):
+                raise item
+            verdict, received = item
+            answered = (
+                tree.answered(state.committed, verdict.round)
+                if isinstance(verdict, wire.Verdict)
+                else None
             )
-            received = time.perf_counter()
-            block = in_flight.popleft()
+            if not isinstance(verdict, wire.Verdict) or not isinstance(answered, _Block):
+                raise ProtocolError("the verdict does not answer a draft in flight")
+            block = answered
             round_trip = received - block.sent_at
-            tokens = block.draft.tokens
+            tokens = block.tokens
             k = len(tokens)
             if (
-                not isinstance(verdict, wire.Verdict)
-                or verdict.round != block.round
-                or verdict.base_len != len(state.committed)
+                verdict.base_len != len(state.committed)
                 or verdict.accepted > k
                 or verdict.token >= self.lm.vocab_size
             ):
@@ -560,10 +619,16 @@ class DrafterService:
                 # Not this verifier's judgement of this draft: nothing of it is committed.
                 raise ProtocolError("the verdict's signature does not check")
             proof = wire.VerifiedRound(verifier_peer_id=verifier_id, draft=tokens, verdict=verdict)
-            if random.random() < cfg.audit_fraction:
-                await self._audit(state, proof, q=block.q)
+            if random.random() < self.config.audit_fraction:
+                await self._audit(state, proof, q=block.wire_q)
             stats.rounds += 1
             stats.rejections += verdict.accepted < k
+            stats.branches_taken += block.branch
+            if verdict.accepted < k and block.alternatives[verdict.accepted] >= 0:
+                hit = verdict.token == block.alternatives[verdict.accepted]
+                state.planner.observe_runner_up(hit)
+                stats.runner_up_hits += hit
+                stats.runner_up_misses += not hit
             stats.drafted += k
             stats.accepted += verdict.accepted
             stats.draft_seconds += block.draft_s
@@ -600,11 +665,12 @@ class DrafterService:
             self.scheduler.observe(
                 verifier_id, k, verdict.accepted, block.draft_s, verdict.compute_seconds
             )
-            if in_flight and (verdict.accepted < k or verdict.token != in_flight[0].base_token):
-                stats.blocks_discarded += len(in_flight)
-                stats.drafted_discarded += sum(len(b.draft.tokens) + 1 for b in in_flight)
-                in_flight.clear()  # drafted on a base that is not the committed one
             fresh, reason = state.commit([*tokens[: verdict.accepted], verdict.token])
+            tree.prune(state.committed)
+            for dead in tree.take_discarded():
+                assert isinstance(dead, _Block)
+                stats.blocks_discarded += 1
+                stats.drafted_discarded += dead.drafted
             if fresh:
                 await self._to_client(
                     channel,
@@ -616,8 +682,9 @@ class DrafterService:
                         proof=proof,
                     ),
                 )
+            plan = state.next_plan()
             # The work this verdict cost here besides drafting (checks, commit, the
-            # client's message): with the request's send, the model's t_send.
+            # client's message, the next plan): with the request's send, the model's t_send.
             state.last_overhead_s = time.perf_counter() - received
             stats.request_overhead_seconds += state.last_overhead_s + block.send_s
             if reason is not None:
@@ -630,69 +697,98 @@ class DrafterService:
                     token_ids=state.generated,
                 )
 
+    @staticmethod
+    def _choose(state: _SessionState, tree: DraftTree, plan: Plan) -> Candidate | None:
+        """The next block worth drafting, if any: the main chain's next while it is
+        shorter than the plan's depth; else the likeliest branch, when the plan branches
+        and its chance of being verified reaches the plan's threshold."""
+        committed = state.committed
+        chain = len(tree.main_chain(committed))
+        candidates = tree.candidates(
+            committed,
+            alpha=state.planner.acceptance.alpha,
+            runner_up=state.planner.runner_up.alpha,
+            branches=plan.branching,
+        )
+        for candidate in candidates:
+            if candidate.main:
+                if chain < plan.depth:
+                    return candidate
+            elif len(tree) < MAX_TREE_BLOCKS and candidate.reach >= plan.threshold:
+                return candidate
+        return None
+
     async def _draft_block(
-        self, state: _SessionState, in_flight: deque[_Block], gamma: int
+        self, state: _SessionState, candidate: Candidate, gamma: int
     ) -> _Block | None:
-        """The next block: on the committed tokens when nothing is in flight, else on
-        them and every block in flight, whose last one's extra token it guesses first (the
-        drafter's own next token; the verifier's is the same when the block hits). None
-        when no room is left before max_new_tokens, or the blocks in flight end the answer."""
-        ahead: list[int] = []  # the tokens the blocks in flight would commit if all hit
-        for i, b in enumerate(in_flight):
-            if i:  # the first one's base is committed; the others' end with their guess
-                ahead.append(b.base_token)
-            ahead += b.draft.tokens
+        """Draft `candidate`: on the committed tokens and the base it assumes beyond them
+        (for a hit, first the parent's extra token, guessed as the drafter's own next
+        one; the verifier's is the same when the parent hits). None when no room is left
+        before max_new_tokens, or its base would end the answer."""
+        ahead = candidate.base(state.committed)
         if any(t in state.eos for t in ahead):
             return None
         base = state.committed + ahead
-        guessing = bool(in_flight)
+        guessing = candidate.hit
         # The verifier takes a draft only if its base, draft and own token fit the limit.
         room = state.limit - len(base) - 1 - guessing
-        if room < 0:
+        if room < 0 or len(ahead) + guessing > wire.MAX_ASSUMED_TOKENS:
             return None
         k = min(gamma, room)
         started = time.perf_counter()
         draft = await self.draft_worker.propose(state.drafter, base, k + guessing)
         draft_s = time.perf_counter() - started
-        alone = not in_flight
+        alternatives = draft.alternatives or [-1] * len(draft.tokens)
+        tokens, q = draft.tokens, draft.q
         if guessing:
-            guess = draft.tokens[0]
-            draft = Draft(tokens=draft.tokens[1:], q=None if draft.q is None else draft.q[1:])
-            block = _Block(
-                state.round, len(base) + 1, guess, draft, draft_s * k / (k + 1), alone, draft_s
-            )
-        else:
-            block = _Block(state.round, len(base), -1, draft, draft_s, alone, draft_s)
+            if tokens[0] in state.eos:
+                return None  # the parent's hit ends the answer: nothing to draft after it
+            ahead = [*ahead, tokens[0]]
+            tokens, alternatives, q = tokens[1:], alternatives[1:], None if q is None else q[1:]
+        block = _Block(
+            round=state.round,
+            base_len=len(state.committed) + len(ahead),
+            assumed=ahead,
+            tokens=tokens,
+            alternatives=alternatives,
+            step=candidate.step,
+            parent=candidate.parent,
+            outcome=candidate.outcome,
+            q=q,
+            draft_s=draft_s * k / (k + guessing) if k + guessing else draft_s,
+            work_s=draft_s,
+            drafted=k + guessing,
+            branch=candidate.parent is not None and not candidate.hit,
+        )
         state.round += 1
         return block
 
 
-@dataclass
-class _Block:
+@dataclass(eq=False)
+class _Block(Block):
     """A draft sent to the verifier and not yet judged (one round)."""
 
-    round: int
-    base_len: int
-    base_token: int  # -1: drafted on committed tokens; else the guessed last base token
-    draft: Draft
-    draft_s: float
-    alone: bool  # nothing else was in flight: its round trip measures the link
-    work_s: float  # drafting it, the guessed token included
+    q: list[SparseDistribution] | None = None
+    draft_s: float = 0.0
+    work_s: float = 0.0  # drafting it, the guessed token included
+    drafted: int = 0  # tokens drafted for it, the guessed one included
+    alone: bool = False  # nothing else was in flight: its round trip measures the link
+    branch: bool = False  # drafted on a miss of another block
     sent_at: float = 0.0
     send_s: float = 0.0  # framing, sealing and writing the request
 
     @property
-    def q(self) -> list[wire.SparseQ]:
-        return [q_to_wire(q) for q in self.draft.q or []]
+    def wire_q(self) -> list[wire.SparseQ]:
+        return [q_to_wire(q) for q in self.q or []]
 
     def request(self, session_id: str) -> wire.VerifyRequest:
         return wire.VerifyRequest(
             session_id=session_id,
             round=self.round,
             base_len=self.base_len,
-            base_token=self.base_token,
-            draft=self.draft.tokens,
-            q=self.q,
+            assumed=self.assumed,
+            draft=self.tokens,
+            q=self.wire_q,
         )
 
 

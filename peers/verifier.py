@@ -324,8 +324,9 @@ class VerifierService:
         sampling = opening.temperature > 0
         try:
             wire.check_verify_request(message, sampling=sampling, vocab_size=self.lm.vocab_size)
-            if message.base_token >= 0 and (
-                message.base_len != len(committed) or committed[-1] != message.base_token
+            if message.assumed and (
+                message.base_len != len(committed)
+                or committed[len(committed) - len(message.assumed) :] != message.assumed
             ):
                 # Drafted ahead on a base a verdict has since contradicted: skipped, and
                 # the drafter, which saw that verdict, expects no answer.

@@ -36,7 +36,11 @@ async def peers(tmp_path: Path) -> AsyncIterator[list[PeerProcess]]:
 
 
 async def _far_verifier_and_drafter(
-    workdir: Path, peers: list[PeerProcess], proxies: trio.Nursery, link: Link
+    workdir: Path,
+    peers: list[PeerProcess],
+    proxies: trio.Nursery,
+    link: Link,
+    drafter: str = DRAFTER,
 ) -> tuple[PeerProcess, DelayProxy, PeerProcess]:
     """A verifier behind `link` (its proxy runs in `proxies`) and a drafter that dials it."""
     v, proxy = await start_peer_behind_proxy(
@@ -44,7 +48,7 @@ async def _far_verifier_and_drafter(
     )
     peers.append(v)
     d = await start_peer(
-        "d", "drafter", DRAFTER, workdir=workdir, bootstrap=[v.address], extra_args=FAST
+        "d", "drafter", drafter, workdir=workdir, bootstrap=[v.address], extra_args=FAST
     )
     peers.append(d)
     return v, proxy, d
@@ -74,6 +78,39 @@ async def test_pipelined_adaptive_output_is_the_verifiers_own_across_a_20ms_link
             )
             assert synchronous.stats["max_in_flight"] == 1
             assert synchronous.stats["blocks_discarded"] == 0
+        proxies.cancel_scope.cancel()
+
+
+async def test_branches_on_a_long_link_keep_the_output_the_verifiers_own(
+    tmp_path: Path, peers: list[PeerProcess]
+) -> None:
+    """Across an 80 ms link, a drafter at α ≈ 0.7 also drafts blocks on the likely misses
+    of those in flight (branches), and the verifier takes some of them. Greedy: the
+    verifier's own greedy decoding. Sampled: the very tokens of a synchronous session with
+    the same seed, since what a session commits does not depend on how drafts were
+    scheduled (the chi-square test above checks that law)."""
+    async with trio.open_nursery() as proxies:
+        v, _, _ = await _far_verifier_and_drafter(
+            tmp_path, peers, proxies, Link(delay_ms=40.0), drafter="tiny-random:11:noise=0.004"
+        )
+        verifier = support.model(VERIFIER)
+        async with Client([v.address]) as client:
+            taken = 0
+            for prompt in ("branches", "on likely misses", "of blocks in flight"):
+                result = await client.generate(prompt, max_new_tokens=64, raw=True)
+                assert result.token_ids == greedy_decode(verifier, result.prompt_token_ids, 64)
+                assert result.stats["branch_blocks"] >= result.stats["branches_taken"]
+                taken += result.stats["branches_taken"]
+            assert taken > 0
+            taken = 0
+            for seed in range(4):
+                sampled = {"max_new_tokens": 48, "raw": True, "temperature": 1.0, "seed": seed}
+                pipelined = await client.generate("branches", **sampled)
+                synchronous = await client.generate("branches", pipelined=False, **sampled)
+                assert pipelined.token_ids == synchronous.token_ids
+                assert synchronous.stats["branch_blocks"] == 0
+                taken += pipelined.stats["branches_taken"]
+            assert taken > 0
         proxies.cancel_scope.cancel()
 
 
