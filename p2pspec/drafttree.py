@@ -226,3 +226,30 @@ def tree_reaches(
         for child in (*(p * m for m in miss), p * hit):
             heapq.heappush(heap, (-child, next(order)))
     return out
+
+
+class Watch:
+    """Whether a block being drafted is still worth finishing, while verdicts come in: it
+    is dead once one commits tokens that contradict its base. ``seen`` is called for each
+    verdict as it arrives (before the drafter takes it); ``dead`` may be read from the
+    thread that drafts. Only a verdict the drafter will take counts (see :class:`DraftTree`)."""
+
+    def __init__(self, tree: DraftTree, committed: Sequence[int], ahead: Sequence[int]) -> None:
+        self.tree = tree
+        self.committed = list(committed)
+        self.base = [*committed, *ahead]
+        self.dead = False
+
+    def seen(self, round_: int, accepted: int, token: int) -> None:
+        block = self.tree.next_to_verify(self.committed)
+        if block is None or block.round != round_ or accepted > len(block.tokens):
+            return  # not a verdict for a block in flight: the drafter says so when it reads it
+        before = len(self.committed)
+        self.committed += [*block.tokens[:accepted], token]
+        n = min(len(self.committed), len(self.base))
+        if self.committed[before:n] != self.base[before:n]:
+            self.dead = True
+
+    def stop(self) -> bool:
+        """Drafter.propose's ``stop``."""
+        return self.dead

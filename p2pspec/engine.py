@@ -12,7 +12,7 @@ drives both in one process (for trying speculative decoding and for comparisons)
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ class Draft:
     tokens: list[int]
     q: list[SparseDistribution] | None = None
     alternatives: list[int] | None = None
+    stopped: bool = False  # cut short by propose's `stop`: fewer tokens than asked
 
 
 def _logits_to_numpy(logits: torch.Tensor) -> np.ndarray:
@@ -109,11 +110,15 @@ class Drafter:
     def forward_passes(self) -> int:
         return self.sequence.forward_passes
 
-    def propose(self, committed: Sequence[int], k: int) -> Draft:
+    def propose(
+        self, committed: Sequence[int], k: int, stop: Callable[[], bool] | None = None
+    ) -> Draft:
         """Draft k tokens after `committed` (and q_{k+1} too when sampling).
 
         Position of a drafted token = its absolute index in the sequence, so the noise
         that draws it depends only on the seed and the position (speculative.uniform).
+        `stop`, asked before every forward pass after the first (from another thread):
+        True cuts the draft short (`Draft.stopped`), e.g. once it is known to be useless.
         """
         if k < 0:
             raise ValueError(f"draft length must be >= 0, got {k}")
@@ -127,6 +132,8 @@ class Drafter:
         # same rule as the others (reproducible whatever k is).
         steps = k + 1 if sampling else k
         for i in range(steps):
+            if i and stop is not None and stop():
+                return Draft(tokens, qs if sampling else None, alternatives, stopped=True)
             last = self.sequence.forward(pending)[-1]
             if sampling:
                 dense = target_distribution(_logits_to_numpy(last), self.params)

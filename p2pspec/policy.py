@@ -214,16 +214,17 @@ def predicted_tokens_per_second(
     misses (block ``J``, ``P(J = j) = a^(j−1)·(1 − a)``). It commits every token up to
     and including the first rejection, ``E / (1 − a)`` on average (the same count as
     ``1 / (1 − a)`` synchronous rounds), and takes
-    ``γ·t_draft + L + b/2 + (J − 1)·s``: the verdict that misses finds the drafter in the
-    middle of drafting a block ahead (``b``, :func:`pipeline_block_seconds`) and waits
-    for it, ``b/2`` on average. On average::
+    ``γ·t_draft + L + w + (J − 1)·s``: the verdict that misses finds the drafter in the
+    middle of drafting a block ahead, which the miss kills; the drafter stops it at its
+    next token (``Drafter.propose``'s ``stop``), so the verdict waits ``w = t_draft/2`` on
+    average. On average::
 
-        rate = (E / (1 − a)) / (γ·t_draft + L + b/2 + s·a / (1 − a))
+        rate = (E / (1 − a)) / (γ·t_draft + L + w + s·a / (1 − a))
 
     against ``γ·t_draft + L`` per round synchronously: pipelining pays ``s`` instead of a
-    whole round for every hit, and ``b/2`` per miss. So it wins when hits are likely and
+    whole round for every hit, and ``w`` per miss. So it wins when hits are likely and
     the link is long; at large RTT pipelined approaches ``1 / (1 − α)`` tokens per round
-    trip against ``E`` for synchronous. ``α = 0`` (no hits) loses the ``b/2`` per round;
+    trip against ``E`` for synchronous. ``α = 0`` (no hits) loses the ``w`` per round;
     ``α = 1`` gives ``(γ + 1) / s``. :func:`best_plan` weighs both.
 
     ``t_receive``: what each block ahead costs the pipeline beyond that model (reading and
@@ -240,7 +241,7 @@ def predicted_tokens_per_second(
     ``s`` (it was drafted ahead), so with ``B`` reached blocks a cycle (``1 / (1 − a)``
     without branches)::
 
-        rate = E·B / (γ·t_draft + L + b/2 + s·(B − 1))
+        rate = E·B / (γ·t_draft + L + w + s·(B − 1))
     """
     _check_alpha(alpha)
     if gamma < 0:
@@ -273,7 +274,8 @@ def predicted_tokens_per_second(
     blocks = _reached_blocks(
         alpha=alpha, gamma=gamma, hit=hit, runner_up=runner_up, threshold=threshold
     )
-    return expected * blocks / (synchronous + block / 2 + send * (blocks - 1.0))
+    wait = t_draft_s / 2  # for the drafting that a miss stops
+    return expected * blocks / (synchronous + wait + send * (blocks - 1.0))
 
 
 @dataclass(frozen=True)

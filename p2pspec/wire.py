@@ -151,6 +151,8 @@ class SessionStats(Base, tag="session_stats"):
     branches_taken: NonNegative = 0
     runner_up_hits: NonNegative = 0
     runner_up_misses: NonNegative = 0
+    # Blocks whose drafting was stopped halfway: a verdict that came meanwhile killed them.
+    drafts_stopped: NonNegative = 0
     # The bytes of every VerifyRequest sent (framed, sealed when e2e is on).
     request_bytes: NonNegative = 0
     # The drafter's own work per request besides drafting (sending it, checking and

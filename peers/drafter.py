@@ -33,7 +33,7 @@ from p2pspec.channel import (
 )
 from p2pspec.config import PeerConfig
 from p2pspec.crypto import Identity
-from p2pspec.drafttree import Block, Candidate, DraftTree
+from p2pspec.drafttree import Block, Candidate, DraftTree, Watch
 from p2pspec.engine import (
     Draft,
     Drafter,
@@ -79,6 +79,7 @@ class _DraftJob:
     drafter: Drafter
     committed: list[int]
     k: int
+    stop: Callable[[], bool] | None = None  # Drafter.propose's
     reply: Reply[Draft] = field(default_factory=Reply)
     abandoned: bool = False  # the session left before the worker got to it
 
@@ -94,8 +95,14 @@ class DraftWorker:
         self.mailbox: Mailbox[_DraftJob] = Mailbox(mailbox)
         self.drafts = 0
 
-    async def propose(self, drafter: Drafter, committed: list[int], k: int) -> Draft:
-        job = _DraftJob(drafter, committed, k)
+    async def propose(
+        self,
+        drafter: Drafter,
+        committed: list[int],
+        k: int,
+        stop: Callable[[], bool] | None = None,
+    ) -> Draft:
+        job = _DraftJob(drafter, committed, k, stop)
         try:
             await self.mailbox.send(job)
             return await job.reply.wait()
@@ -109,7 +116,9 @@ class DraftWorker:
                 continue
             try:
                 async with self.compute:
-                    draft = await trio.to_thread.run_sync(job.drafter.propose, job.committed, job.k)
+                    draft = await trio.to_thread.run_sync(
+                        job.drafter.propose, job.committed, job.k, job.stop
+                    )
             except Exception as e:  # supervision: fail this job's session, keep serving
                 log.exception("draft_failed", k=job.k)
                 job.reply.answer(DraftFailedError(f"the drafter failed on this draft: {e!r}"))
@@ -519,10 +528,13 @@ class DrafterService:
         )
         finished: wire.SessionFinished | None = None
         error: Exception | None = None
+        drafting = _Drafting()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_verdicts, vch, send)
+            nursery.start_soon(self._read_verdicts, vch, send, drafting)
             try:
-                finished = await self._pipeline(channel, vch, state, verifier_id, verdicts)
+                finished = await self._pipeline(
+                    channel, vch, state, verifier_id, verdicts, drafting
+                )
             except Exception as e:  # re-raised below, not wrapped in an ExceptionGroup
                 error = e
             nursery.cancel_scope.cancel()
@@ -535,8 +547,10 @@ class DrafterService:
         self,
         vch: Channel,
         out: trio.MemorySendChannel[tuple[wire.Message, float] | ChannelError],
+        drafting: _Drafting,
     ) -> None:
-        """Every message the verifier sends, with when it came; the error that ends them."""
+        """Every message the verifier sends, with when it came; the error that ends them.
+        A verdict that kills the block being drafted stops its drafting at once."""
         cfg = self.config
         while True:
             try:
@@ -549,6 +563,8 @@ class DrafterService:
                 out.send_nowait(e)
                 return
             out.send_nowait((message, time.perf_counter()))
+            if isinstance(message, wire.Verdict) and drafting.watch is not None:
+                drafting.watch.seen(message.round, message.accepted, message.token)
 
     async def _pipeline(
         self,
@@ -557,6 +573,7 @@ class DrafterService:
         state: _SessionState,
         verifier_id: str,
         verdicts: trio.MemoryReceiveChannel[tuple[wire.Message, float] | ChannelError],
+        drafting: _Drafting,
     ) -> wire.SessionFinished:
         """Synchronous sessions keep one block in flight. Pipelined ones draft further
         blocks while verdicts travel (p2pspec.drafttree): the main chain, up to the plan's
@@ -577,7 +594,11 @@ class DrafterService:
                 candidate = self._choose(state, tree, plan)
                 if candidate is None:
                     break
-                block = await self._draft_block(state, candidate, plan.gamma)
+                watch = Watch(tree, state.committed, candidate.base(state.committed))
+                drafting.watch = watch
+                block = await self._draft_block(state, candidate, plan.gamma, stop=watch.stop)
+                drafting.watch = None
+                stats.drafts_stopped += watch.dead
                 if block is None:
                     if candidate.parent is None:
                         break  # no room left for a root: the verdicts in flight end it
@@ -719,12 +740,16 @@ class DrafterService:
         return None
 
     async def _draft_block(
-        self, state: _SessionState, candidate: Candidate, gamma: int
+        self,
+        state: _SessionState,
+        candidate: Candidate,
+        gamma: int,
+        stop: Callable[[], bool] | None = None,
     ) -> _Block | None:
         """Draft `candidate`: on the committed tokens and the base it assumes beyond them
         (for a hit, first the parent's extra token, guessed as the drafter's own next
         one; the verifier's is the same when the parent hits). None when no room is left
-        before max_new_tokens, or its base would end the answer."""
+        before max_new_tokens, its base would end the answer, or `stop` cut it short."""
         ahead = candidate.base(state.committed)
         if any(t in state.eos for t in ahead):
             return None
@@ -736,8 +761,10 @@ class DrafterService:
             return None
         k = min(gamma, room)
         started = time.perf_counter()
-        draft = await self.draft_worker.propose(state.drafter, base, k + guessing)
+        draft = await self.draft_worker.propose(state.drafter, base, k + guessing, stop)
         draft_s = time.perf_counter() - started
+        if draft.stopped:
+            return None
         alternatives = draft.alternatives or [-1] * len(draft.tokens)
         tokens, q = draft.tokens, draft.q
         if guessing:
@@ -762,6 +789,13 @@ class DrafterService:
         )
         state.round += 1
         return block
+
+
+@dataclass
+class _Drafting:
+    """The block a session is drafting, for its verdict reader to stop when it dies."""
+
+    watch: Watch | None = None
 
 
 @dataclass(eq=False)

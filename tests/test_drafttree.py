@@ -15,7 +15,7 @@ from collections import deque
 
 import pytest
 
-from p2pspec.drafttree import ROOT, Block, DraftTree, reach, tree_reaches
+from p2pspec.drafttree import ROOT, Block, DraftTree, Watch, reach, tree_reaches
 
 VOCAB = 5
 
@@ -191,3 +191,18 @@ def test_tree_reaches_follow_the_threshold_and_the_budget() -> None:
     assert r[0] == pytest.approx(0.15)  # a miss at the first token, runner-up right
     assert tree_reaches(alpha=0.7, runner_up=0.5, gamma=3, threshold=0.05, max_blocks=2) == r[:2]
     assert tree_reaches(alpha=0.7, runner_up=0.0, gamma=3, threshold=0.05, max_blocks=32) == []
+
+
+def test_a_watch_stops_a_block_once_a_verdict_contradicts_its_base() -> None:
+    tree = DraftTree()
+    root = Block(0, 1, [], [5, 6, 7], [8, 9, 4], 1.0)
+    tree.add(root)
+    ahead = [5, 6, 7]  # the root's hit child, being drafted
+    watch = Watch(tree, [1], ahead)
+    watch.seen(7, 3, 2)  # no block of round 7 is in flight: ignored
+    assert not watch.stop()
+    watch.seen(0, 3, 2)  # all three accepted: the base holds
+    assert not watch.stop()
+    watch = Watch(tree, [1], ahead)
+    watch.seen(0, 1, 9)  # a miss at the second token
+    assert watch.stop()

@@ -260,3 +260,22 @@ def test_the_sampled_margin_is_computed_only_for_audit_sessions() -> None:
         margins.append(audit.last_margin)
         committed += [*proposal.tokens[: verdict.accepted], verdict.token]
     assert any(m > 0 for m in margins)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(0.9, seed=3)])
+def test_a_stopped_draft_leaves_the_drafter_as_good_as_new(params: SamplingParams) -> None:
+    """`stop` cuts a draft short between forward passes; the next draft, on another base,
+    is what a fresh drafter drafts there. Runner-ups come with every drafted token and
+    are never the drafted token itself."""
+    lm = model(TARGET + ":noise=0.004")
+    drafter = Drafter(lm, params)
+    calls = iter([False, True])
+    cut = drafter.propose(PROMPTS[1], 6, stop=lambda: next(calls))
+    assert cut.stopped and len(cut.tokens) == 2
+    other = [*PROMPTS[1][:5], 42]
+    again = drafter.propose(other, 4)
+    fresh = Drafter(lm, params).propose(other, 4)
+    assert not again.stopped
+    assert again.tokens == fresh.tokens and again.alternatives == fresh.alternatives
+    assert again.alternatives is not None and len(again.alternatives) == len(again.tokens)
+    assert all(a != t for a, t in zip(again.alternatives, again.tokens, strict=True))

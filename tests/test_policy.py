@@ -85,8 +85,8 @@ def test_synchronous_rate_by_hand() -> None:
 def test_pipelined_rate_by_hand() -> None:
     # L = 0.01 + 0.04 + 0.05 = 0.1; a block (γ + 1)·t_draft + t_send = 0.05; two in flight:
     # the send interval s = max(0.05, t_verify 0.05, (L + 0.05) / 2) = 0.075; a = 0.5^4.
-    # A cycle commits E / (1 − a) = 1.875 / 0.9375 = 2 tokens in 0.13 + 0.05 / 2 (the
-    # missing verdict waits for the block being drafted) + s·a / (1 − a).
+    # A cycle commits E / (1 − a) = 1.875 / 0.9375 = 2 tokens in 0.13 + 0.01 / 2 (the
+    # missing verdict waits for the drafter to stop at its next token) + s·a / (1 − a).
     got = predicted_tokens_per_second(
         alpha=0.5,
         gamma=3,
@@ -97,7 +97,7 @@ def test_pipelined_rate_by_hand() -> None:
         pipelined=True,
         depth=2,
     )
-    assert got == pytest.approx(2 / (0.13 + 0.025 + 0.075 * 0.0625 / 0.9375))
+    assert got == pytest.approx(2 / (0.13 + 0.005 + 0.075 * 0.0625 / 0.9375))
     assert pipeline_hit_probability(0.5, 3) == pytest.approx(0.0625)
     assert pipeline_send_interval(
         block_s=0.04, t_verify_s=0.05, latency_s=0.1, depth=2
@@ -120,10 +120,10 @@ def test_rate_edge_cases() -> None:
     assert rate(1.0, 4) == pytest.approx(5 / 0.11)
     assert rate(1.0, 4, pipelined=True, depth=2) == pytest.approx(5 / 0.06)
     assert rate(1.0, 4, pipelined=True, depth=8) == pytest.approx(5 / 0.05)
-    # α = 0: one token per round; pipelining never hits and each verdict waits for half
-    # a block drafted in vain (0.05 / 2).
+    # α = 0: one token per round; pipelining never hits and each verdict waits for the
+    # drafter to stop at its next token, half a token's drafting (0.01 / 2).
     assert rate(0.0, 4) == pytest.approx(1 / 0.11)
-    assert rate(0.0, 4, pipelined=True) == pytest.approx(1 / 0.135)
+    assert rate(0.0, 4, pipelined=True) == pytest.approx(1 / 0.115)
     # γ = 0: plain decoding across the link, one token per L; pipelined guesses each next
     # token and sends it ahead.
     assert rate(0.7, 0) == pytest.approx(1 / 0.07)
@@ -168,12 +168,12 @@ seconds = st.floats(min_value=1e-4, max_value=2.0)
     rtt=st.floats(0.0, 2.0),
     depth=st.integers(2, 16),
 )
-def test_pipelined_loses_at_most_the_wait_for_a_block_being_drafted(
+def test_pipelined_loses_at_most_the_wait_for_the_drafting_a_miss_stops(
     alpha: float, gamma: int, t_d: float, t_v: float, rtt: float, depth: int
 ) -> None:
     """Whenever a block ahead is sent sooner than a synchronous round would end, every
     hit saves time, and pipelining is never slower than synchronous rounds that each
-    also waited for half a block."""
+    also waited for half a drafted token."""
     args = {"alpha": alpha, "gamma": gamma, "t_draft_s": t_d, "t_verify_s": t_v, "rtt_s": rtt}
     sync = predicted_tokens_per_second(**args)  # type: ignore[arg-type]
     pipe = predicted_tokens_per_second(pipelined=True, depth=depth, **args)  # type: ignore[arg-type]
@@ -181,20 +181,20 @@ def test_pipelined_loses_at_most_the_wait_for_a_block_being_drafted(
     block = (gamma + 1) * t_d
     round_s = gamma * t_d + rtt + t_v
     send = pipeline_send_interval(block_s=block, t_verify_s=t_v, latency_s=rtt + t_v, depth=depth)
-    if send <= round_s + block / 2:
+    if send <= round_s + t_d / 2:
         expected = expected_tokens_per_round(alpha, gamma)
-        assert pipe >= expected / (round_s + block / 2) * (1 - 1e-9)
+        assert pipe >= expected / (round_s + t_d / 2) * (1 - 1e-9)
 
 
 def test_pipelined_with_zero_rtt_beats_synchronous_by_the_overlap() -> None:
     # α = 0.9, γ = 4, t_draft = 0.01, t_verify = 0.04, RTT = 0: sync round 0.08; blocks
-    # every s = 0.05 (drafting 5 tokens); a miss also waits 0.025 for the block being
-    # drafted; a = 0.9^5: ratio 0.08 / (0.105 − 0.055·a).
+    # every s = 0.05 (drafting 5 tokens); a miss also waits 0.005 for the drafting it
+    # stops; a = 0.9^5: ratio 0.08 / (0.085 − 0.035·a).
     a = 0.9**5
     args = {"alpha": 0.9, "gamma": 4, "t_draft_s": 0.01, "t_verify_s": 0.04, "rtt_s": 0.0}
     sync = predicted_tokens_per_second(**args)  # type: ignore[arg-type]
     pipe = predicted_tokens_per_second(pipelined=True, depth=8, **args)  # type: ignore[arg-type]
-    assert pipe / sync == pytest.approx(0.08 / (0.105 - 0.055 * a))
+    assert pipe / sync == pytest.approx(0.08 / (0.085 - 0.035 * a))
     assert pipe > 1.05 * sync
 
 
@@ -812,3 +812,32 @@ def test_never_picks_an_excluded_incompatible_or_full_candidate(
                 if c.rtt_s is not None
             )
             assert d.score == pytest.approx(best)
+
+
+def test_branched_rate_by_hand() -> None:
+    # α = 0.5, γ = 1, h = 1, threshold 0.2: a block's branches are its miss at 0 (0.5)
+    # and that branch's own miss at 0 (0.25); the hit (0.25) continues the main chain.
+    # Per cycle the verifier takes 1 / (1 − 0.25) chain blocks, plus 0.75 of branches on
+    # the first (on the second, 0.25·0.5 < 0.2): B = 4/3 + 0.75. E = 1.5; L = 0.1,
+    # s = max(0.03, 0.05, (0.1 + 0.03) / 2) = 0.065, w = 0.005.
+    args = {"alpha": 0.5, "gamma": 1, "t_draft_s": 0.01, "t_verify_s": 0.05, "rtt_s": 0.04}
+    got = predicted_tokens_per_second(
+        t_send_s=0.01, pipelined=True, depth=2, runner_up=1.0, threshold=0.2, **args
+    )  # type: ignore[arg-type]
+    blocks = 4 / 3 + 0.75
+    assert got == pytest.approx(1.5 * blocks / (0.11 + 0.005 + 0.065 * (blocks - 1)))
+    plain = predicted_tokens_per_second(t_send_s=0.01, pipelined=True, depth=2, **args)  # type: ignore[arg-type]
+    assert got > plain
+    # A threshold nothing reaches drafts no branch.
+    assert predicted_tokens_per_second(
+        t_send_s=0.01, pipelined=True, depth=2, runner_up=1.0, threshold=1.01, **args
+    ) == pytest.approx(plain)  # type: ignore[arg-type]
+
+
+def test_best_plan_branches_on_a_long_link_and_not_on_loopback() -> None:
+    args = {"alpha": 0.72, "t_draft_s": 0.0012, "t_verify_s": 0.002, "t_send_s": 0.0015}
+    far = best_plan(rtt_s=0.1, runner_up=0.57, **args)  # type: ignore[arg-type]
+    near = best_plan(rtt_s=0.001, runner_up=0.57, **args)  # type: ignore[arg-type]
+    assert far.branching and far.depth > 1
+    assert not near.branching
+    assert not best_plan(rtt_s=0.1, **args).branching  # type: ignore[arg-type]
