@@ -100,9 +100,9 @@ def table(report: dict[str, Any]) -> str:
         f"{report['transformers_assisted_rtt0']['tokens_per_second']:.1f} tokens/s",
         "",
         "| RTT ms (measured) | (a) cloud only | (b) sync k = 4 | (b) sync best k | "
-        "(c) pipelined adaptive | (c) / best (b) | α | passes / token (c; k=4) | "
-        "bytes / token (c) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "(c) pipelined adaptive | (c) / best (b) | (c) / k = 4 | branches taken / sent (c) "
+        "| α | passes / token (c; k=4) | bytes / token (c) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["by_rtt"]:
         gamma, best = best_synchronous(row)
@@ -113,14 +113,16 @@ def table(report: dict[str, Any]) -> str:
             f"| {row['cloud_only']['tokens_per_second']:.1f} "
             f"| {_cell(four) if four else '-'} "
             f"| {_cell(best)}, k = {gamma} "
-            f"| {_cell(pipe)}, k ≈ {pipe['gamma_mean']:.1f}, depth {pipe['max_in_flight']} "
+            f"| {_cell(pipe)}, k ≈ {pipe['gamma_mean']:.1f}, in flight ≤ {pipe['max_in_flight']} "
             f"| {pipe['tokens_per_second'] / best['tokens_per_second']:.2f}x "
+            f"| {pipe['tokens_per_second'] / four['tokens_per_second']:.2f}x "
+            f"| {pipe.get('branches_taken', 0)} / {pipe.get('branch_blocks', 0)} "
             f"| {pipe['alpha']:.2f} "
             f"| {pipe['verifier_passes_per_token']:.2f}; "
             f"{four['verifier_passes_per_token']:.2f} "
             f"| {pipe['request_bytes_per_token']:.0f} |"
             if four
-            else f"| {row['rtt_ms']} | - | - | - | - | - | - | - | - |"
+            else f"| {row['rtt_ms']} | - | - | - | - | - | - | - | - | - | - |"
         )
     return "\n".join(lines)
 

@@ -36,8 +36,9 @@ from p2pspec.verdicts import sign_verdict
 
 log = structlog.get_logger("p2pspec.verifier")
 
-# Verify requests a session may have queued (pipelined drafters send ahead).
-MAILBOX_REQUESTS = 8
+# Verify requests a session may have queued (pipelined drafters send ahead, up to
+# policy.MAX_TREE_BLOCKS; the ones a verdict killed are skipped on arrival).
+MAILBOX_REQUESTS = 32
 
 
 def q_from_wire(q: wire.SparseQ, vocab_size: int) -> SparseDistribution:
