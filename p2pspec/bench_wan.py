@@ -6,7 +6,9 @@
 One run per setup. A verifier and a drafter run as real peers, each pinned to a core of its
 own with one torch thread (two machines, emulated on this two-core one); a DelayProxy in
 front of the verifier gives each round trip (0, 10, 40, 100 ms; half each way), and the
-client measures the RTT it actually got. At each RTT, on the same prompts:
+client measures the RTT it actually got. At each RTT, on the same prompts, the p2pspec
+methods take turns, `repeats` rounds of them, so that slow drifts in the machine's speed
+fall on all alike:
 
 (a) cloud-only: the verifier decodes alone (pinned, one thread) and streams its tokens over
     the link: its own decoding time plus one round trip;
@@ -57,6 +59,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         "max_new_tokens": 64,
         "prompts": ["hello mesh", "speculative decoding", "peer to peer", "a b c d e f"],
         "sync_gammas": [1, 2, 4, 6, 8],
+        "repeats": 3,
         "scaling": [1, 2, 4, 8, 16],
     },
     "qwen": {
@@ -69,6 +72,7 @@ SETUPS: dict[str, dict[str, Any]] = {
             "Explain what a hash map is in two sentences.",
         ],
         "sync_gammas": [2, 4, 6],
+        "repeats": 2,
         "scaling": [],
     },
 }
@@ -210,6 +214,7 @@ async def _mesh_runs(setup: dict[str, Any], workdir: Path, cores: list[int]) -> 
             peers.append(d)
             async with Client([v.address]) as client:
                 await client.generate(setup["prompts"][0], max_new_tokens=4, raw=setup["raw"])
+                gammas = setup["sync_gammas"]
                 for rtt_ms in RTTS_MS:
                     proxy.delay_s = rtt_ms / 2000
                     rtts = await _measure_rtt(client, v.address)
@@ -221,13 +226,21 @@ async def _mesh_runs(setup: dict[str, Any], workdir: Path, cores: list[int]) -> 
                         "load_average": os.getloadavg()[0],
                         "synchronous": {},
                     }
-                    for gamma in setup["sync_gammas"]:
-                        results, secs = await _run(
-                            client, setup, draft_tokens=gamma, pipelined=False
-                        )
-                        row["synchronous"][str(gamma)] = _summarise(results, secs, rtt_s)
-                    results, secs = await _run(client, setup, pipelined=True)
-                    row["pipelined_adaptive"] = _summarise(results, secs, rtt_s)
+                    # Every method in turn, `repeats` times over: slow drifts in this
+                    # shared machine's speed fall on all of them alike.
+                    runs: dict[str, tuple[list[Result], float]] = {}
+                    methods: list[tuple[str, dict[str, Any]]] = [
+                        *((str(g), {"draft_tokens": g, "pipelined": False}) for g in gammas),
+                        ("pipelined", {"pipelined": True}),
+                    ]
+                    for _ in range(setup["repeats"]):
+                        for name, kwargs in methods:
+                            results, secs = await _run(client, setup, **kwargs)
+                            done, total = runs.get(name, ([], 0.0))
+                            runs[name] = (done + results, total + secs)
+                    for gamma in gammas:
+                        row["synchronous"][str(gamma)] = _summarise(*runs[str(gamma)], rtt_s)
+                    row["pipelined_adaptive"] = _summarise(*runs["pipelined"], rtt_s)
                     out["by_rtt"].append(row)
                     print(f"bench_wan: rtt {rtt_ms} ms done", file=sys.stderr)
                 proxy.delay_s = 0.0
@@ -337,7 +350,9 @@ def run(setup_name: str, out: Path) -> dict[str, Any]:
     cores = sorted(os.sched_getaffinity(0))
     workdir = Path(tempfile.mkdtemp(prefix="p2pspec-bench-wan-"))
     mesh = trio.run(_mesh_runs, setup, workdir, cores)
-    prompt_ids = mesh["by_rtt"][0]["pipelined_adaptive"]["prompt_token_ids"]
+    prompt_ids = mesh["by_rtt"][0]["pipelined_adaptive"]["prompt_token_ids"][
+        : len(setup["prompts"])
+    ]
     local = _local_baselines(setup, prompt_ids, cores[-1])
     alone = local["verifier_alone"]
     for row in mesh["by_rtt"]:
@@ -345,7 +360,7 @@ def run(setup_name: str, out: Path) -> dict[str, Any]:
         secs = alone["seconds"] + len(setup["prompts"]) * row["rtt_ms_measured_median"] / 1000
         row["cloud_only"] = {"tokens": alone["tokens"], "tokens_per_second": alone["tokens"] / secs}
         row["equal_to_verifier_alone"] = all(
-            m["token_ids"] == alone["token_ids"]
+            m["token_ids"] == alone["token_ids"] * setup["repeats"]
             for m in [row["pipelined_adaptive"], *row["synchronous"].values()]
         )
     report = {
