@@ -53,6 +53,9 @@ class Draft:
     q: list[SparseDistribution] | None = None
     alternatives: list[int] | None = None
     stopped: bool = False  # cut short by propose's `stop`: fewer tokens than asked
+    # Seconds of each forward pass with its token's choice; the first also feeds the
+    # newly committed tokens, the others one token each (a drafted token's own cost).
+    step_seconds: list[float] | None = None
 
 
 def _logits_to_numpy(logits: torch.Tensor) -> np.ndarray:
@@ -131,15 +134,18 @@ class Drafter:
         # after the whole draft, so that the verifier treats the last position by the
         # same rule as the others (reproducible whatever k is).
         steps = k + 1 if sampling else k
+        seconds: list[float] = []
         for i in range(steps):
             if i and stop is not None and stop():
-                return Draft(tokens, qs if sampling else None, alternatives, stopped=True)
+                return Draft(tokens, qs if sampling else None, alternatives, True, seconds)
+            started = time.perf_counter()
             last = self.sequence.forward(pending)[-1]
             if sampling:
                 dense = target_distribution(_logits_to_numpy(last), self.params)
                 q = SparseDistribution.from_dense(dense, max_support=DRAFT_MAX_SUPPORT)
                 qs.append(q)
                 if i == k:
+                    seconds.append(time.perf_counter() - started)
                     break
                 token = draft_token(q, seed=self.params.seed, position=len(committed) + i)
                 alternatives.append(_runner_up(q, token))
@@ -149,7 +155,8 @@ class Drafter:
                 alternatives.append(next((t for t in top if t != token), -1))
             tokens.append(token)
             pending = [token]
-        return Draft(tokens=tokens, q=qs if sampling else None, alternatives=alternatives)
+            seconds.append(time.perf_counter() - started)
+        return Draft(tokens, qs if sampling else None, alternatives, step_seconds=seconds)
 
     def rollback(self, committed: Sequence[int]) -> None:
         """Drop drafted tokens the verifier rejected: the cache becomes committed[:-1]."""

@@ -127,7 +127,7 @@ class SessionStats(Base, tag="session_stats"):
     rejections: NonNegative = 0  # rounds that rejected a drafted token (α's trials)
     verifier_forward_passes: NonNegative = 0
     drafter_forward_passes: NonNegative = 0
-    draft_seconds: float = 0.0
+    draft_seconds: float = 0.0  # the drafted tokens' own forward passes (t_draft each)
     verify_seconds: float = 0.0  # round trip to the verifier, as the drafter sees it
     verifier_compute_seconds: float = 0.0  # the verifier's own forward passes
     total_seconds: float = 0.0
@@ -155,8 +155,9 @@ class SessionStats(Base, tag="session_stats"):
     drafts_stopped: NonNegative = 0
     # The bytes of every VerifyRequest sent (framed, sealed when e2e is on).
     request_bytes: NonNegative = 0
-    # The drafter's own work per request besides drafting (sending it, checking and
-    # committing its verdict, telling the client), summed: the cost model's t_send.
+    # The drafter's own work per request besides drafting its tokens (sending it, checking
+    # and committing its verdict, telling the client, starting the draft), summed: the
+    # cost model's t_send.
     request_overhead_seconds: float = 0.0
     # Pipelined: per block drafted ahead that hit, what its verdict cost beyond drafting,
     # sending and the verifier's pass (summed over `receive_samples`): the model's t_receive.

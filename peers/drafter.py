@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import secrets
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -680,7 +681,7 @@ class DrafterService:
                 block.draft_s,
                 verdict.compute_seconds,
                 link_s,
-                state.last_overhead_s + block.send_s,
+                state.last_overhead_s + block.send_s + block.fixed_s,
                 receive_s,
             )
             self.scheduler.observe(
@@ -707,7 +708,7 @@ class DrafterService:
             # The work this verdict cost here besides drafting (checks, commit, the
             # client's message, the next plan): with the request's send, the model's t_send.
             state.last_overhead_s = time.perf_counter() - received
-            stats.request_overhead_seconds += state.last_overhead_s + block.send_s
+            stats.request_overhead_seconds += state.last_overhead_s + block.send_s + block.fixed_s
             if reason is not None:
                 stats.total_seconds = time.perf_counter() - state.started
                 return wire.SessionFinished(
@@ -765,6 +766,14 @@ class DrafterService:
         draft_s = time.perf_counter() - started
         if draft.stopped:
             return None
+        # The cost model's t_draft is what one more drafted token costs: a forward pass
+        # after the first. The rest (the first pass over the newly committed tokens,
+        # handing the job to the model's thread) is paid per block, like t_send.
+        steps = draft.step_seconds or []
+        per_token = statistics.fmean(steps[1:]) if len(steps) > 1 else state.planner.t_draft.value
+        if per_token is None:
+            per_token = draft_s / max(k + guessing, 1)
+        per_token = min(per_token, draft_s / max(k + guessing, 1))
         alternatives = draft.alternatives or [-1] * len(draft.tokens)
         tokens, q = draft.tokens, draft.q
         if guessing:
@@ -782,7 +791,8 @@ class DrafterService:
             parent=candidate.parent,
             outcome=candidate.outcome,
             q=q,
-            draft_s=draft_s * k / (k + guessing) if k + guessing else draft_s,
+            draft_s=per_token * k,
+            fixed_s=draft_s - per_token * (k + guessing),
             work_s=draft_s,
             drafted=k + guessing,
             branch=candidate.parent is not None and not candidate.hit,
@@ -803,7 +813,8 @@ class _Block(Block):
     """A draft sent to the verifier and not yet judged (one round)."""
 
     q: list[SparseDistribution] | None = None
-    draft_s: float = 0.0
+    draft_s: float = 0.0  # its tokens' drafting, at t_draft each
+    fixed_s: float = 0.0  # the rest of drafting it (per block, not per token)
     work_s: float = 0.0  # drafting it, the guessed token included
     drafted: int = 0  # tokens drafted for it, the guessed one included
     alone: bool = False  # nothing else was in flight: its round trip measures the link
