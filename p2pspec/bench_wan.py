@@ -229,6 +229,7 @@ async def _mesh_runs(setup: dict[str, Any], workdir: Path, cores: list[int]) -> 
                     # Every method in turn, `repeats` times over: slow drifts in this
                     # shared machine's speed fall on all of them alike.
                     runs: dict[str, tuple[list[Result], float]] = {}
+                    rounds: dict[str, list[float]] = {}  # tokens/s of each turn
                     methods: list[tuple[str, dict[str, Any]]] = [
                         *((str(g), {"draft_tokens": g, "pipelined": False}) for g in gammas),
                         ("pipelined", {"pipelined": True}),
@@ -238,9 +239,13 @@ async def _mesh_runs(setup: dict[str, Any], workdir: Path, cores: list[int]) -> 
                             results, secs = await _run(client, setup, **kwargs)
                             done, total = runs.get(name, ([], 0.0))
                             runs[name] = (done + results, total + secs)
+                            tokens = sum(len(r.token_ids) for r in results)
+                            rounds.setdefault(name, []).append(tokens / secs)
                     for gamma in gammas:
                         row["synchronous"][str(gamma)] = _summarise(*runs[str(gamma)], rtt_s)
+                        row["synchronous"][str(gamma)]["rounds"] = rounds[str(gamma)]
                     row["pipelined_adaptive"] = _summarise(*runs["pipelined"], rtt_s)
+                    row["pipelined_adaptive"]["rounds"] = rounds["pipelined"]
                     out["by_rtt"].append(row)
                     print(f"bench_wan: rtt {rtt_ms} ms done", file=sys.stderr)
                 proxy.delay_s = 0.0
