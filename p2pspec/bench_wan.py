@@ -99,7 +99,7 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
         "verifier_compute_seconds", "verifier_forward_passes", "request_bytes",
         "blocks_discarded", "request_overhead_seconds", "receive_overhead_seconds",
         "receive_samples", "branch_blocks", "branches_taken", "runner_up_hits",
-        "runner_up_misses",
+        "runner_up_misses", "prefill_seconds", "first_compute_seconds",
     ):  # fmt: skip
         totals[key] = sum(r.stats[key] for r in results)
     lengths = [k for r in results for k in r.stats["draft_lengths"]]
@@ -107,7 +107,14 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
     depth = max(r.stats["max_in_flight"] for r in results)
     alpha = _alpha(totals)
     t_draft = totals["draft_seconds"] / max(totals["drafted"], 1)
-    t_verify = totals["verifier_compute_seconds"] / max(totals["rounds"], 1)
+    # The first round of each session also prefills the prompt on both peers: its
+    # pass is kept out of t_verify and, with the drafter's prefill, counted once per
+    # session below.
+    later = totals["verifier_compute_seconds"] - totals["first_compute_seconds"]
+    t_verify = later / max(totals["rounds"] - len(results), 1)
+    prefill = totals["prefill_seconds"] + max(
+        totals["first_compute_seconds"] - len(results) * t_verify, 0.0
+    )
     t_send = totals["request_overhead_seconds"] / max(totals["rounds"], 1)
     t_receive = totals["receive_overhead_seconds"] / max(totals["receive_samples"], 1)
     runner_up = totals["runner_up_hits"] / max(
@@ -134,7 +141,7 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
     )
     # Each session also opens its verify stream: a key exchange and VerifyOpen, two
     # round trips before the first draft (and the arithmetic's rate after that).
-    predicted = tokens / (tokens / rate + len(results) * SETUP_ROUND_TRIPS * rtt_s)
+    predicted = tokens / (tokens / rate + len(results) * SETUP_ROUND_TRIPS * rtt_s + prefill)
     measured = tokens / seconds
     return {
         "tokens": tokens,
@@ -149,6 +156,7 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
         "t_verify_ms": 1000 * t_verify,
         "t_send_ms": 1000 * t_send,
         "t_receive_ms": 1000 * t_receive,
+        "prefill_seconds_per_session": prefill / max(len(results), 1),
         "verifier_passes_per_token": totals["verifier_forward_passes"] / max(tokens, 1),
         "request_bytes_per_token": totals["request_bytes"] / max(tokens, 1),
         "request_bytes_per_drafted_token": totals["request_bytes"] / max(totals["drafted"], 1),

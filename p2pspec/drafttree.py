@@ -11,15 +11,18 @@ The blocks form a tree. A block's children are drafted on outcomes of its verdic
 
 - the *hit* (outcome ``k``, its draft length): all ``k`` tokens accepted and the
   verifier's extra token equal to the drafter's own next token, which the child drafts
-  first as its *guess* (:attr:`Block.guessed`). Chains of hits are the plain pipeline.
+  first as its *guess* (the last token of the child's assumed base). Chains of hits
+  are the plain pipeline.
 - a *miss at i* (``i < k``): tokens before ``i`` accepted and the verifier's own token at
   ``i`` equal to the drafter's runner-up there (``Block.alternatives[i]``): a *branch*.
   When the drafter has time to spare (a long link), branches let the verifier go on
   after a rejection without waiting a round trip for a new draft.
 
 Whichever outcome comes, the committed tokens stay the verifier's own: a block only
-proposes, and only verdicts commit. Two blocks never have the same base (outcomes of one
-verdict differ at the first position where they differ), so at most one matches.
+proposes, and only verdicts commit. A branch costs the drafter's time and the link's bytes,
+never a verifier forward pass: the verifier skips the branches it does not land on. Two
+blocks never have the same base (outcomes of one verdict differ at the first position
+where they differ), so at most one matches.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ Acceptances are modelled as independent with probability ``α`` per position, as
 paper. Real acceptances are autocorrelated, so predictions run a little high; they are
 used to *rank* options (peers, draft lengths), where a shared bias largely cancels.
 
-What lives here: :func:`predicted_tokens_per_second`, :func:`best_plan` and
-:func:`best_draft_length` (the cost model, synchronous and pipelined),
+What lives here: :func:`predicted_tokens_per_second`, :func:`best_plan`,
+:func:`branch_threshold` and :func:`best_draft_length` (the cost model, synchronous,
+pipelined and with branches),
 :class:`AcceptanceEstimate` and :class:`EWMA` (online estimates of its inputs),
 :func:`choose_drafter` and :func:`choose_verifier` (matching, each returning a
 :class:`Decision` that records every candidate's inputs, score and exclusion reason, to be

@@ -153,6 +153,10 @@ class SessionStats(Base, tag="session_stats"):
     runner_up_misses: NonNegative = 0
     # Blocks whose drafting was stopped halfway: a verdict that came meanwhile killed them.
     drafts_stopped: NonNegative = 0
+    # The first round of each verify session, kept apart: the drafter's drafting of it
+    # beyond its tokens (the prompt's prefill) and the verifier's pass (its prefill too).
+    prefill_seconds: float = 0.0
+    first_compute_seconds: float = 0.0
     # The bytes of every VerifyRequest sent (framed, sealed when e2e is on).
     request_bytes: NonNegative = 0
     # The drafter's own work per request besides drafting its tokens (sending it, checking

@@ -589,6 +589,10 @@ class DrafterService:
         tree = DraftTree()
         plan = state.next_plan()
         previous = 0.0  # when the previous verdict arrived
+        # The first round of a verify session also prefills the prompt on both peers
+        # (each model reads it on its first pass): its times are kept apart, not fed to
+        # the cost model as a round's.
+        first = True
         busy = 0.0  # seconds of drafting and sending since then
         while True:
             while verdicts.statistics().current_buffer_used == 0:
@@ -656,6 +660,9 @@ class DrafterService:
             stats.draft_seconds += block.draft_s
             stats.verify_seconds += round_trip
             stats.verifier_compute_seconds += verdict.compute_seconds
+            if first:
+                stats.prefill_seconds += block.fixed_s
+                stats.first_compute_seconds += verdict.compute_seconds
             stats.max_batch_size = max(stats.max_batch_size, verdict.batch_size)
             stats.verifier_forward_passes += 1
             stats.drafter_forward_passes = state.drafter.forward_passes
@@ -675,14 +682,16 @@ class DrafterService:
                 stats.receive_overhead_seconds += receive_s
                 stats.receive_samples += 1
             previous, busy = received, 0.0
+            fixed_s = 0.0 if first else block.fixed_s
             state.observe(
                 k,
                 verdict.accepted,
                 block.draft_s,
                 verdict.compute_seconds,
                 link_s,
-                state.last_overhead_s + block.send_s + block.fixed_s,
+                state.last_overhead_s + block.send_s + fixed_s,
                 receive_s,
+                prefill=first,
             )
             self.scheduler.observe(
                 verifier_id, k, verdict.accepted, block.draft_s, verdict.compute_seconds
@@ -708,7 +717,8 @@ class DrafterService:
             # The work this verdict cost here besides drafting (checks, commit, the
             # client's message, the next plan): with the request's send, the model's t_send.
             state.last_overhead_s = time.perf_counter() - received
-            stats.request_overhead_seconds += state.last_overhead_s + block.send_s + block.fixed_s
+            stats.request_overhead_seconds += state.last_overhead_s + block.send_s + fixed_s
+            first = False
             if reason is not None:
                 stats.total_seconds = time.perf_counter() - state.started
                 return wire.SessionFinished(
@@ -929,18 +939,22 @@ class _SessionState:
         round_trip_s: float | None,
         overhead_s: float,
         receive_s: float | None,
+        *,
+        prefill: bool = False,
     ) -> None:
         """One verdict's facts; `round_trip_s` None when the round trip did not measure the
         link (the request queued behind others at the verifier); `overhead_s` this
-        drafter's own work per request besides drafting."""
+        drafter's own work per request besides drafting. `prefill`: the first round of a
+        verify session, whose times include the prompt's prefill on both peers: only its
+        acceptance and link are learnt from."""
         if k > 0:
             self.planner.observe_round(
                 accepted=accepted,
                 drafted=k,
-                draft_s=draft_s,
-                verify_s=compute_s,
+                draft_s=None if prefill else draft_s,
+                verify_s=None if prefill else compute_s,
                 rtt_s=None if round_trip_s is None else max(round_trip_s - compute_s, 0.0),
-                send_s=overhead_s,
+                send_s=None if prefill else overhead_s,
                 receive_s=receive_s,
             )
 
