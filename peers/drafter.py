@@ -589,11 +589,11 @@ class DrafterService:
         tree = DraftTree()
         plan = state.next_plan()
         previous = 0.0  # when the previous verdict arrived
+        busy = 0.0  # seconds of drafting and sending since then
         # The first round of a verify session also prefills the prompt on both peers
         # (each model reads it on its first pass): its times are kept apart, not fed to
         # the cost model as a round's.
         first = True
-        busy = 0.0  # seconds of drafting and sending since then
         while True:
             while verdicts.statistics().current_buffer_used == 0:
                 candidate = self._choose(state, tree, plan)
