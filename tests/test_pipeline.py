@@ -136,7 +136,8 @@ async def test_pipelined_sampling_follows_the_verifiers_own_distribution(
     tmp_path: Path, peers: list[PeerProcess]
 ) -> None:
     """Sessions of 3 tokens at k = 1 pipelined: the second block is always drafted ahead
-    on a guessed token. The joint law of the 3 tokens, over 1600 seeds, is the
+    on a guessed token (and sent, unless the first verdict came meanwhile and killed it:
+    its drafting stops). The joint law of the 3 tokens, over 1600 seeds, is the
     verifier's own (chi-square); both kinds of outcome (a kept and a discarded block
     ahead) occur."""
     v = await start_peer("v", "verifier", SMALL, workdir=tmp_path, extra_args=FAST)
@@ -174,8 +175,8 @@ async def test_pipelined_sampling_follows_the_verifiers_own_distribution(
     keep = exact * N_SAMPLES >= 5  # chi-square needs expected counts >= 5
     expected = exact[keep] / exact[keep].sum() * observed[keep].sum()
     assert chisquare(observed[keep], expected).pvalue > 1e-3
-    assert all(r.stats["max_in_flight"] == 2 for r in results)
-    discarded = sum(r.stats["blocks_discarded"] > 0 for r in results)
+    assert all(r.stats["max_in_flight"] == 2 or r.stats["drafts_stopped"] for r in results)
+    discarded = sum(r.stats["blocks_discarded"] + r.stats["drafts_stopped"] > 0 for r in results)
     assert 0 < discarded < N_SAMPLES
 
 
