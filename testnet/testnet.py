@@ -244,9 +244,16 @@ async def run_workload(
     started = time.perf_counter()
     async with Client([bootstrap]) as client:
         # The bootstrap peer learns each peer from that peer's first exchange, which
-        # happens before its ready line: one pull sees the whole mesh.
-        if len(client.peers()) < expected:
-            await client.refresh()
+        # happens before its ready line: one pull sees the whole mesh, unless a lossy
+        # link lost that exchange; then the peer's next one (every advert interval)
+        # brings it, and the client pulls until it has, within the ready deadline.
+        deadline = trio.current_time() + topology.ready_timeout_s
+        while len(client.peers()) < expected:
+            with contextlib.suppress(ClientError):
+                await client.refresh()
+            if len(client.peers()) >= expected or trio.current_time() > deadline:
+                break
+            await trio.sleep(0.5)
         if rtts is not None:
             measuring = time.perf_counter()
             rtts.update(await measure_rtts(client.node, peers))
