@@ -151,9 +151,9 @@ class DraftTree:
         longer extends the committed tokens."""
         first = self.next_to_verify(committed)
         cut = len(self.pending) if first is None else self.pending.index(first)
-        dead = self.pending[:cut]
-        alive = [b for b in self.pending[cut:] if b.possible(committed)]
-        dead += [b for b in self.pending[cut:] if not b.possible(committed)]
+        dead, alive = self.pending[:cut], list[Block]()
+        for b in self.pending[cut:]:
+            (alive if b.possible(committed) else dead).append(b)
         self._discard(dead)
         self.pending = alive
 
@@ -177,11 +177,19 @@ class DraftTree:
         return chain
 
     def candidates(
-        self, committed: Sequence[int], *, alpha: float, runner_up: float, branches: bool
+        self,
+        committed: Sequence[int],
+        *,
+        alpha: float,
+        runner_up: float,
+        branches: bool,
+        chain: list[Block] | None = None,
     ) -> list[Candidate]:
         """What could be drafted next, most likely to be verified first. Without
-        ``branches`` only the next block of the main chain (or a root)."""
-        chain = self.main_chain(committed)
+        ``branches`` only the next block of the main chain (or a root). ``chain``: the
+        :meth:`main_chain` of these committed tokens, when the caller has it already."""
+        if chain is None:
+            chain = self.main_chain(committed)
         if not chain:
             return [Candidate(None, ROOT, 1.0, 1.0, main=True)]
         tail = chain[-1]

@@ -735,16 +735,17 @@ class DrafterService:
         shorter than the plan's depth; else the likeliest branch, when the plan branches
         and its chance of being verified reaches the plan's threshold."""
         committed = state.committed
-        chain = len(tree.main_chain(committed))
+        chain = tree.main_chain(committed)
         candidates = tree.candidates(
             committed,
             alpha=state.planner.acceptance.alpha,
             runner_up=state.planner.runner_up.alpha,
             branches=plan.branching,
+            chain=chain,
         )
         for candidate in candidates:
             if candidate.main:
-                if chain < plan.depth:
+                if len(chain) < plan.depth:
                     return candidate
             elif len(tree) < MAX_TREE_BLOCKS and candidate.reach >= plan.threshold:
                 return candidate
