@@ -371,6 +371,25 @@ class Client:
         if not answered:
             why = "; ".join(errors)
             raise ClientError("bootstrap_unreachable", f"no bootstrap peer answered: {why}")
+        if not self.peers("drafter"):
+            answered += await self._ask_lapsed_drafters()
+        return answered
+
+    async def _ask_lapsed_drafters(self) -> int:
+        """Exchange with every drafter whose record this client holds but has seen lapse,
+        side by side; returns how many answered. A link that loses packets or is cut for
+        a while stops a drafter's refreshes reaching the bootstrap peers, whose records of
+        it then expire, while the drafter itself is up and reachable from here."""
+        answered = 0
+
+        async def one(addr: str) -> None:
+            nonlocal answered
+            answered += await exchange(self.node, self.directory, addr, config=self.config)
+
+        async with trio.open_nursery() as nursery:
+            for record in self.directory.held():
+                if record.role == "drafter" and record.addrs:
+                    nursery.start_soon(one, record.addrs[0])
         return answered
 
     async def measure_drafters(self) -> None:

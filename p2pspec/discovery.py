@@ -186,6 +186,12 @@ class Advertiser:
             self._failures[target] = (failures + 1, trio.current_time())
         return ok
 
+    def forget_backoff(self) -> None:
+        """Dial every target at the next round, failed ones too: a session is waiting for
+        a peer that a cut link took away, and the link may have healed long before the
+        doubled backoff of its failed exchanges runs out."""
+        self._failures.clear()
+
     def _due(self, target: str) -> bool:
         """Not being exchanged with now, and not inside a failed target's backoff
         (one advert interval, doubling per failure in a row, at most MAX_BACKOFF_S)."""

@@ -143,8 +143,12 @@ class DrafterService:
         open_verify_channel: OpenChannel,
         rtt_s: Callable[[str], float | None] = lambda peer_id: None,
         probe_soon: Callable[[wire.PeerRecord], object] = lambda record: None,
+        rediscover: Callable[[], object] = lambda: None,
     ) -> None:
         self.lm = lm
+        # Called while a session waits with no verifier to try: redial the mesh now,
+        # whatever backoff the failed exchanges of a cut link have built up.
+        self.rediscover = rediscover
         self.identity = identity  # signs this drafter's end of every key exchange
         self.peer_id = identity.peer_id
         self.config = config
@@ -293,16 +297,24 @@ class DrafterService:
                 sid, preferred=state.request.verifier, exclude=frozenset(failed | full)
             )
             if record is None:
-                if failed and state.stats.verifier_failovers <= cfg.max_failovers:
+                # Once every verifier has failed the session waits, also when their
+                # records lapse meanwhile (a cut link stops their refreshes too).
+                waiting = bool(failed) or lost_at is not None
+                if waiting and state.stats.verifier_failovers <= cfg.max_failovers:
                     lost_at = trio.current_time() if lost_at is None else lost_at
                     if trio.current_time() - lost_at < cfg.reconnect_window_s:
                         log.info("verifier_wait", session=sid, failed=len(failed), retry_s=retry_s)
+                        self.rediscover()
                         await trio.sleep(retry_s)
                         retry_s = min(2 * retry_s, RETRY_MAX_S)
                         failed.clear()  # try them again: a cut link may have healed
                         continue
-                if failed:
-                    return "verifier_failed", f"{len(failed)} verifiers failed"
+                if waiting:
+                    n = state.stats.verifier_failovers
+                    return "verifier_failed", (
+                        f"{n} verifier failures; none answered again within"
+                        f" {cfg.reconnect_window_s:g} s"
+                    )
                 if full:
                     return "overloaded", "every compatible verifier is at capacity"
                 return "no_verifier", "no compatible verifier with free capacity"

@@ -69,6 +69,7 @@ class Peer:
                 open_verify_channel=self._open_verify_channel,
                 rtt_s=self.prober.rtt_s,
                 probe_soon=self._probe_soon,
+                rediscover=lambda: self.advertiser.forget_backoff(),
             )
         self.advertiser = Advertiser(
             self.node,

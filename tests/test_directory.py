@@ -177,6 +177,23 @@ async def test_a_peer_that_keeps_failing_is_dialled_with_backoff(
     assert advertiser.seq == 60
 
 
+async def test_a_waiting_session_has_a_failed_peer_dialled_at_the_next_round(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A drafter whose sessions wait for a verifier calls forget_backoff: the backoff
+    built up while the link was cut (16 s by now) gives way to the advert interval."""
+    node = _DeadPeerNode(hang=False)
+    advertiser = _advertiser_with_dead_bootstrap(node)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(advertiser.run)
+        await trio.sleep(16.5)  # dials at 1, 2, 4, 8 and 16 s
+        assert len(node.dials) == 5
+        advertiser.forget_backoff()
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert len(node.dials) == 6 and node.dials[-1] == 17.0
+
+
 def test_a_held_record_is_returned_decoded_until_it_is_dropped() -> None:
     me = Identity.generate()
     d = Directory()

@@ -312,3 +312,27 @@ async def test_a_client_outlives_its_bootstrap_peer_and_its_records_expiring(mes
             result = await client.generate("after the bootstrap died", max_new_tokens=8, raw=True)
     assert (result.drafter_peer_id, result.verifier_peer_id) == (d.peer_id, v1.peer_id)
     assert result.token_ids == local_tokens("after the bootstrap died", 8, SamplingParams())
+
+
+async def test_a_drafter_whose_record_lapsed_at_the_bootstrap_peer_is_asked_itself(
+    mesh: Mesh,
+) -> None:
+    """The CI failure this fixes: a lossy, then cut, link kept a drafter's refreshes from
+    the bootstrap verifier until its record expired there, and the client refused every
+    session (`no_drafter`) though the drafter was up. The client now asks the drafters
+    whose records it saw lapse."""
+    v = await mesh.start("v", "verifier", VERIFIER)
+    # Nobody tells the verifier of this drafter: its record lapses (2 s) and is never
+    # refreshed at the bootstrap peer, as behind a cut link.
+    d = await mesh.start("d", "drafter", DRAFTER, args=["--record-ttl", "2"])
+    async with Client([d.address]) as direct:
+        await direct.refresh()
+        signed = direct.directory.signed(d.peer_id)
+    assert signed is not None
+    async with Client([v.address]) as client:
+        assert client.directory.add(signed, now_ms())
+        with trio.fail_after(20):
+            while client.peers("drafter"):
+                await trio.sleep(0.2)
+        assert await client.refresh() == 2  # the bootstrap verifier, then the drafter
+        assert [r.peer_id for r in client.peers("drafter")] == [d.peer_id]

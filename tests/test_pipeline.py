@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +41,22 @@ async def _far_verifier_and_drafter(
     proxies: trio.Nursery,
     link: Link,
     drafter: str = DRAFTER,
+    args: Sequence[str] = (),
 ) -> tuple[PeerProcess, DelayProxy, PeerProcess]:
-    """A verifier behind `link` (its proxy runs in `proxies`) and a drafter that dials it."""
+    """A verifier behind `link` (its proxy runs in `proxies`) and a drafter that dials it;
+    both take `args`."""
     v, proxy = await start_peer_behind_proxy(
-        "v", "verifier", VERIFIER, proxies=proxies, link=link, workdir=workdir, extra_args=FAST
+        "v",
+        "verifier",
+        VERIFIER,
+        proxies=proxies,
+        link=link,
+        workdir=workdir,
+        extra_args=[*FAST, *args],
     )
     peers.append(v)
     d = await start_peer(
-        "d", "drafter", drafter, workdir=workdir, bootstrap=[v.address], extra_args=FAST
+        "d", "drafter", drafter, workdir=workdir, bootstrap=[v.address], extra_args=[*FAST, *args]
     )
     peers.append(d)
     return v, proxy, d
@@ -180,17 +188,28 @@ async def test_pipelined_sampling_follows_the_verifiers_own_distribution(
     assert 0 < discarded < N_SAMPLES
 
 
+# Records that lapse within a cut: 2 s, refreshed every 0.5 s.
+SHORT_TTL = ("--record-ttl", "2", "--advert-interval", "0.5")
+
+
+@pytest.mark.parametrize(
+    ("heal_after_s", "args"), [(1.5, ()), (4.0, SHORT_TTL)], ids=["short-cut", "records-lapse"]
+)
 async def test_a_link_cut_mid_session_and_healed_still_completes_with_the_same_output(
-    tmp_path: Path, peers: list[PeerProcess]
+    tmp_path: Path, peers: list[PeerProcess], heal_after_s: float, args: tuple[str, ...]
 ) -> None:
     """The only verifier's link is cut (connections reset, new ones refused) after 8
-    tokens and healed 1.5 s later: the drafter waits for it, redials through libp2p's
-    60 s block on the failed address, and the answer is the verifier's own."""
+    tokens and healed later: the drafter waits for it, redials through libp2p's 60 s
+    block on the failed address, and the answer is the verifier's own. In the longer
+    cut the verifier's record lapses at the drafter meanwhile: the session still waits
+    (a CI failure under loss: it was refused `no_verifier`)."""
     async with trio.open_nursery() as nursery:
-        v, proxy, d = await _far_verifier_and_drafter(tmp_path, peers, nursery, Link(delay_ms=5.0))
+        v, proxy, d = await _far_verifier_and_drafter(
+            tmp_path, peers, nursery, Link(delay_ms=5.0), args=args
+        )
 
         async def heal_later() -> None:
-            await trio.sleep(1.5)
+            await trio.sleep(heal_after_s)
             proxy.heal()
 
         streamed: list[int] = []
@@ -214,3 +233,5 @@ async def test_a_link_cut_mid_session_and_healed_still_completes_with_the_same_o
     assert result.stats["verifier_failovers"] >= 1
     assert support.logged(d, "verifier_wait")  # it waited for the link to come back
     assert result.verifier_peer_id == v.peer_id
+    if args:
+        assert support.logged(d, "peer_expired")  # the record lapsed during the wait
