@@ -56,6 +56,9 @@ class Draft:
     # Seconds of each forward pass with its token's choice; the first also feeds the
     # newly committed tokens, the others one token each (a drafted token's own cost).
     step_seconds: list[float] | None = None
+    # The drafter's own probability of each drafted token (greedy: of its argmax; sampling:
+    # q of the drawn token): how sure it was, which predicts whether the verifier agrees.
+    confidences: list[float] | None = None
 
 
 def _logits_to_numpy(logits: torch.Tensor) -> np.ndarray:
@@ -114,7 +117,11 @@ class Drafter:
         return self.sequence.forward_passes
 
     def propose(
-        self, committed: Sequence[int], k: int, stop: Callable[[], bool] | None = None
+        self,
+        committed: Sequence[int],
+        k: int,
+        stop: Callable[[], bool] | None = None,
+        enough: Callable[[list[float]], bool] | None = None,
     ) -> Draft:
         """Draft k tokens after `committed` (and q_{k+1} too when sampling).
 
@@ -122,6 +129,9 @@ class Drafter:
         that draws it depends only on the seed and the position (speculative.uniform).
         `stop`, asked before every forward pass after the first (from another thread):
         True cuts the draft short (`Draft.stopped`), e.g. once it is known to be useless.
+        `enough`, asked with the confidences so far after each drafted token but the
+        k-th: True ends the draft there, a normal draft of fewer tokens (its tokens are
+        the same as the first ones of a longer draft).
         """
         if k < 0:
             raise ValueError(f"draft length must be >= 0, got {k}")
@@ -135,9 +145,13 @@ class Drafter:
         # same rule as the others (reproducible whatever k is).
         steps = k + 1 if sampling else k
         seconds: list[float] = []
-        for i in range(steps):
+        confidences: list[float] = []
+        i = 0
+        while i < steps:
             if i and stop is not None and stop():
-                return Draft(tokens, qs if sampling else None, alternatives, True, seconds)
+                return Draft(
+                    tokens, qs if sampling else None, alternatives, True, seconds, confidences
+                )
             started = time.perf_counter()
             last = self.sequence.forward(pending)[-1]
             if sampling:
@@ -149,14 +163,27 @@ class Drafter:
                     break
                 token = draft_token(q, seed=self.params.seed, position=len(committed) + i)
                 alternatives.append(_runner_up(q, token))
+                confidences.append(q.prob(token))
             else:
                 token = int(torch.argmax(last).item())
                 top = [int(t) for t in torch.topk(last, min(2, last.shape[-1])).indices.tolist()]
                 alternatives.append(next((t for t in top if t != token), -1))
+                confidences.append(float(torch.softmax(last.float(), -1)[token].item()))
             tokens.append(token)
             pending = [token]
             seconds.append(time.perf_counter() - started)
-        return Draft(tokens, qs if sampling else None, alternatives, step_seconds=seconds)
+            i += 1
+            if i < k and enough is not None and enough(confidences):
+                # Sampling still needs q after the last token: one more pass, no token.
+                k = i
+                steps = k + 1 if sampling else k
+        return Draft(
+            tokens,
+            qs if sampling else None,
+            alternatives,
+            step_seconds=seconds,
+            confidences=confidences,
+        )
 
     def rollback(self, committed: Sequence[int]) -> None:
         """Drop drafted tokens the verifier rejected: the cache becomes committed[:-1]."""

@@ -153,6 +153,9 @@ class SessionStats(Base, tag="session_stats"):
     runner_up_misses: NonNegative = 0
     # Blocks whose drafting was stopped halfway: a verdict that came meanwhile killed them.
     drafts_stopped: NonNegative = 0
+    # Adaptive drafts ended before their plan's length: the drafter grew unsure
+    # (policy.enough_drafted).
+    drafts_ended_unsure: NonNegative = 0
     # The first round of each verify session, kept apart: the drafter's drafting of it
     # beyond its tokens (the prompt's prefill) and the verifier's pass (its prefill too).
     prefill_seconds: float = 0.0

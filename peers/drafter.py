@@ -45,7 +45,14 @@ from p2pspec.engine import (
 )
 from p2pspec.errors import UserError
 from p2pspec.models import LoadedModel
-from p2pspec.policy import MAX_TREE_BLOCKS, AdaptiveDraftLength, Plan
+from p2pspec.policy import (
+    MAX_TREE_BLOCKS,
+    AdaptiveDraftLength,
+    ConfidenceCalibration,
+    Plan,
+    confidence_bin,
+    enough_drafted,
+)
 from p2pspec.scheduler import Scheduler
 from p2pspec.speculative import SamplingParams, SparseDistribution
 from p2pspec.transcript import round_tokens
@@ -81,6 +88,7 @@ class _DraftJob:
     committed: list[int]
     k: int
     stop: Callable[[], bool] | None = None  # Drafter.propose's
+    enough: Callable[[list[float]], bool] | None = None  # Drafter.propose's
     reply: Reply[Draft] = field(default_factory=Reply)
     abandoned: bool = False  # the session left before the worker got to it
 
@@ -102,8 +110,9 @@ class DraftWorker:
         committed: list[int],
         k: int,
         stop: Callable[[], bool] | None = None,
+        enough: Callable[[list[float]], bool] | None = None,
     ) -> Draft:
-        job = _DraftJob(drafter, committed, k, stop)
+        job = _DraftJob(drafter, committed, k, stop, enough)
         try:
             await self.mailbox.send(job)
             return await job.reply.wait()
@@ -118,7 +127,7 @@ class DraftWorker:
             try:
                 async with self.compute:
                     draft = await trio.to_thread.run_sync(
-                        job.drafter.propose, job.committed, job.k, job.stop
+                        job.drafter.propose, job.committed, job.k, job.stop, job.enough
                     )
             except Exception as e:  # supervision: fail this job's session, keep serving
                 log.exception("draft_failed", k=job.k)
@@ -156,6 +165,9 @@ class DrafterService:
         self.sessions: set[str] = set()
         self.served = 0
         self.draft_worker = DraftWorker(compute, mailbox=config.capacity_sessions)
+        # By (verifier, greedy): how often it keeps a token, by the drafter's confidence
+        # in it; shared by the sessions (each would learn it too slowly on its own).
+        self.calibrations: dict[tuple[str, bool], ConfidenceCalibration] = {}
         self.scheduler = Scheduler(
             tokenizer_fingerprint=lm.tokenizer.fingerprint,
             verifiers=verifiers,
@@ -600,6 +612,9 @@ class DrafterService:
         stats = state.stats
         tree = DraftTree()
         plan = state.next_plan()
+        calibration = self.calibrations.setdefault(
+            (verifier_id, state.params.greedy), ConfidenceCalibration()
+        )
         previous = 0.0  # when the previous verdict arrived
         busy = 0.0  # seconds of drafting and sending since then
         # The first round of a verify session also prefills the prompt on both peers
@@ -613,7 +628,9 @@ class DrafterService:
                     break
                 watch = Watch(tree, state.committed, candidate.base(state.committed))
                 drafting.watch = watch
-                block = await self._draft_block(state, candidate, plan.gamma, stop=watch.stop)
+                block = await self._draft_block(
+                    state, candidate, plan, stop=watch.stop, calibration=calibration
+                )
                 drafting.watch = None
                 stats.drafts_stopped += watch.dead
                 if block is None:
@@ -667,6 +684,7 @@ class DrafterService:
                 state.planner.observe_runner_up(hit)
                 stats.runner_up_hits += hit
                 stats.runner_up_misses += not hit
+            calibration.observe(block.confidences, verdict.accepted)
             stats.drafted += k
             stats.accepted += verdict.accepted
             stats.draft_seconds += block.draft_s
@@ -767,13 +785,17 @@ class DrafterService:
         self,
         state: _SessionState,
         candidate: Candidate,
-        gamma: int,
+        plan: Plan,
         stop: Callable[[], bool] | None = None,
+        calibration: ConfidenceCalibration | None = None,
     ) -> _Block | None:
         """Draft `candidate`: on the committed tokens and the base it assumes beyond them
         (for a hit, first the parent's extra token, guessed as the drafter's own next
         one; the verifier's is the same when the parent hits). None when no room is left
-        before max_new_tokens, its base would end the answer, or `stop` cut it short."""
+        before max_new_tokens, its base would end the answer, or `stop` cut it short.
+
+        Adaptive sessions with a `calibration` draft up to twice the plan's length and
+        end the draft where the drafter grows unsure (policy.enough_drafted)."""
         ahead = candidate.base(state.committed)
         if any(t in state.eos for t in ahead):
             return None
@@ -783,12 +805,16 @@ class DrafterService:
         room = state.limit - len(base) - 1 - guessing
         if room < 0 or len(ahead) + guessing > wire.MAX_ASSUMED_TOKENS:
             return None
+        enough = _unsure(state, plan, calibration)
+        gamma = plan.gamma if enough is None else min(2 * plan.gamma, MAX_ADAPTIVE_DRAFT)
         k = min(gamma, room)
         started = time.perf_counter()
-        draft = await self.draft_worker.propose(state.drafter, base, k + guessing, stop)
+        draft = await self.draft_worker.propose(state.drafter, base, k + guessing, stop, enough)
         draft_s = time.perf_counter() - started
         if draft.stopped:
             return None
+        state.stats.drafts_ended_unsure += len(draft.tokens) < k + guessing
+        k = len(draft.tokens) - guessing
         # The cost model's t_draft is what one more drafted token costs: a forward pass
         # after the first. The rest (the first pass over the newly committed tokens,
         # handing the job to the model's thread) is paid per block, like t_send.
@@ -798,18 +824,21 @@ class DrafterService:
             per_token = draft_s / max(k + guessing, 1)
         per_token = min(per_token, draft_s / max(k + guessing, 1))
         alternatives = draft.alternatives or [-1] * len(draft.tokens)
+        confidences = draft.confidences or [1.0] * len(draft.tokens)
         tokens, q = draft.tokens, draft.q
         if guessing:
             if tokens[0] in state.eos:
                 return None  # the parent's hit ends the answer: nothing to draft after it
             ahead = [*ahead, tokens[0]]
             tokens, alternatives, q = tokens[1:], alternatives[1:], None if q is None else q[1:]
+            confidences = confidences[1:]
         block = _Block(
             round=state.round,
             base_len=len(state.committed) + len(ahead),
             assumed=ahead,
             tokens=tokens,
             alternatives=alternatives,
+            confidences=confidences,
             step=candidate.step,
             parent=candidate.parent,
             outcome=candidate.outcome,
@@ -824,6 +853,27 @@ class DrafterService:
         return block
 
 
+def _unsure(
+    state: _SessionState, plan: Plan, calibration: ConfidenceCalibration | None
+) -> Callable[[list[float]], bool] | None:
+    """An adaptive draft's `enough` (Drafter.propose): end it where the chance that every
+    token so far is kept, by their confidences, no longer pays for one more. None where
+    that does not apply: a fixed draft length, or nothing measured yet to weigh by."""
+    t_draft = state.planner.t_draft.value
+    if calibration is None or not state.request.adaptive or t_draft is None:
+        return None
+    if not math.isfinite(plan.tokens_per_s):
+        return None
+    table = calibration.table()  # a snapshot: the drafting thread reads it
+    alpha, rate = state.planner.acceptance.alpha, plan.tokens_per_s
+
+    def enough(confidences: list[float]) -> bool:
+        kept = math.prod(table[confidence_bin(c)] for c in confidences)
+        return enough_drafted(kept, alpha=alpha, tokens_per_s=rate, t_draft_s=t_draft)
+
+    return enough
+
+
 @dataclass
 class _Drafting:
     """The block a session is drafting, for its verdict reader to stop when it dies."""
@@ -836,6 +886,7 @@ class _Block(Block):
     """A draft sent to the verifier and not yet judged (one round)."""
 
     q: list[SparseDistribution] | None = None
+    confidences: list[float] = field(default_factory=list)  # Draft.confidences
     draft_s: float = 0.0  # its tokens' drafting, at t_draft each
     fixed_s: float = 0.0  # the rest of drafting it (per block, not per token)
     work_s: float = 0.0  # drafting it, the guessed token included

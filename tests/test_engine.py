@@ -279,3 +279,30 @@ def test_a_stopped_draft_leaves_the_drafter_as_good_as_new(params: SamplingParam
     assert again.tokens == fresh.tokens and again.alternatives == fresh.alternatives
     assert again.alternatives is not None and len(again.alternatives) == len(again.tokens)
     assert all(a != t for a, t in zip(again.alternatives, again.tokens, strict=True))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(0.9, seed=3)])
+def test_a_draft_that_has_enough_ends_as_the_start_of_a_longer_one(
+    params: SamplingParams,
+) -> None:
+    """`enough` ends a draft after any token with what a shorter draft would have been:
+    the same tokens, their confidences (the drafter's probability of each), and in
+    sampling the q after the last token, so the verifier judges it by the same rule."""
+    lm = model(TARGET + ":noise=0.004")
+    full = Drafter(lm, params).propose(PROMPTS[1], 6)
+    asked: list[list[float]] = []
+
+    def enough(confidences: list[float]) -> bool:
+        asked.append(list(confidences))
+        return len(confidences) == 3
+
+    ended = Drafter(lm, params).propose(PROMPTS[1], 6, enough=enough)
+    assert not ended.stopped and ended.tokens == full.tokens[:3]
+    assert full.confidences is not None and ended.confidences == full.confidences[:3]
+    assert all(0.0 < c <= 1.0 for c in full.confidences)
+    assert asked == [full.confidences[:1], full.confidences[:2], full.confidences[:3]]
+    if params.greedy:
+        assert ended.q is None
+    else:
+        assert ended.q is not None and full.q is not None and len(ended.q) == 4
+        assert [q.token_ids.tolist() for q in ended.q] == [q.token_ids.tolist() for q in full.q[:4]]

@@ -17,19 +17,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pspec.policy import (
+    CONFIDENCE_EDGES,
     EWMA,
     MAX_PIPELINE_DEPTH,
     PIPELINE_MARGIN,
     AcceptanceEstimate,
     AdaptiveDraftLength,
     Candidate,
+    ConfidenceCalibration,
     assess_drafters,
     assess_verifiers,
     best_draft_length,
     best_plan,
     choose_drafter,
     choose_verifier,
+    confidence_bin,
     effective_verify_time,
+    enough_drafted,
     pipeline_hit_probability,
     pipeline_send_interval,
     predicted_tokens_per_second,
@@ -841,3 +845,37 @@ def test_best_plan_branches_on_a_long_link_and_not_on_loopback() -> None:
     assert far.branching and far.depth > 1
     assert not near.branching
     assert not best_plan(rtt_s=0.1, **args).branching  # type: ignore[arg-type]
+
+
+def test_confidence_calibration_learns_the_chance_a_token_is_kept_by_its_confidence() -> None:
+    """Tokens up to and including a round's first rejection are tested; later ones not."""
+    cal = ConfidenceCalibration(prior_alpha=0.6)
+    assert cal.chance(0.08) == pytest.approx(0.6) and cal.chance(0.9) == pytest.approx(0.6)
+    for _ in range(200):
+        # Sure tokens kept, the unsure one rejected, the token after it never tested.
+        cal.observe([0.9, 0.95, 0.08, 0.99], accepted=2)
+    assert cal.tested == 600
+    assert cal.chance(0.08) < 0.05 and cal.chance(0.9) > 0.95 and cal.chance(0.95) > 0.95
+    assert cal.chance(0.99) == pytest.approx(0.6)  # never tested: after the rejection
+    assert len(cal.table()) == len(CONFIDENCE_EDGES)
+    assert cal.table()[confidence_bin(0.08)] == cal.chance(0.08)
+    with pytest.raises(ValueError):
+        cal.observe([0.5], accepted=2)
+    with pytest.raises(ValueError):
+        confidence_bin(1.5)
+
+
+def test_a_draft_ends_where_one_more_token_no_longer_pays_for_its_time() -> None:
+    # rate·t_draft = 300 tokens/s · 1 ms = 0.3: go on while kept_so_far·α ≥ 0.3.
+    go_on = {"alpha": 0.75, "tokens_per_s": 300.0, "t_draft_s": 0.001}
+    assert not enough_drafted(0.9**3, **go_on)  # 0.55 ≥ 0.3
+    assert enough_drafted(0.9 * 0.3, **go_on)  # an unsure token: 0.2 < 0.3
+    assert not enough_drafted(0.0, alpha=0.75, tokens_per_s=math.nan, t_draft_s=0.001)
+    # With every chance α it ends at the fixed optimum's margin: α^(γ+1) vs rate·t_draft.
+    alpha, rate, t_draft = 0.7, 300.0, 0.001
+    gamma = next(
+        g
+        for g in range(1, 20)
+        if enough_drafted(alpha**g, alpha=alpha, tokens_per_s=rate, t_draft_s=t_draft)
+    )
+    assert alpha**gamma >= rate * t_draft > alpha ** (gamma + 1)

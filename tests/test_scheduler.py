@@ -128,7 +128,11 @@ async def test_a_failing_placement_fails_its_session_and_the_scheduler_restarts(
 
 class BrokenDrafter:
     def propose(
-        self, committed: list[int], k: int, stop: Callable[[], bool] | None = None
+        self,
+        committed: list[int],
+        k: int,
+        stop: Callable[[], bool] | None = None,
+        enough: Callable[[list[float]], bool] | None = None,
     ) -> Draft:
         raise MemoryError("out of memory in the drafter")
 
