@@ -805,7 +805,7 @@ class DrafterService:
         room = state.limit - len(base) - 1 - guessing
         if room < 0 or len(ahead) + guessing > wire.MAX_ASSUMED_TOKENS:
             return None
-        enough = _unsure(state, plan, calibration)
+        enough = _unsure(state, plan, calibration, guessing)
         gamma = plan.gamma if enough is None else min(2 * plan.gamma, MAX_ADAPTIVE_DRAFT)
         k = min(gamma, room)
         started = time.perf_counter()
@@ -854,11 +854,12 @@ class DrafterService:
 
 
 def _unsure(
-    state: _SessionState, plan: Plan, calibration: ConfidenceCalibration | None
+    state: _SessionState, plan: Plan, calibration: ConfidenceCalibration | None, guessing: int
 ) -> Callable[[list[float]], bool] | None:
     """An adaptive draft's `enough` (Drafter.propose): end it where the chance that every
-    token so far is kept, by their confidences, no longer pays for one more. None where
-    that does not apply: a fixed draft length, or nothing measured yet to weigh by."""
+    token so far is kept, by their confidences, no longer pays for one more; never before
+    a token past the `guessing` ones (a block drafts at least one). None where that does
+    not apply: a fixed draft length, or nothing measured yet to weigh by."""
     t_draft = state.planner.t_draft.value
     if calibration is None or not state.request.adaptive or t_draft is None:
         return None
@@ -868,6 +869,8 @@ def _unsure(
     alpha, rate = state.planner.acceptance.alpha, plan.tokens_per_s
 
     def enough(confidences: list[float]) -> bool:
+        if len(confidences) <= guessing:
+            return False
         kept = math.prod(table[confidence_bin(c)] for c in confidences)
         return enough_drafted(kept, alpha=alpha, tokens_per_s=rate, t_draft_s=t_draft)
 

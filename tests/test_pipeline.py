@@ -66,15 +66,18 @@ async def test_pipelined_adaptive_output_is_the_verifiers_own_across_a_20ms_link
     tmp_path: Path, peers: list[PeerProcess]
 ) -> None:
     """Greedy: every pipelined session commits exactly the verifier's greedy decoding,
-    while several drafts were in flight and some were thrown away on rejections."""
+    while several drafts were in flight, some were thrown away on rejections, and some
+    ended early where the drafter was unsure (adaptive draft length)."""
     async with trio.open_nursery() as proxies:
         v, _, _ = await _far_verifier_and_drafter(
             tmp_path, peers, proxies, Link(delay_ms=10.0, jitter_ms=2.0)
         )
         verifier = support.model(VERIFIER)
+        ended_unsure = 0
         async with Client([v.address]) as client:
             for prompt in ("pipelined drafting", "hides the round trip"):
                 result = await client.generate(prompt, max_new_tokens=48, raw=True)
+                ended_unsure += result.stats["drafts_ended_unsure"]
                 want = greedy_decode(verifier, result.prompt_token_ids, 48)
                 assert result.token_ids == want
                 stats = result.stats
@@ -86,6 +89,7 @@ async def test_pipelined_adaptive_output_is_the_verifiers_own_across_a_20ms_link
             )
             assert synchronous.stats["max_in_flight"] == 1
             assert synchronous.stats["blocks_discarded"] == 0
+        assert ended_unsure >= 1
         proxies.cancel_scope.cancel()
 
 
