@@ -163,7 +163,7 @@ class Drafter:
                     break
                 token = draft_token(q, seed=self.params.seed, position=len(committed) + i)
                 alternatives.append(_runner_up(q, token))
-                confidences.append(q.prob(token))
+                confidences.append(min(q.prob(token), 1.0))  # renormalising may round up
             else:
                 token = int(torch.argmax(last).item())
                 top = [int(t) for t in torch.topk(last, min(2, last.shape[-1])).indices.tolist()]
