@@ -629,7 +629,7 @@ class DrafterService:
                 watch = Watch(tree, state.committed, candidate.base(state.committed))
                 drafting.watch = watch
                 block = await self._draft_block(
-                    state, candidate, plan, stop=watch.stop, calibration=calibration
+                    state, candidate, plan, calibration, stop=watch.stop
                 )
                 drafting.watch = None
                 stats.drafts_stopped += watch.dead
@@ -786,16 +786,16 @@ class DrafterService:
         state: _SessionState,
         candidate: Candidate,
         plan: Plan,
+        calibration: ConfidenceCalibration,
         stop: Callable[[], bool] | None = None,
-        calibration: ConfidenceCalibration | None = None,
     ) -> _Block | None:
         """Draft `candidate`: on the committed tokens and the base it assumes beyond them
         (for a hit, first the parent's extra token, guessed as the drafter's own next
         one; the verifier's is the same when the parent hits). None when no room is left
         before max_new_tokens, its base would end the answer, or `stop` cut it short.
 
-        Adaptive sessions with a `calibration` draft up to twice the plan's length and
-        end the draft where the drafter grows unsure (policy.enough_drafted)."""
+        Adaptive sessions draft up to twice the plan's length and end the draft where the
+        drafter grows unsure, by `calibration` (policy.enough_drafted)."""
         ahead = candidate.base(state.committed)
         if any(t in state.eos for t in ahead):
             return None
@@ -854,16 +854,14 @@ class DrafterService:
 
 
 def _unsure(
-    state: _SessionState, plan: Plan, calibration: ConfidenceCalibration | None, guessing: int
+    state: _SessionState, plan: Plan, calibration: ConfidenceCalibration, guessing: int
 ) -> Callable[[list[float]], bool] | None:
     """An adaptive draft's `enough` (Drafter.propose): end it where the chance that every
     token so far is kept, by their confidences, no longer pays for one more; never before
     a token past the `guessing` ones (a block drafts at least one). None where that does
     not apply: a fixed draft length, or nothing measured yet to weigh by."""
     t_draft = state.planner.t_draft.value
-    if calibration is None or not state.request.adaptive or t_draft is None:
-        return None
-    if not math.isfinite(plan.tokens_per_s):
+    if not state.request.adaptive or t_draft is None or not math.isfinite(plan.tokens_per_s):
         return None
     table = calibration.table()  # a snapshot: the drafting thread reads it
     alpha, rate = state.planner.acceptance.alpha, plan.tokens_per_s
