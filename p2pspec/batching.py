@@ -25,7 +25,7 @@ Afterwards every runner is as if it had run `forward(feed)` alone, up to float r
 rounding is larger and a near-tie argmax can flip, as it already can between feeding 1 and
 5 tokens at once (docs/models.md).
 
-`BatchVerifier.verify_many` is `engine.Verifier.verify` for several sessions in one pass.
+The transformers engine (p2pspec/engines/hf.py) runs its batched passes with it.
 """
 
 from __future__ import annotations
@@ -36,12 +36,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from p2pspec.engine import Draft, Verifier
 from p2pspec.errors import ContextOverflowError
-from p2pspec.models import KVCacheRunner
-from p2pspec.speculative import Verdict
+from p2pspec.models.kv_cache import KVCacheRunner
 
-__all__ = ["BatchVerifier", "batched_forward"]
+__all__ = ["batched_forward"]
 
 # Input id of a pad token: any valid id works, its outputs are dropped and no real token
 # attends to it.
@@ -123,13 +121,14 @@ def batched_forward(
         mask[b, cache_width - c : cache_width + n] = 1
 
     cache = _padded_cache(runners, cache_width)
+    device = lm.model.device
     # No pad anywhere: a plain causal mask (sdpa may then skip materialising it).
-    attention_mask = None if bool(mask.all()) else mask
+    attention_mask = None if bool(mask.all()) else mask.to(device)
     with torch.inference_mode():
         out = lm.model(
-            input_ids=input_ids,
+            input_ids=input_ids.to(device),
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids.to(device),
             cache=cache,
             use_cache=True,
         )
@@ -167,48 +166,3 @@ def _padded_cache(runners: Sequence[KVCacheRunner], width: int) -> DynamicCache:
                 values[b, :, width - v.shape[-2] :, :] = v[0]
         data.append((keys, values))
     return DynamicCache(ddp_cache_data=data)
-
-
-class BatchVerifier:
-    """Verifies several sessions' drafts in one forward pass of their shared model.
-
-    Each session keeps its own `engine.Verifier` (its cache, its sampling parameters);
-    `verify_many` gives each the Verdict that `Verifier.verify` would have given it.
-    """
-
-    def __init__(self) -> None:
-        self.forward_passes = 0  # batched forward passes run (one per verify_many call)
-
-    def verify_many(self, items: Sequence[tuple[Verifier, Sequence[int], Draft]]) -> list[Verdict]:
-        """The verdicts of one batched pass; the first session's error is raised."""
-        outcomes = self.verify_each(items)
-        for outcome in outcomes:
-            if isinstance(outcome, ValueError):
-                raise outcome
-        return [o for o in outcomes if not isinstance(o, ValueError)]
-
-    def verify_each(
-        self, items: Sequence[tuple[Verifier, Sequence[int], Draft]]
-    ) -> list[Verdict | ValueError]:
-        """One pass for every session; each is judged on its own rows, so a bad draft
-        (ValueError) fails its own session only and the others get their verdicts."""
-        if not items:
-            return []
-        verifiers = [v for v, _, _ in items]
-        if len({id(v) for v in verifiers}) != len(verifiers):
-            raise ValueError("a verifier appears twice in one batch")
-        for verifier, _, draft in items:
-            # Checked before the pass, so one bad request cannot spoil the others'.
-            if not verifier.params.greedy and draft.q is None:
-                raise ValueError("a sampling-mode draft must carry its q distributions")
-        feeds = [list(v.sequence.sync(c)) + list(d.tokens) for v, c, d in items]
-        logits = batched_forward([v.sequence.runner for v in verifiers], feeds)
-        self.forward_passes += 1
-        outcomes: list[Verdict | ValueError] = []
-        for (verifier, committed, draft), feed, rows in zip(items, feeds, logits, strict=True):
-            verifier.sequence.record(feed)
-            try:
-                outcomes.append(verifier.judge(len(committed), draft, rows))
-            except ValueError as e:  # a sampled draft that its own q cannot have drawn
-                outcomes.append(e)
-        return outcomes

@@ -3,7 +3,7 @@
 For each number of sessions N, N sessions (different prompts) run speculative decoding
 rounds side by side, in one process, twice over in lock step:
 
-(a) batched: each round, one `BatchVerifier.verify_many` call verifies all N drafts in
+(a) batched: each round, one `engine.verify_batch` call verifies all N drafts in
     one forward pass;
 (b) one at a time: each round, N `Verifier.verify` calls, one forward pass each.
 
@@ -15,9 +15,13 @@ verifier serves all N); it is the mean over sessions. While (a) and (b) agree, a
 draft is computed once and used by both; if they diverge (bfloat16 rounding can flip a
 near-tie argmax) mode (b) gets its own drafter from then on, and the divergence is
 counted. (a) and (b) alternate which goes first each round, so that a noisy shared
-machine perturbs both alike; a few untimed passes per dtype come first (warm-up).
+machine perturbs both alike; a few untimed passes per configuration come first (warm-up).
+
+A configuration is an engine and its numbers: `float32` and `bfloat16` (transformers),
+`llama.cpp` (its lossless kernels) and `llama.cpp-fastest` (llama.cpp's own kernels).
 
 Run: `python -m p2pspec.bench_batching --dtypes float32 bfloat16 --out docs/bench/batching.json`
+or `--dtypes llama.cpp llama.cpp-fastest --out docs/bench/batching-llama.json`.
 """
 
 from __future__ import annotations
@@ -31,15 +35,13 @@ import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from p2pspec.batching import BatchVerifier, batched_forward
-from p2pspec.engine import Draft, Drafter, StopChecker, Verifier
+from p2pspec.engine import Draft, Drafter, StopChecker, Verifier, verify_batch
+from p2pspec.engines import Engine, load_engine
 from p2pspec.errors import InvalidRequestError
-from p2pspec.models import KVCacheRunner, LoadedModel, load_model
 from p2pspec.speculative import SamplingParams
 
 __all__ = ["BATCH_PROMPTS", "run_batching_benchmark"]
@@ -58,7 +60,29 @@ TABLE_BEGIN = "<!-- batching-table:begin -->"
 TABLE_END = "<!-- batching-table:end -->"
 
 
-def _prompt_ids(lm: LoadedModel, text: str) -> list[int]:
+# Configuration name -> load_engine options.
+CONFIGS: dict[str, dict[str, str]] = {
+    "float32": {"engine": "transformers", "dtype": "float32"},
+    "bfloat16": {"engine": "transformers", "dtype": "bfloat16"},
+    "llama.cpp": {"engine": "llama.cpp", "settings": "lossless"},
+    "llama.cpp-fastest": {"engine": "llama.cpp", "settings": "fastest"},
+}
+
+
+def _load(spec: str, config: str, sessions: int, threads: int) -> Engine:
+    if config not in CONFIGS:
+        raise InvalidRequestError(f"configuration must be one of {sorted(CONFIGS)}")
+    return load_engine(
+        spec,
+        threads=threads,
+        sequences=2 * sessions + 2,  # each mode's sessions, the drafters, a spare
+        context_tokens=1024,
+        progress=False,
+        **CONFIGS[config],  # type: ignore[arg-type]
+    )
+
+
+def _prompt_ids(lm: Engine, text: str) -> list[int]:
     try:
         return lm.tokenizer.apply_chat_template(text)
     except InvalidRequestError:  # tiny models: no chat template
@@ -91,8 +115,8 @@ class _Run:
 
 
 def _bench_sessions(
-    verifier_lm: LoadedModel,
-    drafter_lm: LoadedModel,
+    verifier_lm: Engine,
+    drafter_lm: Engine,
     prompts: Sequence[list[int]],
     params: SamplingParams,
     new_tokens: int,
@@ -113,7 +137,7 @@ def _bench_sessions(
         ]
 
     modes = {"batched": runs(), "one_at_a_time": runs()}
-    batch = BatchVerifier()
+    batched_passes = 0
     seconds = {m: 0.0 for m in modes}
     first_round = {m: 0.0 for m in modes}
     first_tokens = {m: 0 for m in modes}
@@ -143,14 +167,16 @@ def _bench_sessions(
             before = sum(len(r.generated) for r in modes[mode])
             t0 = time.perf_counter()
             if mode == "batched":
-                verdicts = batch.verify_many(
+                verdicts = verify_batch(
                     [(r.verifier, r.committed, r.draft) for r in active]  # type: ignore[misc]
                 )
+                batched_passes += 1
             else:
                 verdicts = [r.verifier.verify(r.committed, r.draft) for r in active]  # type: ignore[arg-type]
             dt = time.perf_counter() - t0
             seconds[mode] += dt
             for r, v in zip(active, verdicts, strict=True):
+                assert not isinstance(v, ValueError), v
                 r.seconds += dt
                 assert r.draft is not None
                 r.commit(r.draft, v.accepted, v.token)
@@ -167,11 +193,7 @@ def _bench_sessions(
     result: dict[str, Any] = {"sessions": n}
     for mode, rs in modes.items():
         tokens = sum(len(r.generated) for r in rs)
-        passes = (
-            batch.forward_passes
-            if mode == "batched"
-            else sum(r.verifier.forward_passes for r in rs)
-        )
+        passes = batched_passes if mode == "batched" else sum(r.verifier.forward_passes for r in rs)
         decode_seconds = seconds[mode] - first_round[mode]
         result[mode] = {
             "tokens": tokens,
@@ -194,6 +216,11 @@ def _bench_sessions(
     )
     result["prompt_tokens"] = [len(p) for p in prompts]
     result["outputs"] = {"batched": a_out, "one_at_a_time": b_out}
+    for closing in [*shared, *(r.drafter for rs in modes.values() for r in rs if r.drafter)]:
+        closing.close()
+    for rs in modes.values():
+        for r in rs:
+            r.verifier.close()
     return result
 
 
@@ -205,9 +232,10 @@ def _bench_dtype(
     new_tokens: int,
     draft_tokens: int,
     params: SamplingParams,
+    threads: int,
 ) -> dict[str, Any]:
-    verifier_lm = load_model(verifier, dtype=dtype, progress=False)  # type: ignore[arg-type]
-    drafter_lm = load_model(drafter, dtype=dtype, progress=False)  # type: ignore[arg-type]
+    verifier_lm = _load(verifier, dtype, max(sessions), threads)
+    drafter_lm = _load(drafter, dtype, max(sessions), threads)
     prompts = [_prompt_ids(verifier_lm, t) for t in BATCH_PROMPTS]
     _warm_up(verifier_lm, drafter_lm, prompts[:2])
     rows = []
@@ -224,16 +252,20 @@ def _bench_dtype(
         row["wall_seconds"] = time.perf_counter() - t0
         rows.append(row)
         print(_row_line(dtype, row), flush=True)
-    return {"dtype": dtype, "rows": rows}
+    verifier_lm.close()
+    drafter_lm.close()
+    return {"dtype": dtype, "engine": verifier_lm.kind, "rows": rows}
 
 
-def _warm_up(verifier_lm: LoadedModel, drafter_lm: LoadedModel, prompts: list[list[int]]) -> None:
-    """Untimed passes first: a dtype's first forwards pay one-off kernel set-up (oneDNN)."""
+def _warm_up(verifier_lm: Engine, drafter_lm: Engine, prompts: list[list[int]]) -> None:
+    """Untimed passes first: the first passes pay one-off kernel set-up (oneDNN)."""
     for lm in (verifier_lm, drafter_lm):
-        runners = [KVCacheRunner(lm) for _ in prompts]
-        batched_forward(runners, prompts)
-        batched_forward(runners, [p[:5] for p in prompts])
-        runners[0].forward(prompts[0][:5])
+        seqs = [lm.new_sequence() for _ in prompts]
+        lm.append_many([s.feed(p, 1) for s, p in zip(seqs, prompts, strict=True)])
+        lm.append_many([s.feed(p[:5]) for s, p in zip(seqs, prompts, strict=True)])
+        seqs[0].append(prompts[0][:5])
+        for seq in seqs:
+            seq.close()
 
 
 def _row_line(dtype: str, row: dict[str, Any]) -> str:
@@ -253,16 +285,24 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def _table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
-        f"Measured {report['date']} on {m['processor']}, {m['cpus']} cores, torch {m['torch']} "
-        f"({m['torch_threads']} threads); verifier `{report['verifier']}`, drafter "
-        f"`{report['drafter']}`, {report['new_tokens']} new tokens per session, "
+        f"Measured {report['date']} on {m['processor']}, {m['cpus']} cores, torch {m['torch']}, "
+        f"llama-cpp-python {m['llama_cpp']} ({m['threads']} threads); "
+        f"verifier `{report['verifier']}`, drafter `{report['drafter']}`, "
+        f"{report['new_tokens']} new tokens per session, "
         f"k = {report['draft_tokens']}, {report['mode']}; only the verifier side is timed; "
         "batched and one-at-a-time measured in lock step in one run.",
         "",
-        "| dtype | sessions | batched agg. tok/s | one-at-a-time agg. tok/s | speedup "
+        "| configuration | sessions | batched agg. tok/s | one-at-a-time agg. tok/s | speedup "
         "| batched per-session tok/s | one-at-a-time per-session tok/s "
         "| batched verifier passes | one-at-a-time verifier passes "
         "| batched decode tok/s | one-at-a-time decode tok/s | sessions whose output differs |",
@@ -291,6 +331,7 @@ def run_batching_benchmark(
     out: str,
     params: SamplingParams | None = None,
     markdown: str | None = "docs/benchmarks.md",
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Run the benchmark for every dtype, one after the other; write JSON to `out`.
 
@@ -304,8 +345,9 @@ def run_batching_benchmark(
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
+            "threads": threads,
+            "torch": _version("torch"),
+            "llama_cpp": _version("llama-cpp-python"),
         },
         "verifier": verifier,
         "drafter": drafter,
@@ -319,7 +361,9 @@ def run_batching_benchmark(
     }
     for dtype in dtypes:
         report["runs"].append(
-            _bench_dtype(verifier, drafter, dtype, sessions, new_tokens, draft_tokens, params)
+            _bench_dtype(
+                verifier, drafter, dtype, sessions, new_tokens, draft_tokens, params, threads
+            )
         )
         gc.collect()  # free this dtype's models before loading the next
     path = Path(out)
@@ -350,8 +394,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--markdown", default="docs/benchmarks.md", help="'' writes no markdown table"
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     run_batching_benchmark(
+        threads=args.threads,
         verifier=args.verifier,
         drafter=args.drafter,
         dtypes=args.dtypes,

@@ -3,10 +3,12 @@
 Notation (Leviathan et al. 2023): p is the verifier's distribution, q the drafter's; a
 round drafts k tokens x_1..x_k and the verifier checks them in one forward pass.
 
-`Drafter` and `Verifier` each own one sequence's KV cache on one model and keep it equal
-to a prefix of the committed tokens: after a rejection the cache is cropped, never
-recomputed. They are the pieces a drafter peer and a verifier peer run; `LocalEngine`
-drives both in one process (for trying speculative decoding and for comparisons).
+`Drafter` and `Verifier` each own one sequence on an engine (p2pspec/engines: llama.cpp
+or transformers, numpy logits at the boundary) and keep it equal to a prefix of the
+committed tokens: after a rejection the cache is cut, never recomputed. They are the
+pieces a drafter peer and a verifier peer run; `verify_batch` verifies several sessions
+in one pass; `LocalEngine` drives both in one process (for trying speculative decoding and
+for comparisons); `greedy_decode` is the reference every greedy output must equal.
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
+from p2pspec.engines import Engine, Logits, check_compatible
 from p2pspec.errors import ContextOverflowError, InvalidRequestError
-from p2pspec.models import KVCacheRunner, LoadedModel, check_compatible
 from p2pspec.speculative import (
     SamplingParams,
     SparseDistribution,
     Verdict,
     draft_token,
     rejection_margin,
+    solo_token,
     target_distribution,
     verify_greedy,
     verify_rejection,
@@ -61,60 +63,30 @@ class Draft:
     confidences: list[float] | None = None
 
 
-def _logits_to_numpy(logits: torch.Tensor) -> np.ndarray:
-    return logits.detach().to(torch.float64).numpy()
-
-
-class CachedSequence:
-    """One sequence's KV cache on one model, kept equal to a prefix of the committed tokens."""
-
-    def __init__(self, lm: LoadedModel) -> None:
-        self.lm = lm
-        self.runner = KVCacheRunner(lm)
-        self.tokens: list[int] = []  # the tokens whose K/V are in the runner's cache
-        self.forward_passes = 0
-
-    def sync(self, committed: Sequence[int]) -> list[int]:
-        """Crop the cache to its longest common prefix with `committed`; return the rest.
-
-        At least the last committed token is always returned, so that the next forward
-        has an input whose logits give the distribution at the first new position.
-        """
-        limit = min(len(self.tokens), len(committed) - 1)
-        common = 0
-        while common < limit and self.tokens[common] == committed[common]:
-            common += 1
-        self.truncate(common)
-        return list(committed[common:])
-
-    def truncate(self, length: int) -> None:
-        """Roll the cache back to its first `length` tokens (cropped, not recomputed)."""
-        if length < len(self.tokens):
-            self.runner.rollback(length)
-            del self.tokens[length:]
-
-    def forward(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Feed tokens after the cached ones; float32 logits, one row per token."""
-        logits = self.runner.forward(tokens)
-        self.record(tokens)
-        return logits
-
-    def record(self, tokens: Sequence[int]) -> None:
-        """Account for a pass that fed `tokens` into the runner (here or batched)."""
-        self.tokens.extend(tokens)
-        self.forward_passes += 1
+def _greedy_choice(row: Logits) -> tuple[int, int, float]:
+    """The argmax of one row of logits, its runner-up (-1: none) and its softmax
+    probability (the drafter's confidence in it)."""
+    token = int(np.argmax(row))
+    others = [int(t) for t in np.argpartition(row, -2)[-2:] if t != token] if row.size > 1 else []
+    runner_up = max(others, key=lambda t: row[t]) if others else -1
+    z = row.astype(np.float64)
+    e = np.exp(z - z[token])
+    return token, runner_up, float(1.0 / e.sum())
 
 
 class Drafter:
     """Drafts tokens for one sequence with the small model q."""
 
-    def __init__(self, lm: LoadedModel, params: SamplingParams) -> None:
+    def __init__(self, engine: Engine, params: SamplingParams) -> None:
         self.params = params
-        self.sequence = CachedSequence(lm)
+        self.sequence = engine.new_sequence()
 
     @property
     def forward_passes(self) -> int:
         return self.sequence.forward_passes
+
+    def close(self) -> None:
+        self.sequence.close()
 
     def propose(
         self,
@@ -153,9 +125,9 @@ class Drafter:
                     tokens, qs if sampling else None, alternatives, True, seconds, confidences
                 )
             started = time.perf_counter()
-            last = self.sequence.forward(pending)[-1]
+            last = self.sequence.append(pending, rows=1)[-1]
             if sampling:
-                dense = target_distribution(_logits_to_numpy(last), self.params)
+                dense = target_distribution(last, self.params)
                 q = SparseDistribution.from_dense(dense, max_support=DRAFT_MAX_SUPPORT)
                 qs.append(q)
                 if i == k:
@@ -165,10 +137,9 @@ class Drafter:
                 alternatives.append(_runner_up(q, token))
                 confidences.append(min(q.prob(token), 1.0))  # renormalising may round up
             else:
-                token = int(torch.argmax(last).item())
-                top = [int(t) for t in torch.topk(last, min(2, last.shape[-1])).indices.tolist()]
-                alternatives.append(next((t for t in top if t != token), -1))
-                confidences.append(float(torch.softmax(last.float(), -1)[token].item()))
+                token, runner_up, confidence = _greedy_choice(last)
+                alternatives.append(runner_up)
+                confidences.append(confidence)
             tokens.append(token)
             pending = [token]
             seconds.append(time.perf_counter() - started)
@@ -202,9 +173,9 @@ def _runner_up(q: SparseDistribution, drawn: int) -> int:
 class Verifier:
     """Verifies drafts for one sequence with the large model p, keeping its KV cache."""
 
-    def __init__(self, lm: LoadedModel, params: SamplingParams, *, margins: bool = False) -> None:
+    def __init__(self, engine: Engine, params: SamplingParams, *, margins: bool = False) -> None:
         self.params = params
-        self.sequence = CachedSequence(lm)
+        self.sequence = engine.new_sequence()
         # How robust the last verdict is, for audits. Greedy: at the first rejected
         # position, the verifier's logit for its token minus the drafted one's (0 when
         # all were accepted). Sampling: speculative.rejection_margin, computed only with
@@ -216,34 +187,47 @@ class Verifier:
     def forward_passes(self) -> int:
         return self.sequence.forward_passes
 
+    def close(self) -> None:
+        self.sequence.close()
+
+    def feed(self, committed: Sequence[int], draft: Draft) -> tuple[list[int], int]:
+        """What one pass over this round must append, and the rows it needs: p_1..p_{k+1}."""
+        return self.sequence.sync(committed) + draft.tokens, len(draft.tokens) + 1
+
     def verify(self, committed: Sequence[int], draft: Draft) -> Verdict:
         """One forward pass over [committed tail, x_1..x_k] and the acceptance rule.
 
-        Afterwards the cache holds exactly committed + the accepted draft tokens.
+        Afterwards the cache holds exactly committed + the accepted draft tokens. An empty
+        draft in greedy mode is one step of plain decoding.
         """
-        logits = self.sequence.forward(self.sequence.sync(committed) + draft.tokens)
-        return self.judge(len(committed), draft, logits)
+        tokens, rows = self.feed(committed, draft)
+        return self.judge(len(committed), draft, self.sequence.append(tokens, rows))
 
-    def judge(self, base: int, draft: Draft, logits: torch.Tensor) -> Verdict:
+    def judge(self, base: int, draft: Draft, logits: Logits) -> Verdict:
         """The acceptance half of `verify`, given the pass's logits (batching runs the pass
         for several sessions at once and judges each with this).
 
-        `base` = len(committed); `logits` are the rows of the feed (at least its last k+1).
+        `base` = len(committed); `logits` are at least the pass's last k+1 rows.
         Truncates the cache to committed + the accepted draft tokens.
         """
         k = len(draft.tokens)
         scored = logits[-(k + 1) :]  # p_1..p_{k+1}
         if self.params.greedy:
-            verdict = verify_greedy(draft.tokens, torch.argmax(scored, dim=-1).tolist())
+            verdict = verify_greedy(draft.tokens, [int(t) for t in np.argmax(scored, axis=-1)])
             self.last_margin = 0.0
             if verdict.accepted < k:
                 row = scored[verdict.accepted]
-                gap = row[verdict.token] - row[draft.tokens[verdict.accepted]]
-                self.last_margin = float(gap)
-        else:
-            if draft.q is None:
+                self.last_margin = float(row[verdict.token]) - float(
+                    row[draft.tokens[verdict.accepted]]
+                )
+        elif draft.q is None:  # the verifier decodes alone: it drafts for itself (q = p)
+            if k:
                 raise ValueError("a sampling-mode draft must carry its q distributions")
-            p = [target_distribution(row, self.params) for row in _logits_to_numpy(scored)]
+            p = target_distribution(scored[0], self.params)
+            verdict = Verdict(0, solo_token(p, seed=self.params.seed, position=base))
+            self.last_margin = 0.0
+        else:
+            p = [target_distribution(row, self.params) for row in scored]
             verdict = verify_rejection(
                 draft.tokens, draft.q, p, base_position=base, seed=self.params.seed
             )
@@ -257,6 +241,38 @@ class Verifier:
             )  # fmt: skip
         self.sequence.truncate(base + verdict.accepted)
         return verdict
+
+
+SOLO = Draft(tokens=[])  # a round with nothing drafted: one step of the verifier decoding alone
+
+
+def verify_batch(
+    items: Sequence[tuple[Verifier, Sequence[int], Draft]],
+) -> list[Verdict | ValueError]:
+    """Several sessions' rounds in one pass of their shared engine (Engine.append_many);
+    each is judged on its own rows, so a bad draft (ValueError) fails its own session
+    only and the others get their verdicts."""
+    if not items:
+        return []
+    if len({id(v) for v, _, _ in items}) != len(items):
+        raise ValueError("a verifier appears twice in one batch")
+    for verifier, _, draft in items:
+        # Checked before the pass, so one bad request cannot spoil the others'.
+        if not verifier.params.greedy and draft.tokens and draft.q is None:
+            raise ValueError("a sampling-mode draft must carry its q distributions")
+    feeds = []
+    for verifier, committed, draft in items:
+        tokens, rows = verifier.feed(committed, draft)
+        feeds.append(verifier.sequence.feed(tokens, rows))
+    engine = items[0][0].sequence.engine
+    logits = engine.append_many(feeds)
+    outcomes: list[Verdict | ValueError] = []
+    for (verifier, committed, draft), rows in zip(items, logits, strict=True):
+        try:
+            outcomes.append(verifier.judge(len(committed), draft, rows))
+        except ValueError as e:  # a sampled draft that its own q cannot have drawn
+            outcomes.append(e)
+    return outcomes
 
 
 @dataclass
@@ -330,7 +346,7 @@ def validate_request(
 class StopChecker:
     """Finds the end of generation: EOS tokens, user stop strings, the token budget."""
 
-    def __init__(self, lm: LoadedModel, stop: Sequence[str], max_new_tokens: int) -> None:
+    def __init__(self, lm: Engine, stop: Sequence[str], max_new_tokens: int) -> None:
         self.tokenizer = lm.tokenizer
         self.eos = lm.tokenizer.eos_token_ids
         self.stop = [s for s in stop if s]
@@ -363,7 +379,7 @@ class StopChecker:
 class TextDeltas:
     """Turns committed tokens into the text they add, holding back a partial character."""
 
-    def __init__(self, lm: LoadedModel) -> None:
+    def __init__(self, lm: Engine) -> None:
         self.tokenizer = lm.tokenizer
         self.tokens: list[int] = []
         self.shown = ""
@@ -381,7 +397,7 @@ class TextDeltas:
 class LocalEngine:
     """Speculative decoding with drafter and verifier in one process."""
 
-    def __init__(self, drafter: LoadedModel, verifier: LoadedModel, *, draft_tokens: int = 4):
+    def __init__(self, drafter: Engine, verifier: Engine, *, draft_tokens: int = 4):
         check_compatible(drafter, verifier)
         if draft_tokens < 0:
             raise InvalidRequestError(f"draft tokens must be >= 0, got {draft_tokens}")
@@ -411,6 +427,21 @@ class LocalEngine:
         stats = stats if stats is not None else GenerationStats()
         drafter = Drafter(self.drafter_lm, params)
         verifier = Verifier(self.verifier_lm, params)
+        try:
+            yield from self._rounds(drafter, verifier, prompt_ids, max_new_tokens, stop, stats)
+        finally:
+            drafter.close()
+            verifier.close()
+
+    def _rounds(
+        self,
+        drafter: Drafter,
+        verifier: Verifier,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        stop: Sequence[str],
+        stats: GenerationStats,
+    ) -> Iterator[list[int]]:
         checker = StopChecker(self.verifier_lm, stop, max_new_tokens)
         committed = list(prompt_ids)
         generated: list[int] = []
@@ -470,19 +501,22 @@ class LocalEngine:
         )
 
 
-def greedy_decode(lm: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+def greedy_decode(engine: Engine, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
     """The verifier model's own greedy decoding, one token per forward pass, stopping at EOS.
 
     This is the reference that speculative decoding must reproduce exactly.
     """
-    validate_request(prompt_ids, max_new_tokens, lm.max_context, SamplingParams())
-    runner = KVCacheRunner(lm)
-    out: list[int] = []
-    feed = list(prompt_ids)
-    while len(out) < max_new_tokens:
-        token = int(torch.argmax(runner.forward(feed)[-1]).item())
-        out.append(token)
-        if token in lm.tokenizer.eos_token_ids:
-            break
-        feed = [token]
-    return out
+    validate_request(prompt_ids, max_new_tokens, engine.max_context, SamplingParams())
+    sequence = engine.new_sequence()
+    try:
+        out: list[int] = []
+        feed = list(prompt_ids)
+        while len(out) < max_new_tokens:
+            token = int(np.argmax(sequence.append(feed, rows=1)[-1]))
+            out.append(token)
+            if token in engine.tokenizer.eos_token_ids:
+                break
+            feed = [token]
+        return out
+    finally:
+        sequence.close()

@@ -58,6 +58,7 @@ __all__ = [
     "expected_tokens_per_round",
     "leviathan_accept",
     "sample_from",
+    "solo_token",
     "speedup",
     "target_distribution",
     "uniform",
@@ -312,6 +313,15 @@ def sample_from(dist: FloatArray | SparseDistribution, u: float) -> int:
 def draft_token(q: SparseDistribution, *, seed: SupportsIndex, position: SupportsIndex) -> int:
     """The drafter's token at absolute ``position``: ``x ~ q`` with the "draft" draw."""
     return sample_from(q, uniform(seed, position, "draft"))
+
+
+def solo_token(p: FloatArray, *, seed: SupportsIndex, position: SupportsIndex) -> int:
+    """The verifier's token at ``position`` when it decodes alone (k = 0): its own
+    distribution ``p`` sampled with the "draft" draw. This is the token verification
+    commits when the drafter is the verifier itself (``q = p``: the draft is drawn from
+    ``p`` and accepted with probability ``min(1, p/q) = 1``), so it is distributed exactly
+    as ``p`` and, like every committed token, a pure function of the seed and position."""
+    return sample_from(p, uniform(seed, position, "draft"))
 
 
 @dataclass(frozen=True)

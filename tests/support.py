@@ -13,16 +13,22 @@ import pytest
 import trio
 
 from p2pspec.engine import LocalEngine
+from p2pspec.engines import Engine, load_engine
 from p2pspec.launch import PeerProcess
-from p2pspec.models import LoadedModel, load_model
 from p2pspec.speculative import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @functools.cache
-def model(spec: str) -> LoadedModel:
-    return load_model(spec, progress=False)
+def model(spec: str) -> Engine:
+    """One shared engine per MODEL string, on one thread (tests share two cores)."""
+    return fresh_model(spec)
+
+
+def fresh_model(spec: str, **options: Any) -> Engine:
+    """A newly loaded engine (not shared with other tests)."""
+    return load_engine(spec, threads=1, progress=False, **options)
 
 
 def local_tokens(

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
+from support import fresh_model as load_model
+from support import model
 
 import p2pspec.engine as engine_module
 from p2pspec.engine import (
@@ -20,16 +22,11 @@ from p2pspec.engine import (
     greedy_decode,
 )
 from p2pspec.errors import ContextOverflowError, IncompatibleModelsError, InvalidRequestError
-from p2pspec.models import KVCacheRunner, LoadedModel, load_model
+from p2pspec.models import KVCacheRunner
 from p2pspec.speculative import SamplingParams, target_distribution, verify_rejection
 
 TARGET = "tiny-random:11"
 PROMPTS = [[5, 17, 200, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9], [250]]
-
-
-@functools.cache
-def model(spec: str) -> LoadedModel:
-    return load_model(spec, progress=False)
 
 
 # Drafters of the target with per-token acceptance α about 1.0, 0.5, 0.3 and 0: noisy
@@ -97,12 +94,12 @@ def _exact_two_token_distribution(prompt: list[int], params: SamplingParams) -> 
     """P(first two generated tokens = (a, b)) under the verifier's own sampling, exactly."""
     verifier = model(SMALL)
     first = target_distribution(
-        KVCacheRunner(verifier).forward(prompt)[-1].double().numpy(), params
+        KVCacheRunner(verifier.lm).forward(prompt)[-1].double().numpy(), params
     )
     joint = np.zeros((4, 4))
     for a in range(4):
         second = target_distribution(
-            KVCacheRunner(verifier).forward([*prompt, a])[-1].double().numpy(), params
+            KVCacheRunner(verifier.lm).forward([*prompt, a])[-1].double().numpy(), params
         )
         joint[a] = first[a] * second
     return joint.ravel()
@@ -167,7 +164,7 @@ def test_after_a_rejection_the_caches_hold_exactly_the_committed_tokens(
         assert drafter.sequence.tokens == committed[:-1] or rejections == 0
         for seq in (verifier.sequence, drafter.sequence):
             assert seq.tokens == committed[: len(seq.tokens)]
-            fresh = KVCacheRunner(seq.lm)
+            fresh = KVCacheRunner(seq.runner.lm)
             fresh.forward(seq.tokens)
             got, want = seq.runner.cache_tensors(), fresh.cache_tensors()
             assert len(got) == len(want)

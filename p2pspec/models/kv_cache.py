@@ -48,10 +48,12 @@ class KVCacheRunner:
         """Number of tokens whose keys and values are in the cache."""
         return self._len
 
-    def forward(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Feed `tokens` after the cached ones; float32 logits [len(tokens), vocab].
+    def forward(self, tokens: Sequence[int], rows: int | None = None) -> torch.Tensor:
+        """Feed `tokens` after the cached ones; float32 logits [rows, vocab] of the last
+        `rows` tokens (default: all of them; fewer skip the vocabulary projection of the
+        others, which for a long prompt is most of the pass's memory).
 
-        Row i is the model's prediction for the token after tokens[i]. The cache grows by
+        Row i is the model's prediction for the token after its position. The cache grows by
         len(tokens). Raises ContextOverflowError past the model's context and ValueError for
         an empty feed or an id outside the logits width.
         """
@@ -66,11 +68,21 @@ class KVCacheRunner:
         bad = [t for t in tokens if not 0 <= t < self._lm.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} outside 0..{self._lm.vocab_size - 1}")
-        input_ids = torch.tensor([list(tokens)], dtype=torch.long)
-        position_ids = torch.arange(self._len, self._len + n, dtype=torch.long).unsqueeze(0)
+        device = self._lm.model.device
+        input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+        position_ids = torch.arange(
+            self._len, self._len + n, dtype=torch.long, device=device
+        ).unsqueeze(0)
+        keep = n if rows is None else rows
+        if not 1 <= keep <= n:
+            raise ValueError(f"rows must be in 1..{n}, got {rows}")
         with torch.inference_mode():
             out = self._lm.model(
-                input_ids=input_ids, position_ids=position_ids, cache=self._cache, use_cache=True
+                input_ids=input_ids,
+                position_ids=position_ids,
+                cache=self._cache,
+                use_cache=True,
+                logits_to_keep=keep,
             )
             logits: torch.Tensor = out.logits[0].float()
         self._len += n

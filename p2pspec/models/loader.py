@@ -48,7 +48,7 @@ class LoadedModel:
 
     spec: str  # the MODEL string as given
     model_id: str  # canonical id ("qwen2.5-coder-1.5b-instruct", "tiny-random:3", hub id, path)
-    model: transformers.PreTrainedModel  # eval mode, requires_grad off, on CPU, in `dtype`
+    model: transformers.PreTrainedModel  # eval mode, requires_grad off, on its device, in `dtype`
     tokenizer: Tokenizer
     dtype: Dtype
     weights_fingerprint: str  # sha256 hex of the float32 weights (see convert.weights_fingerprint)
@@ -116,8 +116,9 @@ def _finish(
     dtype: Dtype,
     fingerprint: str,
     model_max_length: object = None,
+    device: str = "cpu",
 ) -> LoadedModel:
-    model = model.to(device="cpu", dtype=TORCH_DTYPES[dtype])  # type: ignore[call-arg]
+    model = model.to(device=device, dtype=TORCH_DTYPES[dtype])  # type: ignore[call-arg]
     model.eval()  # type: ignore[no-untyped-call]
     model.requires_grad_(False)
     return LoadedModel(
@@ -139,6 +140,7 @@ def _load_hf(
     dtype: Dtype,
     fingerprint: str | None,
     progress: bool,
+    device: str,
 ) -> LoadedModel:
     """Load a Hugging Face format model (folder or hub id).
 
@@ -153,11 +155,15 @@ def _load_hf(
         fingerprint = weights_fingerprint(model)
     generation_config = getattr(model, "generation_config", None)
     tokenizer = HFTokenizer(hf_tok, getattr(generation_config, "eos_token_id", None))
-    return _finish(spec, model_id, model, tokenizer, dtype, fingerprint, hf_tok.model_max_length)
+    return _finish(
+        spec, model_id, model, tokenizer, dtype, fingerprint, hf_tok.model_max_length, device
+    )
 
 
-def load_model(spec: str, *, dtype: Dtype = "float32", progress: bool = True) -> LoadedModel:
-    """Load the model a MODEL string names (see `resolve` for the forms) on the CPU.
+def load_model(
+    spec: str, *, dtype: Dtype = "float32", device: str = "cpu", progress: bool = True
+) -> LoadedModel:
+    """Load the model a MODEL string names (see `resolve` for the forms) on `device`.
 
     Embedded models and GGUF files are converted once into the per-user cache (minutes)
     and read from there afterwards (seconds). `progress` shows progress bars on stderr
@@ -172,23 +178,43 @@ def load_model(spec: str, *, dtype: Dtype = "float32", progress: bool = True) ->
             eos = () if source.eos is None else (source.eos,)
             tokenizer = ByteTokenizer(source.vocab, eos)
             return _finish(
-                spec, source.model_id, model, tokenizer, dtype, weights_fingerprint(model)
+                spec,
+                source.model_id,
+                model,
+                tokenizer,
+                dtype,
+                weights_fingerprint(model),
+                device=device,
             )
         case EmbeddedSource():
             folder, meta = ensure_embedded_converted(source.entry, progress=progress)
             return _load_hf(
-                spec, source.model_id, str(folder), dtype, meta.weights_fingerprint, progress
+                spec,
+                source.model_id,
+                str(folder),
+                dtype,
+                meta.weights_fingerprint,
+                progress,
+                device,
             )
         case GgufFileSource():
             folder, meta = ensure_gguf_converted(source.path, progress=progress)
             return _load_hf(
-                spec, source.model_id, str(folder), dtype, meta.weights_fingerprint, progress
+                spec,
+                source.model_id,
+                str(folder),
+                dtype,
+                meta.weights_fingerprint,
+                progress,
+                device,
             )
         case LocalDirSource():
-            return _load_hf(spec, source.model_id, str(source.path), dtype, None, progress)
+            return _load_hf(spec, source.model_id, str(source.path), dtype, None, progress, device)
         case HubSource():
             try:
-                return _load_hf(spec, source.model_id, source.repo_id, dtype, None, progress)
+                return _load_hf(
+                    spec, source.model_id, source.repo_id, dtype, None, progress, device
+                )
             except OSError as e:
                 raise UnknownModelError(
                     f"model {source.repo_id!r} could not be found locally (no such folder, "

@@ -3,23 +3,40 @@
 Speculative decoding only works if the drafter and the verifier give every token id the same
 meaning: the drafter sends ids, the verifier scores them. Peers on a mesh cannot compare
 tokenizers object by object, so each tokenizer carries a `fingerprint`, a sha256 over
-exactly what decides the meaning of an id (the vocabulary, the added/special tokens and the
-end-of-sequence ids). Two tokenizers with equal fingerprints are interchangeable for us.
+exactly what decides the meaning of an id: the token string of every id
+(`vocab_fingerprint`). Two tokenizers with equal fingerprints are interchangeable for us,
+whichever engine loaded them: a transformers tokenizer and llama.cpp's reading of the same
+GGUF (or of the GGUF converted from the same hub model) agree. Which ids end generation is
+not part of it: the drafter that runs a session decides where it stops.
 
-Two implementations: `HFTokenizer` wraps a transformers tokenizer (real models) and
-`ByteTokenizer` is a byte-level tokenizer for the in-memory tiny test models.
+Implementations: `HFTokenizer` wraps a transformers tokenizer (real models), `ByteTokenizer`
+is a byte-level tokenizer for the in-memory tiny test models; the llama.cpp engine has its
+own (p2pspec/engines/llama_tokenizer.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from p2pspec.errors import InvalidRequestError
+from p2pspec.models.chat import Message, check_messages
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer", "fingerprint_of"]
+__all__ = [
+    "ByteTokenizer",
+    "ChatInput",
+    "HFTokenizer",
+    "Tokenizer",
+    "as_messages",
+    "fingerprint_of",
+    "vocab_fingerprint",
+]
+
+# A prompt for a chat template: one user message, or a whole conversation.
+ChatInput = str | Sequence[Message]
 
 
 @runtime_checkable
@@ -48,8 +65,9 @@ class Tokenizer(Protocol):
         """Token ids of `text`, with no special tokens added."""
         ...
 
-    def apply_chat_template(self, prompt: str) -> list[int]:
-        """Token ids of one user message followed by the assistant's generation prompt."""
+    def apply_chat_template(self, prompt: ChatInput) -> list[int]:
+        """Token ids of a conversation (a str: one user message) rendered with the model's
+        chat template, followed by the assistant's generation prompt."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -65,6 +83,26 @@ def fingerprint_of(payload: Any) -> str:
     """
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode("ascii")).hexdigest()
+
+
+def as_messages(prompt: ChatInput) -> list[dict[str, str]]:
+    """A conversation from a ChatInput, checked (chat.check_messages)."""
+    if isinstance(prompt, str):
+        return check_messages([{"role": "user", "content": prompt}])
+    return check_messages(prompt)
+
+
+# Rows a GGUF adds to fill the logits width ("[PAD151935]"): transformers' hub tokenizers
+# do not list them, so they do not count towards the meaning of the ids.
+_PADDING = re.compile(r"^\[PAD(\d+)\]$")
+
+
+def vocab_fingerprint(tokens: Sequence[str]) -> str:
+    """sha256 hex of the token string of every id (index = id), padding rows left out."""
+    kept = [
+        [i, t] for i, t in enumerate(tokens) if not ((m := _PADDING.match(t)) and int(m[1]) == i)
+    ]
+    return fingerprint_of({"kind": "vocab", "tokens": kept})
 
 
 def _as_id_set(value: int | Iterable[int] | None) -> set[int]:
@@ -89,18 +127,11 @@ class HFTokenizer:
         self._vocab_size = len(tokenizer)
         self._eos = frozenset(_as_id_set(tokenizer.eos_token_id) | _as_id_set(generation_eos))
         self._has_chat_template = getattr(tokenizer, "chat_template", None) is not None
-        added = sorted(
-            (int(i), str(tok.content), bool(tok.special))
-            for i, tok in tokenizer.added_tokens_decoder.items()
-        )
-        self._fingerprint = fingerprint_of(
-            {
-                "kind": "hf",
-                "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0])),
-                "added": added,
-                "eos": sorted(self._eos),
-            }
-        )
+        vocab = tokenizer.get_vocab()
+        by_id = [""] * (max(vocab.values()) + 1 if vocab else 0)
+        for token, i in vocab.items():
+            by_id[i] = token
+        self._fingerprint = vocab_fingerprint(by_id)
 
     @property
     def vocab_size(self) -> int:
@@ -126,13 +157,13 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self._tok.encode(text, add_special_tokens=False)]
 
-    def apply_chat_template(self, prompt: str) -> list[int]:
+    def apply_chat_template(self, prompt: ChatInput) -> list[int]:
         if not self._has_chat_template:
             raise InvalidRequestError(
                 "this model's tokenizer has no chat template; send the prompt as raw text"
             )
         ids = self._tok.apply_chat_template(
-            [{"role": "user", "content": prompt}],
+            as_messages(prompt),
             add_generation_prompt=True,
             tokenize=True,
             return_dict=False,
@@ -186,7 +217,7 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [b % self._vocab_size for b in text.encode("utf-8")]
 
-    def apply_chat_template(self, prompt: str) -> list[int]:
+    def apply_chat_template(self, prompt: ChatInput) -> list[int]:
         raise InvalidRequestError(
             "tiny-random models have no chat template; send the prompt as raw text"
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
+import numpy as np
 
 from p2pspec.engine import Draft, Verifier
 from p2pspec.peers.cli import main
@@ -21,10 +21,10 @@ LIE = os.environ.get("LIE", "accept-all")
 honest_judge = Verifier.judge
 
 
-def lying_judge(self: Verifier, base: int, draft: Draft, logits: torch.Tensor) -> Verdict:
+def lying_judge(self: Verifier, base: int, draft: Draft, logits: np.ndarray) -> Verdict:
     honest = honest_judge(self, base, draft, logits)  # keeps the cache consistent
     if LIE == "accept-all":
-        bonus = int(torch.argmax(logits[-1]))
+        bonus = int(np.argmax(logits[-1]))
         return Verdict(accepted=len(draft.tokens), token=bonus)
     return Verdict(accepted=honest.accepted, token=(honest.token + 1) % logits.shape[-1])
 
