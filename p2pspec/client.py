@@ -508,6 +508,7 @@ class Client:
         raw: bool = False,
         draft_tokens: int | Literal["auto"] = "auto",
         pipelined: bool = True,
+        solo: bool = True,
         wait_s: float = 0.0,
         verifier: str = "",
     ) -> Stream:
@@ -518,6 +519,11 @@ class Client:
 
         `pipelined` (the default): the drafter keeps drafting while verdicts travel, with
         several verify requests in flight; False: one draft, one verdict, in turn.
+
+        `solo` (the default): where drafting is predicted to cost more than it saves (a
+        verifier whose passes grow with their length, a short link to a fast verifier), a
+        greedy session lets the verifier decode alone (k = 0), so it is never planned
+        slower than that verifier by itself; False: always draft.
 
         `wait_s`: when every drafter or verifier is at capacity the session is refused
         (`ClientError` with code 'overloaded' or 'no_verifier'); with `wait_s` > 0 the
@@ -541,6 +547,7 @@ class Client:
                 draft_tokens=4 if draft_tokens == "auto" else draft_tokens,
                 adaptive=draft_tokens == "auto",
                 pipelined=pipelined,
+                solo=solo,
                 verifier=verifier,
             )
             request = msgspec.convert(msgspec.to_builtins(request), wire.GenerateRequest)

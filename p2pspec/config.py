@@ -26,7 +26,18 @@ class ConfigError(UserError):
 class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     role: Literal["drafter", "verifier"] | None = None  # what this peer serves
     model: str | None = None  # a MODEL string (see the README)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # The runtime: llama.cpp for GGUF models (the embedded ones, .gguf files) when it is
+    # installed, transformers for the rest ("auto"); or either, by name.
+    engine: Literal["auto", "llama.cpp", "transformers"] = "auto"
+    # transformers' compute dtype; None: float32 on the CPU, bfloat16 on CUDA.
+    dtype: Literal["float32", "bfloat16"] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where the model runs
+    threads: Annotated[int, Meta(ge=0, le=256)] = 0  # compute threads; 0 = this process's cores
+    # llama.cpp: tokens of KV cache per session (reserved up front, one slot a session).
+    context_tokens: Annotated[int, Meta(ge=64, le=1 << 20)] = 4096
+    # llama.cpp kernels: "lossless" (batch-invariant, verifying equals plain decoding) or
+    # "fastest" (llama.cpp's defaults; may flip near-ties, docs/benchmarks.md).
+    llama_settings: Literal["lossless", "fastest"] = "lossless"
     listen: str = "/ip4/127.0.0.1/tcp/0"  # multiaddr to listen on (tcp/0: any free port)
     announce: str | None = None  # multiaddr others should dial instead of the bound one
     bootstrap: list[str] = []  # multiaddrs (with /p2p/<id>) of peers to join through
@@ -64,14 +75,15 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # Sampled sessions: the auditor's verdict counts as evidence only when no draw that
     # decided it was closer than this to flipping (speculative.rejection_margin).
     audit_sampling_margin: Annotated[float, Meta(ge=0.0, le=1.0)] = 1e-4
-    torch_threads: Annotated[int, Meta(ge=0, le=256)] = 0  # intra-op threads; 0 = torch's default
+    torch_threads: Annotated[int, Meta(ge=0, le=256)] = 0  # the former name of `threads`
 
 
 class TestnetPeers(Struct, forbid_unknown_fields=True, kw_only=True):
     model: str  # MODEL string of these peers
     count: Count = 1  # how many processes
     capacity_sessions: Count = 8  # sessions each serves at once
-    threads: Annotated[int, Meta(ge=0, le=256)] = 1  # torch threads per process (0 = default)
+    threads: Annotated[int, Meta(ge=0, le=256)] = 1  # compute threads per process (0 = all)
+    engine: Literal["auto", "llama.cpp", "transformers"] = "auto"  # these peers' runtime
     # The link in front of each of these peers (a DelayProxy each, per direction): one-way
     # delay and jitter in ms, bandwidth in Mbit/s (0: unlimited).
     delay_ms: Annotated[float, Meta(ge=0.0, le=10_000.0)] = 0.0
@@ -93,7 +105,8 @@ class Workload(Struct, forbid_unknown_fields=True, kw_only=True):
     temperature: Annotated[float, Meta(ge=0.0)] = 0.0
     seed: int = 0
     raw: bool = False  # skip the chat template
-    draft_tokens: Annotated[int, Meta(ge=0, le=16)] = 4
+    # k per round, or "auto": the drafter adapts it (and may let the verifier decode alone).
+    draft_tokens: Annotated[int, Meta(ge=0, le=16)] | Literal["auto"] = 4
     wait_s: Annotated[float, Meta(ge=0.0)] = 0.0  # how long a session waits for capacity
     kill_peer: str = ""  # chaos: the name of a peer to SIGKILL mid-run (e.g. "verifier-0-1")
     kill_after_tokens: Annotated[int, Meta(ge=0)] = 0  # ... once this many tokens streamed
@@ -109,7 +122,7 @@ class Topology(Struct, forbid_unknown_fields=True, kw_only=True):
     verifiers: Annotated[list[TestnetPeers], Meta(min_length=1)]
     drafters: Annotated[list[TestnetPeers], Meta(min_length=1)]
     workload: Workload
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] | None = None  # transformers only (None: float32)
     ready_timeout_s: Seconds = 600.0  # deadline for every peer to print its ready line
     peer: PeerConfig = msgspec.field(default_factory=PeerConfig)  # settings for every peer
     # "proxy": links emulated by a DelayProxy in front of each peer (portable, no root).

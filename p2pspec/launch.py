@@ -7,12 +7,13 @@ SIGTERM, waits, then SIGKILLs; it only ever signals the PIDs it started.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,55 @@ async def _read_ready_line(process: trio.Process) -> str:
     return buf.split(b"\n", 1)[0].decode().strip()
 
 
+# Log events of a starting peer worth showing whoever waits for it (its slow first start).
+PROGRESS_EVENTS = {
+    "gguf_assembling": "assembling the model file from its packages",
+    "model_loading": "loading the model",
+    "cost_curve_measuring": "measuring its cost of verifying 1..16 tokens (first start only)",
+    "cost_curve": "cost curve ready",
+}
+PROGRESS_POLL_S = 0.5  # how often a starting peer's log is read for progress (display only)
+
+
+async def _relay_progress(name: str, log_path: Path, show: Callable[[str], None]) -> None:
+    """Show the progress events a starting peer logs, until cancelled (at its ready line)."""
+    offset = 0
+    while True:
+        await trio.sleep(PROGRESS_POLL_S)
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        complete = data.rfind(b"\n") + 1
+        offset += complete
+        for line in data[:complete].splitlines():
+            try:
+                event = json.loads(line).get("event")
+            except (ValueError, AttributeError):
+                continue
+            if event in PROGRESS_EVENTS:
+                show(f"{name}: {PROGRESS_EVENTS[event]}")
+
+
+async def _ready_line_showing(
+    process: trio.Process, name: str, log_path: Path, progress: Callable[[str], None] | None
+) -> str:
+    """The ready line, with the peer's progress shown meanwhile."""
+    line: str | None = None
+    error: PeerStartError | None = None
+    async with trio.open_nursery() as nursery:
+        if progress is not None:
+            nursery.start_soon(_relay_progress, name, log_path, progress)
+        try:
+            line = await _read_ready_line(process)
+        except PeerStartError as e:  # carried out by hand: not wrapped in an ExceptionGroup
+            error = e
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    assert line is not None
+    return line
+
+
 async def start_peer(
     name: str,
     role: str,
@@ -184,9 +234,11 @@ async def start_peer(
     env: dict[str, str] | None = None,
     listen: str = DEFAULT_LISTEN,
     program: Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
 ) -> PeerProcess:
     """Start one peer and return once it has printed its ready line (its announced
-    address when `extra_args` has --announce, else `listen` with the bound port)."""
+    address when `extra_args` has --announce, else `listen` with the bound port).
+    `progress`, if given, is shown what the peer does meanwhile (PROGRESS_EVENTS)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     cmd = peer_command(
@@ -210,7 +262,7 @@ async def start_peer(
     peer.extra["listen"] = listen  # what it was told to bind
     try:
         with trio.fail_after(ready_timeout_s):
-            peer.address = await _read_ready_line(process)
+            peer.address = await _ready_line_showing(process, name, log_path, progress)
     except (trio.TooSlowError, PeerStartError) as e:
         await peer.stop(timeout_s=2.0)
         reason = "no ready line in time" if isinstance(e, trio.TooSlowError) else str(e)

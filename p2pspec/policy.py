@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_PRIOR_ALPHA",
     "DEFAULT_PRIOR_TRIALS",
     "EWMA",
+    "SOLO_MARGIN",
     "AcceptanceEstimate",
     "AdaptiveDraftLength",
     "Assessment",
@@ -68,6 +69,7 @@ __all__ = [
     "pipeline_hit_probability",
     "pipeline_send_interval",
     "predicted_tokens_per_second",
+    "verify_seconds",
 ]
 
 # A new drafter / verifier pair is assumed to accept this often until observed otherwise.
@@ -88,6 +90,10 @@ MAX_PIPELINE_DEPTH = 8
 PIPELINE_MARGIN = 1.1
 # The most blocks, main chain and branches, a session keeps in flight.
 MAX_TREE_BLOCKS = 32
+# A session drafts rather than letting the verifier decode alone only when drafting is
+# predicted this much faster: the model over-predicts drafting a little (acceptances are
+# autocorrelated), while decoding alone is exactly the verifier's own speed.
+SOLO_MARGIN = 1.05
 # Until observed, how often the verifier's token at a rejection is the drafter's runner-up.
 DEFAULT_PRIOR_RUNNER_UP = 0.5
 
@@ -294,6 +300,9 @@ class Plan:
     # Branches are drafted when their chance of being verified is at least this
     # (branch_threshold); infinite: no branches.
     threshold: float = math.inf
+    # k = 0: nothing is drafted, the verifier decodes alone (VerifyRequest.solo), because
+    # drafting is predicted to cost more than it saves (AdaptiveDraftLength.next_plan).
+    solo: bool = False
 
     @property
     def branching(self) -> bool:
@@ -310,11 +319,21 @@ def pipeline_depth(*, block_s: float, t_verify_s: float, latency_s: float, max_d
     return min(max(needed, 2), max_depth)
 
 
+def verify_seconds(t_verify_s: float | Sequence[float], tokens: int) -> float:
+    """The verifier's pass over ``tokens`` new tokens: one figure for every size, or a
+    measured cost curve (index ``n − 1`` holds ``n`` tokens; flat beyond its end)."""
+    if isinstance(t_verify_s, int | float):
+        return float(t_verify_s)
+    if not t_verify_s:
+        raise ValueError("an empty cost curve")
+    return float(t_verify_s[min(max(tokens, 1), len(t_verify_s)) - 1])
+
+
 def best_plan(
     *,
     alpha: float,
     t_draft_s: float,
-    t_verify_s: float,
+    t_verify_s: float | Sequence[float],
     rtt_s: float,
     t_send_s: float = 0.0,
     max_gamma: int = MAX_DRAFT_TOKENS,
@@ -330,14 +349,21 @@ def best_plan(
     on ties the smaller ``γ``. Pipelined only when it beats the best synchronous plan by
     ``margin``: every block drafted ahead also costs what the model leaves out (the
     verifier reads and skips the ones a miss discards; they take the drafter's core from
-    the block that replaces them), which measured 5 to 30 % on loopback with tiny models."""
+    the block that replaces them), which measured 5 to 30 % on loopback with tiny models.
+
+    ``t_verify_s`` may be the verifier's cost curve (:func:`verify_seconds`): a round of
+    ``γ`` drafted tokens then costs its pass over ``γ + 1`` tokens (the base token and the
+    draft), so where verifying grows with ``n`` (a quantized model on a CPU) long drafts
+    are priced as what they cost."""
     if not 0 <= min_gamma <= max_gamma:
         raise ValueError(f"need 0 <= min_gamma <= max_gamma, got {min_gamma}, {max_gamma}")
     if max_depth < 1:
         raise ValueError(f"max_depth must be >= 1, got {max_depth}")
-    latency = t_send_s + rtt_s + t_verify_s
+    curve = t_verify_s
     best = {1: Plan(min_gamma, 1, -math.inf), 2: Plan(min_gamma, 2, -math.inf)}
     for gamma in range(min_gamma, max_gamma + 1):
+        t_verify_s = verify_seconds(curve, gamma + 1)
+        latency = t_send_s + rtt_s + t_verify_s
         block = pipeline_block_seconds(
             gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s, t_receive_s=t_receive_s
         )
@@ -607,6 +633,16 @@ class AdaptiveDraftLength:
     three times has a value (observed, or given as a starting estimate) it returns
     ``initial_gamma``. Always in ``1..max_gamma``; deterministic: the same observations in
     the same order give the same ``γ``.
+
+    With the verifier's measured cost curve (``verify_costs_s``: seconds of its pass over
+    ``n`` = 1, 2, ... tokens, from its record) a round of ``γ`` tokens is priced at its pass
+    over ``γ + 1``, the curve scaled by how the observed passes compare with it (load,
+    batching, a busier machine); and with ``solo`` (the verifier can decode alone) the
+    plan may be ``k = 0``: nothing drafted, the verifier's own speed, ``1 / (t_verify(1) +
+    per-token overhead)``, chosen unless drafting is predicted ``SOLO_MARGIN`` faster. So a
+    session is never planned slower than the verifier alone. While it decodes alone the
+    drafter keeps guessing the verifier's tokens on its own core (:meth:`observe_shadow`),
+    so α stays measured and drafting resumes when it pays.
     """
 
     def __init__(
@@ -622,6 +658,8 @@ class AdaptiveDraftLength:
         t_draft_s: float | None = None,
         t_verify_s: float | None = None,
         rtt_s: float | None = None,
+        verify_costs_s: Sequence[float] | None = None,
+        solo: bool = False,
     ) -> None:
         if max_gamma < 1:
             raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
@@ -640,6 +678,29 @@ class AdaptiveDraftLength:
         # How often the verifier's token at a rejection is the drafter's runner-up (h);
         # pipelined sessions weigh branching with it.
         self.runner_up = AcceptanceEstimate(prior_alpha=DEFAULT_PRIOR_RUNNER_UP)
+        # Observed pass / the curve's figure for its size: the curve as this session sees it.
+        self.costs: list[float] = []
+        self.solo = False
+        self.cost_scale = EWMA(half_life_samples=half_life_samples, initial=1.0)
+        self.use_verifier(verify_costs_s or [], solo=solo)
+        # Per token decoded alone, the time beyond the verifier's pass (signing, sending).
+        self.solo_overhead = EWMA(half_life_samples=half_life_samples, initial=0.0)
+
+    def use_verifier(self, verify_costs_s: Sequence[float], *, solo: bool) -> None:
+        """A (new) verifier serves the session: its advertised cost curve, and whether it
+        decodes alone; what the session learnt of the old one's speed is dropped."""
+        for c in verify_costs_s:
+            _check_seconds("verify cost", c)
+        self.costs = list(verify_costs_s) if all(c > 0 for c in verify_costs_s) else []
+        self.solo = solo and bool(self.costs)
+        self.cost_scale = EWMA(half_life_samples=self.t_verify.half_life_samples, initial=1.0)
+
+    def verify_curve(self) -> list[float] | None:
+        """The verifier's cost curve as observed (scaled), or None without one."""
+        if not self.costs:
+            return None
+        scale = self.cost_scale.value or 1.0
+        return [c * scale for c in self.costs]
 
     def observe_round(
         self,
@@ -661,6 +722,7 @@ class AdaptiveDraftLength:
             self.t_draft.observe(draft_s / drafted)
         if verify_s is not None:
             self.t_verify.observe(verify_s)
+            self._observe_cost(verify_s, drafted + 1)
         if rtt_s is not None:
             self.rtt.observe(rtt_s)
         if send_s is not None:  # the drafter's own work per request (t_send)
@@ -668,21 +730,52 @@ class AdaptiveDraftLength:
         if receive_s is not None:  # what a block ahead cost beyond the model (t_receive)
             self.t_receive.observe(receive_s)
 
+    def _observe_cost(self, seconds: float, tokens: int) -> None:
+        if self.costs:
+            expected = verify_seconds(self.costs, tokens)
+            if expected > 0:
+                self.cost_scale.observe(seconds / expected)
+
+    def observe_solo(self, *, verify_s: float, interval_s: float | None) -> None:
+        """One token the verifier decoded alone: its pass, and (when the verifier was kept
+        busy) the time since the previous one, whose excess is the per-token overhead."""
+        _check_seconds("verify_s", verify_s)
+        self._observe_cost(verify_s, 1)
+        if interval_s is not None:
+            _check_seconds("interval_s", interval_s)
+            self.solo_overhead.observe(max(interval_s - verify_s, 0.0))
+
+    def observe_shadow(self, hit: bool) -> None:
+        """The drafter's guess at a token the verifier decoded alone: one tested position."""
+        self.acceptance.observe(int(hit), 1)
+
     def observe_runner_up(self, hit: bool) -> None:
         """A rejection whose position had a runner-up: was the verifier's token it?"""
         self.runner_up.observe(int(hit), 1)
 
+    def solo_rate(self) -> float:
+        """Predicted tokens/s of the verifier decoding alone (inf without a curve)."""
+        curve = self.verify_curve()
+        if curve is None:
+            return -math.inf
+        return 1.0 / max(curve[0] + (self.solo_overhead.value or 0.0), 1e-9)
+
     def next_plan(self) -> Plan:
         """``γ`` and blocks in flight for the next round (``depth`` 1 unless pipelined;
-        pipelined sessions still go synchronous where the model says pipelining loses)."""
-        t_draft, t_verify, rtt = self.t_draft.value, self.t_verify.value, self.rtt.value
+        pipelined sessions still go synchronous where the model says pipelining loses);
+        ``solo`` where the verifier decoding alone is predicted at least as fast."""
+        if self.solo and self.fixed_gamma == 0:
+            return Plan(0, 1, self.solo_rate(), solo=True)
+        curve = self.verify_curve()
+        t_draft, rtt = self.t_draft.value, self.rtt.value
+        t_verify: float | list[float] | None = curve if curve is not None else self.t_verify.value
         depth = self.max_depth if self.pipelined else 1
         first = self.initial_gamma if self.fixed_gamma is None else self.fixed_gamma
         if t_draft is None or t_verify is None or rtt is None:
             return Plan(first, min(depth, 2), math.nan)
-        if t_draft + t_verify + rtt <= 0.0:
+        if t_draft + verify_seconds(t_verify, 1) + rtt <= 0.0:
             return Plan(first, min(depth, 2), math.nan)  # no basis to move
-        return best_plan(
+        drafting = best_plan(
             alpha=self.acceptance.alpha,
             t_draft_s=t_draft,
             t_verify_s=t_verify,
@@ -694,6 +787,10 @@ class AdaptiveDraftLength:
             max_depth=depth,
             runner_up=self.runner_up.alpha if self.pipelined else 0.0,
         )
+        solo = self.solo_rate()
+        if self.solo and self.fixed_gamma is None and drafting.tokens_per_s < SOLO_MARGIN * solo:
+            return Plan(0, 1, solo, solo=True)
+        return drafting
 
     def next_gamma(self) -> int:
         """``γ`` for the next round."""

@@ -219,6 +219,8 @@ class Scheduler:
             and r.peer_id not in self.banned
             and r.weights_fingerprint == audited.weights_fingerprint
             and r.dtype == audited.dtype
+            and (r.engine or "transformers") == (audited.engine or "transformers")
+            and r.weights_format == audited.weights_format
             and max(r.load, self.active_on[r.peer_id]) < r.capacity
         ]
         return min(

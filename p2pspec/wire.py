@@ -28,6 +28,8 @@ VERIFY_PROTOCOL = f"/p2pspec/verify/{PROTOCOL_VERSION}"
 
 MAX_FRAME_BYTES = 1 << 20  # a frame larger than this is refused before it is read
 MAX_DRAFT_TOKENS = 16  # per verify request
+MAX_SOLO_TOKENS = 256  # tokens one request may ask the verifier to decode alone (k = 0)
+MAX_COST_POINTS = 64  # entries of a peer's advertised cost curve
 MAX_ASSUMED_TOKENS = 1024  # of a request drafted ahead (VerifyRequest.assumed)
 MAX_Q_SUPPORT = 1024  # entries of one sparse drafter distribution
 MAX_PROMPT_TOKENS = 32768
@@ -64,6 +66,13 @@ class PeerRecord(Base, tag="peer_record"):
     issued_at_ms: NonNegative  # unix time of signing
     ttl_ms: Annotated[int, Meta(gt=0, le=600_000)]  # the record expires this long after issue
     seq: NonNegative = 0  # increases with every re-issue; the newest record wins
+    engine: Short = ""  # "llama.cpp" | "transformers" ("": an older peer, transformers)
+    weights_format: Short = ""  # how its weights are held: "Q4_K_M", "float32", ...
+    # Its measured cost of one forward pass over n = 1, 2, ... new tokens, in ms, with its
+    # own threads (p2pspec/engines/costs.py): how far to speculate with it. Empty: unknown.
+    costs_ms: Annotated[
+        list[Annotated[float, Meta(ge=0.0, le=1e7)]], Meta(max_length=MAX_COST_POINTS)
+    ] = []
 
 
 class SignedRecord(Base, tag="signed_record"):
@@ -97,6 +106,9 @@ class GenerateRequest(Base, tag="generate"):
     # Keep drafting while verdicts are in flight, several verify requests at once, each
     # assuming the ones before it are committed whole (issue 6; outputs do not change).
     pipelined: bool = False
+    # Adaptive greedy sessions may let the verifier decode alone (k = 0) where drafting is
+    # predicted to cost more than it saves; False: always draft.
+    solo: bool = True
     verifier: str = ""  # a preferred verifier peer id; empty = the drafter chooses
     # Failover: tokens already committed by an earlier drafter; generation resumes after
     # them and the output is the same as without the failure.
@@ -170,6 +182,12 @@ class SessionStats(Base, tag="session_stats"):
     # sending and the verifier's pass (summed over `receive_samples`): the model's t_receive.
     receive_overhead_seconds: float = 0.0
     receive_samples: NonNegative = 0
+    # Tokens the verifier decoded alone (k = 0, VerifyRequest.solo): where drafting would
+    # have cost more than it saves. And the drafter's guesses at them, drafted on its own
+    # core meanwhile to keep measuring α: how many it guessed, how many it got right.
+    solo_tokens: NonNegative = 0
+    shadow_drafted: NonNegative = 0
+    shadow_accepted: NonNegative = 0
 
 
 class SessionFinished(Base, tag="session_finished"):
@@ -252,6 +270,9 @@ class VerifyOpen(Base, tag="verify_open"):
     # An audit: every verdict carries its sampled margin too (speculative.rejection_margin,
     # a pass over the vocabulary that other sessions need not pay for).
     margins: bool = False
+    # Where the drafter's session ends (its tokenizer's end-of-sequence ids): a verifier
+    # decoding alone (VerifyRequest.solo) stops after one of them.
+    stop_tokens: Annotated[list[TokenId], Meta(max_length=64)] = []
 
 
 class VerifyOpened(Base, tag="verify_opened"):
@@ -273,6 +294,10 @@ class VerifyRequest(Base, tag="verify"):
     assumed: Annotated[list[TokenId], Meta(max_length=MAX_ASSUMED_TOKENS)] = []
     draft: Annotated[list[TokenId], Meta(max_length=MAX_DRAFT_TOKENS)] = []
     q: Annotated[list[SparseQ], Meta(max_length=MAX_DRAFT_TOKENS + 1)] = []
+    # k = 0: decode this many tokens alone (nothing drafted, nothing assumed), answered by
+    # one verdict per token on an empty draft, rounds `round`, `round` + 1, ...; a run
+    # ends early after a stop token (VerifyOpen.stop_tokens) or at the session's limit.
+    solo: Annotated[int, Meta(ge=0, le=MAX_SOLO_TOKENS)] = 0
 
 
 class Verdict(Base, tag="verdict"):
@@ -356,6 +381,10 @@ def decode_record(data: bytes) -> PeerRecord:
 
 def check_verify_request(req: VerifyRequest, *, sampling: bool, vocab_size: int) -> None:
     """Semantic checks a schema cannot express; raises WireError."""
+    if req.solo:
+        if req.draft or req.q or req.assumed:
+            raise WireError("a request to decode alone carries no draft, q or assumed tokens")
+        return
     if sampling and len(req.q) != len(req.draft) + 1:
         raise WireError(f"a sampling draft of {len(req.draft)} tokens needs {len(req.draft) + 1} q")
     if not sampling and req.q:

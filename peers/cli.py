@@ -21,13 +21,42 @@ DEFAULT_DRAFTER = "qwen2.5-coder-0.5b-instruct"
 EXIT_USER_ERROR = 2
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_engine_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--engine, --threads, --device, --dtype: how a model runs (peer and generate).
+    `defaults`: fill in the defaults here (generate) or leave None for a config (peer)."""
+    p.add_argument(
+        "--engine",
+        choices=["auto", "llama.cpp", "transformers"],
+        default="auto" if defaults else None,
+        help="model runtime (default auto: llama.cpp for GGUF models when installed, "
+        "else transformers)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0 if defaults else None,
+        metavar="N",
+        help="compute threads of the engine (default 0: the cores this process may use)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto" if defaults else None,
+        help="where the model runs (default auto: a GPU when the engine sees one)",
+    )
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
-        default="float32",
-        help="weights and compute dtype (float32 reproduces plain decoding exactly; "
-        "bfloat16 is faster and may flip near-ties)",
+        default=None,
+        help="transformers only: compute dtype (default float32 on the CPU, which "
+        "reproduces plain decoding exactly; bfloat16 on CUDA; bfloat16 may flip near-ties)",
+    )
+    p.add_argument(
+        "--llama-settings",
+        choices=["lossless", "fastest"],
+        default="lossless" if defaults else None,
+        help="llama.cpp kernels (default lossless: verifying equals plain decoding; "
+        "fastest: llama.cpp's own choice, may flip near-ties)",
     )
 
 
@@ -77,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on the mesh, wait for each verdict before drafting on (default: keep drafting "
         "while verdicts travel)",
     )
-    _add_model_options(gen)
+    _add_engine_options(gen, defaults=True)
     _add_generation_options(gen)
 
     gen.add_argument(
@@ -109,8 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--network-key", metavar="FILE", help="join a private mesh: its shared secret key file"
     )
     peer.add_argument("--capacity", type=int, metavar="N", help="sessions served at once")
-    peer.add_argument("--dtype", choices=["float32", "bfloat16"])
-    peer.add_argument("--threads", type=int, metavar="N", help="torch threads (0 = default)")
+    _add_engine_options(peer, defaults=False)
+    peer.add_argument(
+        "--context-tokens",
+        type=int,
+        metavar="N",
+        help="llama.cpp: KV cache tokens per session, reserved up front (default 4096)",
+    )
     peer.add_argument("--advert-interval", type=float, metavar="SECONDS")
     peer.add_argument("--record-ttl", type=float, metavar="SECONDS")
     peer.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
@@ -156,7 +190,7 @@ def _generate_local(args: argparse.Namespace) -> int:
         TextDeltas,
         sampling_params,
     )
-    from p2pspec.models import check_compatible, load_model
+    from p2pspec.engines import check_compatible, load_engine
 
     params = sampling_params(args.temperature, args.top_k, args.top_p, args.seed)
     k = 4 if args.draft_tokens == "auto" else args.draft_tokens
@@ -166,8 +200,21 @@ def _generate_local(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if not args.prompt.strip():
         raise InvalidRequestError("the prompt is empty: give some text to answer")
-    verifier = load_model(args.verifier, dtype=args.dtype)
-    drafter = load_model(args.drafter, dtype=args.dtype)
+
+    def load(spec: str) -> Any:
+        return load_engine(
+            spec,
+            engine=args.engine,
+            dtype=args.dtype,
+            threads=args.threads,
+            device=args.device,
+            sequences=2,
+            settings=args.llama_settings,
+        )
+
+    verifier = load(args.verifier)
+    # --draft-tokens 0: the verifier decodes alone, the reference every mode must equal.
+    drafter = load(args.drafter) if k else verifier
     check_compatible(drafter, verifier)
     engine = LocalEngine(drafter, verifier, draft_tokens=k)
     prompt_ids = _prompt_ids(verifier, args.prompt, args.raw)
@@ -195,9 +242,10 @@ def _generate_local(args: argparse.Namespace) -> int:
             "prompt_token_ids": prompt_ids,
             "token_ids": tokens,
             "finish_reason": finish,
-            "drafter": drafter.model_id,
+            "drafter": drafter.model_id if k else None,
             "verifier": verifier.model_id,
-            "dtype": args.dtype,
+            "engine": verifier.kind,
+            "dtype": verifier.dtype,
             "stats": {
                 **stats.as_dict(),
                 "tokens_per_second": len(tokens) / stats.total_seconds
@@ -254,12 +302,14 @@ def _default_key_path(role: str) -> str:
 
 
 def _peer(args: argparse.Namespace) -> int:
+    import structlog
     import trio
 
     from p2pspec import logs
     from p2pspec.config import PeerConfig, load_toml, merge
     from p2pspec.crypto.identity import Identity, KeyFileError
-    from p2pspec.models import load_model
+    from p2pspec.engines import load_engine
+    from p2pspec.engines.costs import cost_curve
     from p2pspec.peers.run import Peer, run_until_signalled
 
     logs.configure(level=args.log_level)
@@ -275,16 +325,16 @@ def _peer(args: argparse.Namespace) -> int:
             "key_file": args.key,
             "network_key_file": args.network_key,
             "capacity_sessions": args.capacity,
+            "engine": args.engine,
             "dtype": args.dtype,
-            "torch_threads": args.threads,
+            "device": args.device,
+            "threads": args.threads,
+            "context_tokens": args.context_tokens,
+            "llama_settings": args.llama_settings,
             "advert_interval_s": args.advert_interval,
             "record_ttl_s": args.record_ttl,
         },
     )
-    if config.torch_threads:
-        import torch
-
-        torch.set_num_threads(config.torch_threads)
     if config.role is None or config.model is None:
         raise UserError("a peer needs --role drafter|verifier and --model MODEL")
     key_path = config.key_file or _default_key_path(config.role)
@@ -292,14 +342,27 @@ def _peer(args: argparse.Namespace) -> int:
         identity = Identity.load_or_create(key_path)
     except KeyFileError as e:
         raise UserError(str(e)) from None
-    lm = load_model(config.model, dtype=config.dtype)
+    log = structlog.get_logger("p2pspec.peer")
+    log.info("model_loading", model=config.model, engine=config.engine)
+    engine = load_engine(
+        config.model,
+        engine=config.engine,
+        dtype=config.dtype,
+        threads=config.threads or config.torch_threads,
+        device=config.device,
+        # A slot a session, and one for the cost measurement and audits' spare.
+        sequences=config.capacity_sessions + 1,
+        context_tokens=config.context_tokens,
+        settings=config.llama_settings,
+    )
+    costs = cost_curve(engine)
 
     def ready(address: str) -> None:
         print(address, flush=True)  # the ready line: alone on stdout
 
     # Ctrl-C before the signal handler is installed: nothing was serving yet.
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run_until_signalled, Peer(config, lm, identity), ready)
+        trio.run(run_until_signalled, Peer(config, engine, identity, costs_s=costs), ready)
     return 0
 
 

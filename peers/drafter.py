@@ -43,8 +43,9 @@ from p2pspec.engine import (
     sampling_params,
     validate_request,
 )
+from p2pspec.engines import Engine
 from p2pspec.errors import UserError
-from p2pspec.models import LoadedModel
+from p2pspec.peers.solo import RUNS_IN_FLIGHT, Shadow, SoloRuns, run_length
 from p2pspec.policy import (
     MAX_TREE_BLOCKS,
     AdaptiveDraftLength,
@@ -126,6 +127,8 @@ class DraftWorker:
                 continue
             try:
                 async with self.compute:
+                    if job.abandoned:  # its session left while the job waited for the lock
+                        continue
                     draft = await trio.to_thread.run_sync(
                         job.drafter.propose, job.committed, job.k, job.stop, job.enough
                     )
@@ -136,6 +139,11 @@ class DraftWorker:
             self.drafts += 1
             job.reply.answer(draft)
 
+    async def release(self, drafter: Drafter) -> None:
+        """Close a session's drafter (its KV cache), never while a job drafts on it."""
+        async with self.compute:
+            drafter.close()
+
 
 class DrafterService:
     """User sessions on one drafter model. Its actors (`run`) are the DraftWorker and the
@@ -143,18 +151,21 @@ class DrafterService:
 
     def __init__(
         self,
-        lm: LoadedModel,
+        lm: Engine,
         identity: Identity,
         config: PeerConfig,
         compute: trio.Lock,
         *,
         verifiers: Callable[[], list[wire.PeerRecord]],
+        costs_s: list[float] | None = None,
         open_verify_channel: OpenChannel,
         rtt_s: Callable[[str], float | None] = lambda peer_id: None,
         probe_soon: Callable[[wire.PeerRecord], object] = lambda record: None,
         rediscover: Callable[[], object] = lambda: None,
     ) -> None:
         self.lm = lm
+        # This drafter's own cost curve (engines/costs.py): a drafted token's first guess.
+        self.costs_s = list(costs_s or [])
         # Called while a session waits with no verifier to try: redial the mesh now,
         # whatever backoff the failed exchanges of a cut link have built up.
         self.rediscover = rediscover
@@ -162,6 +173,7 @@ class DrafterService:
         self.peer_id = identity.peer_id
         self.config = config
         self.open_verify_channel = open_verify_channel
+        self.rtt_s = rtt_s
         self.sessions: set[str] = set()
         self.served = 0
         self.draft_worker = DraftWorker(compute, mailbox=config.capacity_sessions)
@@ -264,15 +276,24 @@ class DrafterService:
         """Run the session while watching the client: its cancel, or its going away, ends
         the session at once, whatever it is doing (drafting, waiting for a verifier)."""
         sid = request.session_id
-        state = _SessionState(self.lm, request, prompt_ids, params)
+        try:
+            state = _SessionState(self.lm, request, prompt_ids, params, self.costs_s)
+        except UserError as e:  # no sequence left on the engine
+            await channel.refuse("overloaded", str(e), sid)
+            return
         outcome: wire.SessionFinished | tuple[str, str] | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_client, channel, nursery.cancel_scope, sid)
-            try:
-                outcome = await self._session(channel, state)
-            except _ClientGoneError as e:
-                log.info("session_cancelled", session=sid, reason=str(e))
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_client, channel, nursery.cancel_scope, sid)
+                try:
+                    outcome = await self._session(channel, state)
+                except _ClientGoneError as e:
+                    log.info("session_cancelled", session=sid, reason=str(e))
+                nursery.cancel_scope.cancel()
+        finally:
+            # The worker may still hold a job of this session's: free it after that.
+            with trio.CancelScope(shield=True):
+                await self.draft_worker.release(state.drafter)
         if outcome is None:  # the client cancelled or left; already logged
             return
         if isinstance(outcome, wire.SessionFinished):
@@ -386,6 +407,18 @@ class DrafterService:
                     raise _VerifierUnreachableError(str(e)) from None
             await vch.send(state.verify_open(self.lm.tokenizer.fingerprint))
             await vch.expect(wire.VerifyOpened, timeout_s=cfg.request_timeout_s)
+            # A verifier that advertises its costs decodes alone too (k = 0). Sampled
+            # sessions choose it only when asked (draft_tokens 0): it draws each token
+            # from p itself, so a seed would give other tokens than drafting gives, and
+            # the tokens of a seed must not depend on timing (README, "Sampling").
+            solo = bool(record.costs_ms) and (
+                (state.params.greedy and state.request.solo)
+                or not (state.request.adaptive or state.request.draft_tokens)
+            )
+            state.planner.use_verifier([ms / 1000 for ms in record.costs_ms], solo=solo)
+            rtt = self.rtt_s(record.peer_id)
+            if state.planner.rtt.value is None and rtt is not None:
+                state.planner.rtt.observe(rtt)  # the prober's, until rounds measure it
             if not state.announced:
                 await self._to_client(
                     channel,
@@ -558,7 +591,7 @@ class DrafterService:
             nursery.start_soon(self._read_verdicts, vch, send, drafting)
             try:
                 finished = await self._pipeline(
-                    channel, vch, state, verifier_id, verdicts, drafting
+                    channel, vch, state, verifier_id, verdicts, drafting, nursery
                 )
             except Exception as e:  # re-raised below, not wrapped in an ExceptionGroup
                 error = e
@@ -599,8 +632,12 @@ class DrafterService:
         verifier_id: str,
         verdicts: trio.MemoryReceiveChannel[tuple[wire.Message, float] | ChannelError],
         drafting: _Drafting,
+        nursery: trio.Nursery,
     ) -> wire.SessionFinished:
-        """Synchronous sessions keep one block in flight. Pipelined ones draft further
+        """A solo plan (k = 0, peers/solo.py) asks the verifier for runs of tokens decoded
+        alone, and drafts nothing but one-token guesses that keep α measured; the session
+        changes between drafting and solo runs when one's blocks or runs are all answered.
+        Synchronous sessions keep one block in flight. Pipelined ones draft further
         blocks while verdicts travel (p2pspec.drafttree): the main chain, up to the plan's
         depth, each on the assumption that the blocks before it are committed whole; and,
         when the plan branches, blocks on the likely misses of those in flight, while
@@ -621,8 +658,30 @@ class DrafterService:
         # (each model reads it on its first pass): its times are kept apart, not fed to
         # the cost model as a round's.
         first = True
+        runs = SoloRuns()
+        shadow = Shadow(
+            lambda c: self._guess(state, c),
+            lambda: state.committed,
+            lambda hit: _score_shadow(state, hit),
+        )
         while True:
             while verdicts.statistics().current_buffer_used == 0:
+                if plan.solo:
+                    if len(tree) or len(runs) >= RUNS_IN_FLIGHT:
+                        break  # blocks in flight are answered first; the runs keep it busy
+                    base = len(state.committed) + runs.pending
+                    count = run_length(
+                        rtt_s=state.planner.rtt.value or 0.0,
+                        t_token_s=1.0 / plan.tokens_per_s,
+                        room=state.limit - base,
+                    )
+                    if not count:
+                        break
+                    await vch.send(runs.request(sid, state.round, base, count))
+                    state.round += count
+                    continue
+                if len(runs):
+                    break  # the runs in flight are answered before drafting resumes
                 candidate = self._choose(state, tree, plan)
                 if candidate is None:
                     break
@@ -653,6 +712,18 @@ class DrafterService:
             if isinstance(item, ChannelError):
                 raise item
             verdict, received = item
+            if isinstance(verdict, wire.Verdict) and runs.expects(verdict.round):
+                runs.answered()
+                finished = await self._take_solo(
+                    channel, state, verifier_id, verdict, received, runs, shadow, first=first
+                )
+                first = False
+                if finished is not None:
+                    return finished
+                if state.params.greedy:
+                    shadow.start(nursery)
+                plan = state.next_plan()
+                continue
             answered = (
                 tree.answered(state.committed, verdict.round)
                 if isinstance(verdict, wire.Verdict)
@@ -759,6 +830,77 @@ class DrafterService:
                     token_ids=state.generated,
                 )
 
+    async def _take_solo(
+        self,
+        channel: Channel,
+        state: _SessionState,
+        verifier_id: str,
+        verdict: wire.Verdict,
+        received: float,
+        runs: SoloRuns,
+        shadow: Shadow,
+        *,
+        first: bool,
+    ) -> wire.SessionFinished | None:
+        """Check and commit one token the verifier decoded alone; the finished session
+        when it ends the answer."""
+        if (
+            verdict.base_len != len(state.committed)
+            or verdict.accepted != 0
+            or verdict.token >= self.lm.vocab_size
+        ):
+            raise ProtocolError("the verdict does not answer this run's next token")
+        if not check_verdict(verifier_id, verdict, []):
+            raise ProtocolError("the verdict's signature does not check")
+        proof = wire.VerifiedRound(verifier_peer_id=verifier_id, draft=[], verdict=verdict)
+        # Greedy tokens are audited like drafted rounds; a sampled token decoded alone
+        # would need its auditor to decode alone too, which audits do not ask yet.
+        if state.params.greedy and random.random() < self.config.audit_fraction:
+            await self._audit(state, proof, q=[])
+        stats = state.stats
+        stats.rounds += 1
+        stats.solo_tokens += 1
+        stats.verifier_forward_passes += 1
+        stats.verifier_compute_seconds += verdict.compute_seconds
+        stats.max_batch_size = max(stats.max_batch_size, verdict.batch_size)
+        stats.draft_lengths.append(0)
+        if first:
+            stats.first_compute_seconds += verdict.compute_seconds
+        else:
+            # The gap since the previous token measures the verifier's pace only while it
+            # had this session's work queued (the previous run was not its last).
+            gap = received - runs.last_at if runs.last_at and runs.busy_since_last else None
+            state.planner.observe_solo(verify_s=verdict.compute_seconds, interval_s=gap)
+        runs.last_at, runs.busy_since_last = received, runs.pending > 0
+        shadow.committed_token(verdict.base_len, verdict.token)
+        fresh, reason = state.commit([verdict.token])
+        if fresh:
+            await self._to_client(
+                channel,
+                wire.TokensCommitted(
+                    session_id=state.request.session_id,
+                    round=verdict.round,
+                    tokens=fresh,
+                    text=state.deltas.push(fresh),
+                    proof=proof,
+                ),
+            )
+        if reason is None:
+            return None
+        stats.total_seconds = time.perf_counter() - state.started
+        return wire.SessionFinished(
+            session_id=state.request.session_id,
+            finish_reason=reason,  # type: ignore[arg-type]
+            stats=stats,
+            text=state.checker.text(state.generated, reason),
+            token_ids=state.generated,
+        )
+
+    async def _guess(self, state: _SessionState, committed: list[int]) -> int:
+        """The drafter's greedy guess at the token after `committed` (Shadow)."""
+        draft = await self.draft_worker.propose(state.drafter, committed, 1)
+        return draft.tokens[0]
+
     @staticmethod
     def _choose(state: _SessionState, tree: DraftTree, plan: Plan) -> Candidate | None:
         """The next block worth drafting, if any: the main chain's next while it is
@@ -851,6 +993,13 @@ class DrafterService:
         )
         state.round += 1
         return block
+
+
+def _score_shadow(state: _SessionState, hit: bool) -> None:
+    """A guess at a token the verifier decoded alone was scored: α's evidence."""
+    state.planner.observe_shadow(hit)
+    state.stats.shadow_drafted += 1
+    state.stats.shadow_accepted += hit
 
 
 def _unsure(
@@ -950,10 +1099,11 @@ class _SessionState:
 
     def __init__(
         self,
-        lm: LoadedModel,
+        lm: Engine,
         request: wire.GenerateRequest,
         prompt_ids: list[int],
         params: SamplingParams,
+        drafter_costs_s: list[float],
     ) -> None:
         self.lm = lm
         self.request = request
@@ -981,6 +1131,8 @@ class _SessionState:
             else request.draft_tokens,
             fixed_gamma=not request.adaptive,
             pipelined=request.pipelined,
+            # A drafted token costs about one pass over one token; measured ones replace it.
+            t_draft_s=drafter_costs_s[0] if drafter_costs_s else None,
         )
 
     @property
@@ -1033,6 +1185,7 @@ class _SessionState:
             top_k=self.params.top_k,
             top_p=self.params.top_p,
             seed=self.params.seed,
+            stop_tokens=sorted(self.eos)[:64],
         )
 
     def rewind(self, keep: int, caught: _VerifierCaughtError) -> wire.Correction:

@@ -1,8 +1,9 @@
 """A peer process: a libp2p node, discovery, and one role (drafter or verifier).
 
-`Peer` loads nothing itself: the caller hands it a loaded model, so that the slow load
-happens before the node listens and the ready line means "ready to serve". The ready
-line is the node's full dialable multiaddr, printed alone on stdout by the CLI.
+`Peer` loads nothing itself: the caller hands it a loaded engine and its measured cost
+curve (p2pspec/engines/costs.py), so that the slow work happens before the node listens
+and the ready line means "ready to serve". The ready line is the node's full dialable
+multiaddr, printed alone on stdout by the CLI.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
 from p2pspec.directory import Directory
 from p2pspec.discovery import Advertiser, now_ms, serve_exchange
+from p2pspec.engines import Engine
 from p2pspec.errors import P2PSpecError
 from p2pspec.membership import load_network_key
-from p2pspec.models import LoadedModel
 from p2pspec.node import Node, NodeStream
 from p2pspec.peers.drafter import DrafterService
 from p2pspec.peers.verifier import VerifierService
@@ -38,11 +39,21 @@ DRAFTER_DIALS = frozenset({"drafter", "verifier"})
 class Peer:
     """One peer: node + directory + advertiser + its role's service."""
 
-    def __init__(self, config: PeerConfig, lm: LoadedModel, identity: Identity) -> None:
+    def __init__(
+        self,
+        config: PeerConfig,
+        lm: Engine,
+        identity: Identity,
+        *,
+        costs_s: list[float] | None = None,
+    ) -> None:
         if config.role is None:
             raise ValueError("a peer needs a role")
         self.config = config
         self.lm = lm
+        # Seconds of one pass over n = 1, 2, ... new tokens on this peer's engine: how far
+        # sessions speculate with it (advertised in its record).
+        self.costs_s = list(costs_s or [])
         self.identity = identity
         self.node = Node(
             identity,
@@ -91,7 +102,10 @@ class Peer:
             model_id=self.lm.model_id[:256],
             tokenizer_fingerprint=self.lm.tokenizer.fingerprint,
             weights_fingerprint=self.lm.weights_fingerprint,
-            dtype=self.lm.dtype,
+            dtype="bfloat16" if self.lm.dtype == "bfloat16" else "float32",
+            engine=self.lm.kind,
+            weights_format=self.lm.info.weights_format[:256],
+            costs_ms=[round(1000 * c, 3) for c in self.costs_s[: wire.MAX_COST_POINTS]],
             capacity=self.config.capacity_sessions,
             load=self.service.load,
             protocol_version=wire.PROTOCOL_VERSION,

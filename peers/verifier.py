@@ -1,17 +1,19 @@
 """The verifier role: serves verify sessions for drafters, one long-lived stream each.
 
 A drafter opens `/p2pspec/verify/1.0.0`, sends `VerifyOpen` with the committed prefix,
-then one `VerifyRequest` per round; the verifier answers each with a `Verdict`. The
-session's KV cache lives here between rounds and is freed when the stream ends, the
-drafter sends `VerifyClose`, or the session goes idle. A drafter's mistake ends its own
-session with an `ErrorMessage`, never the peer.
+then one `VerifyRequest` per round; the verifier answers each with a `Verdict`. A request
+with `solo` set asks the verifier to decode that many tokens alone (k = 0: where drafting
+costs more than it saves), answered by one verdict per token. The session's KV cache lives
+here between rounds and is freed when the stream ends, the drafter sends `VerifyClose`, or
+the session goes idle. A drafter's mistake ends its own session with an `ErrorMessage`,
+never the peer.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
@@ -19,7 +21,6 @@ import trio
 
 from p2pspec import wire
 from p2pspec.actors import supervise
-from p2pspec.batching import BatchVerifier
 from p2pspec.channel import (
     Channel,
     ChannelError,
@@ -29,8 +30,9 @@ from p2pspec.channel import (
 )
 from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
-from p2pspec.engine import Draft, Verifier
-from p2pspec.models import LoadedModel
+from p2pspec.engine import SOLO, Draft, Verifier, verify_batch
+from p2pspec.engines import Engine
+from p2pspec.errors import UserError
 from p2pspec.speculative import SamplingParams, SparseDistribution, Verdict
 from p2pspec.verdicts import sign_verdict
 
@@ -57,6 +59,7 @@ class _Job:
     committed: list[int]
     draft: Draft
     reply: trio.MemorySendChannel[tuple[Verdict | ValueError, int]]
+    abandoned: bool = False  # its session gave up waiting (ended, cancelled)
 
 
 class BatchFailedError(ValueError):
@@ -86,7 +89,6 @@ class VerifierWorker:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._inbox, self._mailbox = trio.open_memory_channel[_Job](mailbox)
-        self.batcher = BatchVerifier()
         self.batches = 0
         self.requests = 0
 
@@ -104,8 +106,12 @@ class VerifierWorker:
         """Queue one session's request (waits while the mailbox is full); its verdict and
         the size of the batch it was verified in."""
         reply_in, reply_out = trio.open_memory_channel[tuple[Verdict | ValueError, int]](1)
-        await self._inbox.send(_Job(verifier, committed, draft, reply_in))
-        result, batch_size = await reply_out.receive()
+        job = _Job(verifier, committed, draft, reply_in)
+        try:
+            await self._inbox.send(job)
+            result, batch_size = await reply_out.receive()
+        finally:
+            job.abandoned = True
         if isinstance(result, ValueError):
             raise result
         return result, batch_size
@@ -120,6 +126,10 @@ class VerifierWorker:
                     batch.append(await self._mailbox.receive())
             try:
                 async with self.compute:
+                    # A session that left meanwhile has closed (or is closing) its sequence.
+                    batch = [j for j in batch if not j.abandoned]
+                    if not batch:
+                        continue
                     results = await trio.to_thread.run_sync(self._run_batch, batch)
             except Exception as e:  # supervision: fail this batch's sessions, keep serving
                 log.exception("verify_batch_failed", sessions=len(batch))
@@ -132,15 +142,15 @@ class VerifierWorker:
                 each.reply.send_nowait((result, len(batch)))
 
     def _run_batch(self, batch: list[_Job]) -> list[Verdict | ValueError]:
-        """One forward pass for the whole batch (BatchVerifier.verify_each)."""
-        return self.batcher.verify_each([(j.verifier, j.committed, j.draft) for j in batch])
+        """One forward pass for the whole batch (engine.verify_batch)."""
+        return verify_batch([(j.verifier, j.committed, j.draft) for j in batch])
 
 
 class VerifierService:
     """Verify sessions on one model; `load` of them at once, at most `capacity`."""
 
     def __init__(
-        self, lm: LoadedModel, identity: Identity, config: PeerConfig, compute: trio.Lock
+        self, lm: Engine, identity: Identity, config: PeerConfig, compute: trio.Lock
     ) -> None:
         self.lm = lm
         self.identity = identity  # signs every verdict
@@ -208,7 +218,12 @@ class VerifierService:
             top_p=opening.top_p,
             seed=opening.seed,
         )
-        verifier = Verifier(self.lm, params, margins=opening.margins)
+        try:
+            verifier = Verifier(self.lm, params, margins=opening.margins)
+        except UserError as e:  # no sequence left on the engine
+            self.refused += 1
+            await channel.refuse("overloaded", str(e), opening.session_id)
+            return
         sid = opening.session_id
         self.sessions[sid] = verifier
         self.served += 1
@@ -231,8 +246,11 @@ class VerifierService:
             log.exception("verify_session_failed", session=sid)
             await channel.refuse("internal_error", f"the verifier failed: {e!r}", sid)
         finally:
-            # Frees the session's KV cache with its Verifier.
             del self.sessions[sid]
+            # Frees the session's KV cache, never while a pass of the worker uses it.
+            with trio.CancelScope(shield=True):
+                async with self.compute:
+                    verifier.close()
             log.info("verify_session_closed", session=sid, peer=remote_peer_id, load=self.load)
 
     def _check_open(self, m: wire.VerifyOpen) -> tuple[str, str] | None:
@@ -269,11 +287,12 @@ class VerifierService:
         still answering pings) from a hung or dead one.
         """
         requests_in, requests_out = trio.open_memory_channel[wire.VerifyRequest](MAILBOX_REQUESTS)
+        session = _Session(verifier, committed, opening)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_requests, channel, requests_in, opening, remote_peer_id)
+            nursery.start_soon(self._read_requests, channel, requests_in, session, remote_peer_id)
             async with requests_out:
                 async for message in requests_out:
-                    if not await self._verify_one(channel, verifier, committed, opening, message):
+                    if not await self._serve_request(channel, session, message):
                         break
                 # Stop the reader before closing its channel: else a request it has read
                 # meanwhile meets a closed channel (BrokenResourceError) and fails the stream.
@@ -283,48 +302,53 @@ class VerifierService:
         self,
         channel: Channel,
         requests: trio.MemorySendChannel[wire.VerifyRequest],
-        opening: wire.VerifyOpen,
+        session: _Session,
         remote_peer_id: str,
     ) -> None:
-        sid = opening.session_id
-        async with requests:
-            while True:
-                try:
-                    message = await channel.receive(timeout_s=self.config.idle_timeout_s)
-                except ProtocolError as e:  # malformed, oversized, unknown: refused as at the open
-                    log.info(
-                        "verify_request_refused", session=sid, peer=remote_peer_id, error=str(e)
-                    )
-                    await channel.refuse("bad_request", str(e), sid)
-                    return
-                except ChannelError as e:
-                    log.info("verify_session_ended", session=sid, peer=remote_peer_id, error=str(e))
-                    return
-                if isinstance(message, wire.VerifyClose):
-                    return
-                if not isinstance(message, wire.VerifyRequest) or message.session_id != sid:
-                    code = (
-                        "unknown_session" if isinstance(message, wire.VerifyRequest) else "protocol"
-                    )
-                    log.info("verify_request_refused", session=sid, peer=remote_peer_id, error=code)
-                    await channel.refuse(code, f"unexpected {type(message).__name__}", sid)
-                    return
-                await requests.send(message)
-
-    async def _verify_one(
-        self,
-        channel: Channel,
-        verifier: Verifier,
-        committed: list[int],
-        opening: wire.VerifyOpen,
-        message: wire.VerifyRequest,
-    ) -> bool:
-        """Check and verify one request; False when the session must end."""
-        sid = opening.session_id
-        limit = len(opening.prefix) + opening.max_new_tokens
-        sampling = opening.temperature > 0
+        sid = session.opening.session_id
         try:
-            wire.check_verify_request(message, sampling=sampling, vocab_size=self.lm.vocab_size)
+            async with requests:
+                while True:
+                    try:
+                        message = await channel.receive(timeout_s=self.config.idle_timeout_s)
+                    except ProtocolError as e:  # malformed, oversized, unknown: refused
+                        log.info(
+                            "verify_request_refused", session=sid, peer=remote_peer_id, error=str(e)
+                        )
+                        await channel.refuse("bad_request", str(e), sid)
+                        return
+                    except ChannelError as e:
+                        log.info(
+                            "verify_session_ended", session=sid, peer=remote_peer_id, error=str(e)
+                        )
+                        return
+                    if isinstance(message, wire.VerifyClose):
+                        return
+                    if not isinstance(message, wire.VerifyRequest) or message.session_id != sid:
+                        code = (
+                            "unknown_session"
+                            if isinstance(message, wire.VerifyRequest)
+                            else "protocol"
+                        )
+                        log.info(
+                            "verify_request_refused", session=sid, peer=remote_peer_id, error=code
+                        )
+                        await channel.refuse(code, f"unexpected {type(message).__name__}", sid)
+                        return
+                    await requests.send(message)
+        finally:
+            session.closed = True  # a run decoding alone stops at its next token
+
+    async def _serve_request(
+        self, channel: Channel, session: _Session, message: wire.VerifyRequest
+    ) -> bool:
+        """Check and answer one request; False when the session must end."""
+        sid = session.opening.session_id
+        committed = session.committed
+        try:
+            wire.check_verify_request(
+                message, sampling=session.sampling, vocab_size=self.lm.vocab_size
+            )
             if message.assumed and (
                 message.base_len != len(committed)
                 or committed[len(committed) - len(message.assumed) :] != message.assumed
@@ -334,21 +358,39 @@ class VerifierService:
                 self.skipped += 1
                 log.debug("verify_request_skipped", session=sid, round=message.round)
                 return True
+            if message.solo and session.stopped and message.base_len > len(committed):
+                # Queued behind a run that ended at a stop token: the answer is over.
+                return True
             if message.base_len != len(committed):
                 raise wire.WireError(
                     f"base_len {message.base_len} but {len(committed)} tokens are committed"
                 )
-            if len(committed) + len(message.draft) + 1 > limit:
+            if len(committed) + len(message.draft) + 1 > session.limit:
                 raise wire.WireError("the draft runs past the session's max_new_tokens")
             qs = [q_from_wire(q, self.lm.vocab_size) for q in message.q]
         except ValueError as e:  # WireError is a ValueError too
             log.info("verify_request_refused", session=sid, error=str(e))
             await channel.refuse("bad_request", str(e), sid)
             return False
-        draft = Draft(tokens=list(message.draft), q=qs if sampling else None)
+        if not message.solo:
+            draft = Draft(tokens=list(message.draft), q=qs if session.sampling else None)
+            return await self._answer(channel, session, message.round, draft)
+        for i in range(message.solo):
+            if session.closed or session.stopped or len(committed) + 1 > session.limit:
+                break
+            if not await self._answer(channel, session, message.round + i, SOLO):
+                return False
+        return True
+
+    async def _answer(self, channel: Channel, session: _Session, round_: int, draft: Draft) -> bool:
+        """Verify one round (a draft, or one token decoded alone) and send the signed
+        verdict; False when the session must end."""
+        sid = session.opening.session_id
+        committed = session.committed
+        base = len(committed)
         started = time.perf_counter()
         try:
-            verdict, batch_size = await self.worker.verify(verifier, committed, draft)
+            verdict, batch_size = await self.worker.verify(session.verifier, committed, draft)
         except BatchFailedError as e:
             await channel.refuse("verifier_error", str(e), sid)
             return False
@@ -358,18 +400,19 @@ class VerifierService:
             return False
         elapsed = time.perf_counter() - started
         committed.extend([*draft.tokens[: verdict.accepted], verdict.token])
+        session.stopped = verdict.token in session.stop_tokens
         signed = sign_verdict(
             self.identity,
             wire.Verdict(
                 session_id=sid,
-                round=message.round,
-                base_len=message.base_len,
+                round=round_,
+                base_len=base,
                 accepted=verdict.accepted,
                 token=verdict.token,
                 compute_seconds=elapsed,
                 batch_size=batch_size,
                 model_fingerprint=self.lm.weights_fingerprint,
-                margin=verifier.last_margin,
+                margin=session.verifier.last_margin,
             ),
             draft.tokens,
         )
@@ -379,3 +422,22 @@ class VerifierService:
             log.info("verify_session_ended", session=sid, error=str(e))
             return False
         return True
+
+
+@dataclass
+class _Session:
+    """One verify session's state on this verifier: its committed tokens are the truth."""
+
+    verifier: Verifier
+    committed: list[int]
+    opening: wire.VerifyOpen
+    closed: bool = False  # the drafter closed the stream (or it broke)
+    stopped: bool = False  # the last token is a stop token: nothing follows it
+    sampling: bool = field(init=False)
+    limit: int = field(init=False)  # the most tokens the sequence may hold, prefix included
+    stop_tokens: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sampling = self.opening.temperature > 0
+        self.limit = len(self.opening.prefix) + self.opening.max_new_tokens
+        self.stop_tokens = frozenset(self.opening.stop_tokens)

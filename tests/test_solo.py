@@ -1,0 +1,98 @@
+"""k = 0 on the mesh: the verifier decodes alone and streams its tokens, each as a signed
+verdict on an empty draft (real peer processes on loopback, tiny models)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import support
+
+from p2pspec.client import Client
+from p2pspec.engine import LocalEngine, greedy_decode
+from p2pspec.launch import PeerProcess, start_peer, stop_all
+from p2pspec.speculative import SamplingParams
+
+VERIFIER = "tiny-random:11"
+DRAFTER = "tiny-random:11:noise=0.004"
+FAST = ["--threads", "1"]
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[PeerProcess, PeerProcess]]:
+    peers: list[PeerProcess] = []
+    try:
+        v = await start_peer("v", "verifier", VERIFIER, workdir=tmp_path, extra_args=FAST)
+        peers.append(v)
+        d = await start_peer(
+            "d", "drafter", DRAFTER, workdir=tmp_path, bootstrap=[v.address], extra_args=FAST
+        )
+        peers.append(d)
+        yield v, d
+    finally:
+        await stop_all(peers)
+
+
+async def test_the_verifier_decoding_alone_streams_its_own_greedy_decoding(
+    pair: tuple[PeerProcess, PeerProcess],
+) -> None:
+    v, _ = pair
+    verifier = support.model(VERIFIER)
+    async with Client([v.address]) as client:
+        for prompt, n in (("decode alone", 40), ("x", 1), ("runs of tokens", 70)):
+            result = await client.generate(prompt, max_new_tokens=n, raw=True, draft_tokens=0)
+            assert result.token_ids == greedy_decode(verifier, result.prompt_token_ids, n)
+            stats = result.stats
+            assert stats["solo_tokens"] == stats["rounds"] == n
+            assert stats["drafted"] == 0 and set(stats["draft_lengths"]) == {0}
+            # Meanwhile the drafter kept guessing the verifier's tokens (α stays measured).
+            if n > 1:
+                assert 0 < stats["shadow_drafted"] <= n
+            # Every token came with the verifier's signature, checked by the client.
+            assert result.transcript is not None and len(result.transcript.rounds) == n
+
+
+async def test_sampling_alone_is_seeded_and_reproducible(
+    pair: tuple[PeerProcess, PeerProcess],
+) -> None:
+    """The verifier draws each token from its own p (speculative.solo_token): the same
+    seed gives the same tokens, here and in the in-process engine at k = 0."""
+    v, _ = pair
+    verifier = support.model(VERIFIER)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=11)
+    kwargs = {"max_new_tokens": 30, "raw": True, "draft_tokens": 0, "temperature": 0.9}
+    async with Client([v.address]) as client:
+        a = await client.generate("sample alone", top_p=0.95, seed=11, **kwargs)
+        b = await client.generate("sample alone", top_p=0.95, seed=11, **kwargs)
+        c = await client.generate("sample alone", top_p=0.95, seed=12, **kwargs)
+    local = LocalEngine(verifier, verifier, draft_tokens=0)
+    expected = local.generate(a.prompt_token_ids, max_new_tokens=30, params=params).token_ids
+    assert a.token_ids == b.token_ids == expected
+    assert c.token_ids != a.token_ids
+
+
+async def test_a_run_ends_at_the_sessions_end_of_sequence(tmp_path: Path) -> None:
+    """A verifier decoding alone stops after the drafter's stop token, and the runs
+    queued behind it are dropped, not refused: the session finishes cleanly."""
+    reference = greedy_decode(support.model(VERIFIER), list(b"stop here"), 30)
+    eos = reference[9]  # the tenth token ends the answer
+    peers: list[PeerProcess] = []
+    try:
+        v = await start_peer(
+            "v", "verifier", f"{VERIFIER}:eos={eos}", workdir=tmp_path, extra_args=FAST
+        )
+        peers.append(v)
+        d = await start_peer(
+            "d", "drafter", f"{DRAFTER}:eos={eos}", workdir=tmp_path, bootstrap=[v.address],
+            extra_args=FAST,
+        )  # fmt: skip
+        peers.append(d)
+        async with Client([v.address]) as client:
+            result = await client.generate("stop here", max_new_tokens=30, raw=True, draft_tokens=0)
+            assert result.finish_reason == "eos"
+            assert result.token_ids == reference[: reference.index(eos) + 1]
+            again = await client.generate("stop here", max_new_tokens=30, raw=True)
+            assert again.token_ids == result.token_ids  # the peers are fine afterwards
+    finally:
+        await stop_all(peers)
