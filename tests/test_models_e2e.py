@@ -1,99 +1,77 @@
-"""The real embedded models (slow, several GB of memory; run with `-m e2e`).
-
-The first run converts the GGUF files into ~/.cache/p2pspec (or $P2PSPEC_CACHE_DIR), which
-takes minutes; later runs read the converted copies.
-"""
+"""The real embedded models (slow; run with `-m e2e`): the Qwen pair as shipped, on
+llama.cpp, and the small SmolLM2 file through transformers' GGUF conversion."""
 
 from __future__ import annotations
 
-import gc
 import time
 
+import numpy as np
 import pytest
-import torch
 
+from p2pspec.engines import check_compatible, load_engine
 from p2pspec.errors import IncompatibleModelsError
-from p2pspec.models import KVCacheRunner, LoadedModel, check_compatible, load_model
-from p2pspec.models.convert import weights_fingerprint
 
 pytestmark = pytest.mark.e2e
 
 VERIFIER = "qwen2.5-coder-1.5b-instruct"
 DRAFTER = "qwen2.5-coder-0.5b-instruct"
+SMOL = "smollm2-135m-instruct"
 IM_END, ENDOFTEXT = 151645, 151643
 
 
-def _timed_load(spec: str) -> tuple[LoadedModel, float]:
+def test_qwen_pair_loads_as_shipped_and_shares_a_tokenizer() -> None:
+    load_engine(VERIFIER, engine="llama.cpp", threads=1, progress=False).close()  # assembles
     start = time.perf_counter()
-    lm = load_model(spec, dtype="float32", progress=False)
-    return lm, time.perf_counter() - start
+    verifier = load_engine(VERIFIER, engine="llama.cpp", threads=1, sequences=2, progress=False)
+    drafter = load_engine(DRAFTER, engine="llama.cpp", threads=1, sequences=2, progress=False)
+    seconds = time.perf_counter() - start
+    try:
+        # The files are mapped, not converted: a second load takes seconds, not minutes.
+        assert seconds < 20, seconds
+        assert verifier.info.weights_format == drafter.info.weights_format == "Q4_K_M"
+        check_compatible(drafter, verifier)
+        assert drafter.tokenizer.fingerprint == verifier.tokenizer.fingerprint
+        assert verifier.vocab_size == drafter.vocab_size == 151936
+        assert verifier.max_context >= 4096
+        for engine in (verifier, drafter):
+            assert {IM_END, ENDOFTEXT} <= engine.tokenizer.eos_token_ids
+            assert engine.tokenizer.has_chat_template
+
+        tok = verifier.tokenizer
+        ids = tok.apply_chat_template("Write a Python function that adds two numbers.")
+        assert ids[-3:] == tok.encode("<|im_start|>assistant\n")[-3:]
+        assert "adds two numbers" in tok.decode(ids)
+        assert tok.decode(tok.encode("def add(a, b):")) == "def add(a, b):"
+
+        # Greedy decoding answers the prompt; a rollback and a chunked feed change nothing.
+        sequence = drafter.new_sequence()
+        logits = sequence.append(ids, rows=1)
+        out: list[int] = []
+        for _ in range(12):
+            out.append(int(np.argmax(logits[-1])))
+            logits = sequence.append(out[-1:], rows=1)
+        assert "function" in drafter.tokenizer.decode(out).lower()
+        sequence.truncate(len(ids))
+        again = sequence.append(out, rows=len(out))
+        assert [int(t) for t in np.argmax(again[:-1], axis=1)] == out[1:]
+        sequence.close()
+    finally:
+        verifier.close()
+        drafter.close()
 
 
-def test_qwen_pair_shares_a_tokenizer_and_loads_fast_from_the_converted_copy() -> None:
-    first_seconds: dict[str, float] = {}
-    fingerprints: dict[str, str] = {}
-    for spec in (VERIFIER, DRAFTER):
-        lm, first_seconds[spec] = _timed_load(spec)  # converts if the cache is cold
-        fingerprints[spec] = lm.weights_fingerprint
-        del lm
-        gc.collect()
-
-    verifier, verifier_seconds = _timed_load(VERIFIER)
-    drafter, drafter_seconds = _timed_load(DRAFTER)
-    print(
-        f"\nfirst load: {VERIFIER} {first_seconds[VERIFIER]:.1f} s, "
-        f"{DRAFTER} {first_seconds[DRAFTER]:.1f} s; second load: {VERIFIER} "
-        f"{verifier_seconds:.1f} s, {DRAFTER} {drafter_seconds:.1f} s"
-    )
-    assert verifier_seconds < 20 and drafter_seconds < 20
-    assert verifier.weights_fingerprint == fingerprints[VERIFIER]
-    assert drafter.weights_fingerprint == fingerprints[DRAFTER]
-
-    assert drafter.tokenizer.fingerprint == verifier.tokenizer.fingerprint
-    check_compatible(drafter, verifier)
-    assert verifier.vocab_size == drafter.vocab_size == 151936
-    assert verifier.max_context == 32768
-    for lm in (verifier, drafter):
-        assert {IM_END, ENDOFTEXT} <= lm.tokenizer.eos_token_ids
-        assert lm.tokenizer.has_chat_template
-        assert not lm.model.training
-        assert next(lm.model.parameters()).dtype == torch.float32
-
-    tok = verifier.tokenizer
-    ids = tok.apply_chat_template("Write a Python function that adds two numbers.")
-    assert ids[-3:] == tok.encode("<|im_start|>assistant\n")[-3:]
-    assert "adds two numbers" in tok.decode(ids)
-    assert tok.decode(tok.encode("def add(a, b):")) == "def add(a, b):"
-
-    # The drafter's stored fingerprint is the one of the weights it loaded.
-    assert weights_fingerprint(drafter.model) == drafter.weights_fingerprint
-
-    # Greedy decoding through the KV cache answers the prompt.
-    runner = KVCacheRunner(drafter)
-    logits = runner.forward(ids)
-    out: list[int] = []
-    for _ in range(12):
-        out.append(int(logits[-1].argmax()))
-        logits = runner.forward(out[-1:])
-    assert "function" in drafter.tokenizer.decode(out).lower()
-
-
-def test_kv_cache_on_qwen_chunks_and_rollback_match_one_shot() -> None:
-    lm = load_model(DRAFTER, progress=False)
-    ids = lm.tokenizer.apply_chat_template("Say hello.")
-    whole = KVCacheRunner(lm).forward(ids)
-    runner = KVCacheRunner(lm)
-    head = runner.forward(ids[:10])
-    runner.forward([IM_END, 42, 7])
-    runner.rollback(10)
-    tail = runner.forward(ids[10:])
-    assert torch.allclose(torch.cat([head, tail]), whole, atol=1e-4)
-
-
-def test_smollm2_loads_and_is_refused_as_a_qwen_drafter() -> None:
-    smol = load_model("smollm2-135m-instruct", progress=False)
-    assert smol.vocab_size == 49152
-    assert smol.tokenizer.has_chat_template
-    qwen = load_model(DRAFTER, progress=False)
-    with pytest.raises(IncompatibleModelsError, match="smollm2-135m-instruct"):
-        check_compatible(smol, qwen)
+def test_smollm2_through_transformers_and_refused_as_a_qwen_drafter() -> None:
+    smol = load_engine(SMOL, engine="transformers", threads=1, progress=False)
+    native = load_engine(SMOL, engine="llama.cpp", threads=1, sequences=1, progress=False)
+    qwen = load_engine(DRAFTER, engine="llama.cpp", threads=1, sequences=1, progress=False)
+    try:
+        assert smol.vocab_size == 49152 and smol.tokenizer.has_chat_template
+        # One GGUF, two engines: the same token ids mean the same strings.
+        assert smol.tokenizer.fingerprint == native.tokenizer.fingerprint
+        prompt = smol.tokenizer.apply_chat_template("Name a colour.")
+        assert native.tokenizer.apply_chat_template("Name a colour.") == prompt
+        with pytest.raises(IncompatibleModelsError, match=SMOL):
+            check_compatible(smol, qwen)
+    finally:
+        for engine in (smol, native, qwen):
+            engine.close()
