@@ -148,6 +148,7 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
         "seconds": seconds,
         "tokens_per_second": measured,
         "predicted_tokens_per_second": predicted,
+        "model_tokens_per_second": rate,  # the arithmetic's rate, prefill and setup aside
         "gap": measured / predicted - 1.0,
         "alpha": alpha,
         "gamma_mean": statistics.mean(lengths) if lengths else 0.0,

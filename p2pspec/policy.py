@@ -771,6 +771,8 @@ class AdaptiveDraftLength:
         t_verify: float | list[float] | None = curve if curve is not None else self.t_verify.value
         depth = self.max_depth if self.pipelined else 1
         first = self.initial_gamma if self.fixed_gamma is None else self.fixed_gamma
+        if rtt is None and curve is not None:
+            rtt = 0.0  # unmeasured: the case most in drafting's favour, corrected in a round
         if t_draft is None or t_verify is None or rtt is None:
             return Plan(first, min(depth, 2), math.nan)
         if t_draft + verify_seconds(t_verify, 1) + rtt <= 0.0:

@@ -188,6 +188,9 @@ class SessionStats(Base, tag="session_stats"):
     solo_tokens: NonNegative = 0
     shadow_drafted: NonNegative = 0
     shadow_accepted: NonNegative = 0
+    # The cost model's tokens/s for the session's latest plan (from the α, costs and round
+    # trip measured by then), to set beside the tokens/s it reached; 0 before any.
+    predicted_tokens_per_s: Annotated[float, Meta(ge=0.0)] = 0.0
 
 
 class SessionFinished(Base, tag="session_finished"):

@@ -1145,7 +1145,10 @@ class _SessionState:
         return len(self.prompt_ids) + self.request.max_new_tokens
 
     def next_plan(self) -> Plan:
-        return self.planner.next_plan()
+        plan = self.planner.next_plan()
+        if math.isfinite(plan.tokens_per_s) and plan.tokens_per_s > 0:
+            self.stats.predicted_tokens_per_s = plan.tokens_per_s  # the latest: α learnt
+        return plan
 
     def observe(
         self,

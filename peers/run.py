@@ -183,6 +183,10 @@ class Peer:
                 peer_id=self.identity.peer_id,
                 address=address,
                 model=self.lm.model_id,
+                engine=self.lm.kind,
+                weights_format=self.lm.info.weights_format,
+                threads=self.lm.info.threads,
+                settings=self.lm.info.settings,
                 known_peers=len(self.directory) - 1,
             )
             await nursery.start(supervise, "advertiser", self.advertiser.run)

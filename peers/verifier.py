@@ -290,6 +290,11 @@ class VerifierService:
         session = _Session(verifier, committed, opening)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_requests, channel, requests_in, session, remote_peer_id)
+            # The prompt is read at once, while the drafter reads it too and drafts: the
+            # first round's pass then covers only the last prompt token and the draft.
+            if len(committed) > 1:
+                async with self.compute:
+                    await trio.to_thread.run_sync(verifier.sequence.append, committed[:-1], 1)
             async with requests_out:
                 async for message in requests_out:
                     if not await self._serve_request(channel, session, message):

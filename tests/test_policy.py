@@ -967,3 +967,14 @@ def test_without_solo_or_a_curve_a_session_always_drafts() -> None:
         initial_gamma=0, fixed_gamma=True, verify_costs_s=STEEP, solo=True
     )
     assert fixed_zero.next_plan().solo  # k = 0 asked for: decoding alone, whatever α is
+
+
+def test_the_first_round_is_priced_before_any_round_trip_is_measured() -> None:
+    """No RTT yet: the plan prices a free link (drafting's best case), so a verifier whose
+    passes grow with their length decodes alone from the first round, not after a few."""
+    steep = AdaptiveDraftLength(
+        pipelined=True, t_draft_s=0.022, verify_costs_s=STEEP, solo=True
+    ).next_plan()
+    assert steep.solo and steep.tokens_per_s == pytest.approx(1 / 0.045)
+    flat = AdaptiveDraftLength(pipelined=True, t_draft_s=0.022, verify_costs_s=FLAT, solo=True)
+    assert not flat.next_plan().solo and flat.next_plan().tokens_per_s > 0

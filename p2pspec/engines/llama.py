@@ -106,6 +106,13 @@ class LlamaCppEngine(Engine):
         desc = ctypes.create_string_buffer(256)
         lib.llama_model_desc(self._model, desc, 256)
         vocab_width = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
+        # K and V, float16, for every layer's KV heads over every cell of the context.
+        m = self._model
+        head_dim = int(lib.llama_model_n_embd(m)) // int(lib.llama_model_n_head(m))
+        kv_bytes = (
+            4 * cp.n_ctx * int(lib.llama_model_n_layer(m))
+            * int(lib.llama_model_n_head_kv(m)) * head_dim
+        )  # fmt: skip
         info = EngineInfo(
             kind="llama.cpp",
             spec=spec,
@@ -119,7 +126,11 @@ class LlamaCppEngine(Engine):
             vocab_size=vocab_width,
             threads=threads,
             device="cuda" if gpu_layers else "cpu",
-            settings={**settings.as_dict(), "gpu_layers": str(gpu_layers)},
+            settings={
+                **settings.as_dict(),
+                "gpu_layers": str(gpu_layers),
+                "kv_cache_bytes": str(kv_bytes),
+            },
         )
         super().__init__(info, LlamaTokenizer(lib, self._model, extra_eos=extra_eos))
 
