@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from p2pspec.engines.gguf import embedded_gguf
 from p2pspec.errors import (
     ChecksumMismatchError,
     ContextOverflowError,
@@ -376,7 +377,10 @@ def test_embedded_model_converts_once_then_loads_the_copy(
     meta = read_metadata(copies[0])
     assert meta is not None and meta.gguf_sha256 == EMBEDDED_MODELS[FAKE].gguf_sha256
     assert meta.weights_fingerprint == cold.weights_fingerprint
-    assert not list((tmp_path / "cache" / "gguf").iterdir()), "assembled GGUF left behind"
+    # The assembled GGUF stays where the llama.cpp engine maps it: converting for
+    # transformers must not take it from a llama.cpp peer of the same machine.
+    assembled = tmp_path / "cache" / "gguf" / EMBEDDED_MODELS[FAKE].gguf_name
+    assert assembled.is_file() and embedded_gguf(EMBEDDED_MODELS[FAKE]) == assembled
     # A warm load needs no packages at all.
     for folder in fake_packages.values():
         for part in (folder / "data").iterdir():

@@ -23,13 +23,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from p2pspec.errors import ChecksumMismatchError
+from p2pspec.engines.gguf import embedded_gguf
 from p2pspec.models.cache import (
     FORMAT_VERSION,
     ConvertedMetadata,
-    assemble_gguf,
     cache_lock,
-    cache_root,
     converted_dir,
     publish_dir,
     read_metadata,
@@ -38,7 +36,7 @@ from p2pspec.models.cache import (
     temp_dir_for,
     write_metadata,
 )
-from p2pspec.models.embedded import EmbeddedModel, locate_parts
+from p2pspec.models.embedded import EmbeddedModel
 
 __all__ = ["ensure_embedded_converted", "ensure_gguf_converted", "weights_fingerprint"]
 
@@ -138,10 +136,10 @@ def ensure_embedded_converted(
 ) -> tuple[Path, ConvertedMetadata]:
     """Folder and metadata of `entry`'s converted copy, building it first if needed.
 
-    Building: locate the packages (ModelPackageMissingError if any is missing), assemble the
-    GGUF into the cache verifying its sha256 (ChecksumMismatchError), convert, then delete
-    the assembled GGUF (the copy is all we need; this keeps disk use down). A single-part
-    model's GGUF is read where pip put it, after the same check.
+    Building: the model's GGUF as the llama.cpp engine has it (`embedded_gguf`: its packages
+    located, ModelPackageMissingError if any is missing; assembled once into the cache and
+    checked against its sha256, ChecksumMismatchError; a single-part model's file read where
+    pip put it), then converted. The assembled GGUF stays: llama.cpp peers map it.
     """
     key = f"{entry.name}-{entry.gguf_sha256[:12]}"
     final = converted_dir(key)
@@ -151,37 +149,15 @@ def ensure_embedded_converted(
         if meta := _valid_copy(final, entry.gguf_sha256):  # another process just built it
             return final, meta
         remove_stale_temps(final)
-        parts = locate_parts(entry)
-        reinstall = entry.pip_command(reinstall=True)
-        assembled: Path | None = None
-        if len(parts) == 1:
-            gguf = parts[0]
-            actual = sha256_file(gguf, progress=progress)
-            if actual != entry.gguf_sha256:
-                raise ChecksumMismatchError(
-                    f"{gguf} has sha256 {actual}, expected {entry.gguf_sha256}; the package "
-                    f"file is corrupted or altered. Reinstall it with:\n  {reinstall}"
-                )
-        else:
-            gguf = assembled = cache_root() / "gguf" / entry.gguf_name
-            assemble_gguf(
-                parts,
-                gguf,
-                expected_sha256=entry.gguf_sha256,
-                reinstall_hint=reinstall,
-                progress=progress,
-            )
-        try:
-            meta = convert_gguf(
-                gguf,
-                final,
-                model_id=entry.name,
-                gguf_sha256=entry.gguf_sha256,
-                extra_eos_tokens=entry.extra_eos_tokens,
-            )
-        finally:
-            if assembled is not None:
-                assembled.unlink(missing_ok=True)
+        # The assembled file is the llama.cpp engine's too (engines/gguf.py): it is kept.
+        gguf = embedded_gguf(entry, progress=progress)
+        meta = convert_gguf(
+            gguf,
+            final,
+            model_id=entry.name,
+            gguf_sha256=entry.gguf_sha256,
+            extra_eos_tokens=entry.extra_eos_tokens,
+        )
     return final, meta
 
 
