@@ -8,14 +8,16 @@ prefix, and advertises it in its signed record; the curve is cached per model, e
 settings, threads and CPU, so only the first start on a machine pays (a few seconds).
 
 Sizes between the measured ones are interpolated linearly; every repeat visits every size
-once, in turn, so a drift of the machine's speed falls on all sizes alike.
+once, in turn, so a drift of the machine's speed falls on all sizes alike, and each size
+keeps its fastest repeat: on a shared machine interference only ever adds time, and a
+curve whose one point is inflated has the wrong shape, which no later scaling can mend
+(sessions scale the whole curve by the passes they observe: policy.AdaptiveDraftLength).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -55,10 +57,10 @@ def interpolate(points: dict[int, float], upto: int = MAX_COST_TOKENS) -> list[f
 def measure_cost_curve(
     engine: Engine,
     *,
-    repeats: int = 2,
+    repeats: int = 3,
     on_step: Callable[[int, int], None] | None = None,
 ) -> list[float]:
-    """Seconds of one pass over n = 1..MAX_COST_TOKENS new tokens (median of `repeats`),
+    """Seconds of one pass over n = 1..MAX_COST_TOKENS new tokens (fastest of `repeats`),
     asking for logits at every new row, as verification does."""
     vocab = min(engine.tokenizer.vocab_size, engine.vocab_size)
     tokens = [(7 + 31 * i) % vocab for i in range(PREFIX_TOKENS + MAX_COST_TOKENS)]
@@ -81,7 +83,7 @@ def measure_cost_curve(
                     on_step(done, steps)
     finally:
         seq.close()
-    return interpolate({n: statistics.median(ts) for n, ts in times.items()})
+    return interpolate({n: min(ts) for n, ts in times.items()})
 
 
 def _key(engine: Engine) -> str:
