@@ -77,6 +77,7 @@ class Peer:
                 config,
                 self.compute,
                 verifiers=lambda: self.directory.live(now_ms()),
+                costs_s=self.costs_s,
                 open_verify_channel=self._open_verify_channel,
                 rtt_s=self.prober.rtt_s,
                 probe_soon=self._probe_soon,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import support
 
+from p2pspec import wire
 from p2pspec.client import Client
 from p2pspec.engine import LocalEngine, greedy_decode
 from p2pspec.launch import PeerProcess, start_peer, stop_all
@@ -96,3 +97,28 @@ async def test_a_run_ends_at_the_sessions_end_of_sequence(tmp_path: Path) -> Non
             assert again.token_ids == result.token_ids  # the peers are fine afterwards
     finally:
         await stop_all(peers)
+
+
+def test_a_drafter_peer_prices_its_sessions_with_its_own_measured_costs() -> None:
+    """The drafter's cost curve seeds t_draft, so the first plan is priced: on a verifier
+    whose passes grow with their length a session decodes alone from its first token,
+    instead of drafting blind at the default k until its own drafts were timed."""
+    from p2pspec.config import PeerConfig
+    from p2pspec.crypto import Identity
+    from p2pspec.peers.drafter import DrafterService, _SessionState
+    from p2pspec.peers.run import Peer
+
+    costs = [0.02 * n for n in range(1, 17)]  # steep: n tokens cost n times one
+    config = PeerConfig(role="drafter", model=DRAFTER)
+    peer = Peer(config, support.model(DRAFTER), Identity.generate(), costs_s=costs)
+    assert isinstance(peer.service, DrafterService) and peer.service.costs_s == costs
+    request = wire.GenerateRequest(
+        session_id="ab" * 16, prompt="x", max_new_tokens=8, adaptive=True
+    )
+    state = _SessionState(peer.lm, request, [1, 2, 3], SamplingParams(), peer.service.costs_s)
+    try:
+        state.planner.use_verifier(costs, solo=True)
+        assert state.planner.t_draft.value == costs[0]
+        assert state.next_plan().solo
+    finally:
+        state.drafter.close()
