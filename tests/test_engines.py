@@ -24,7 +24,7 @@ from p2pspec.engines import Engine, engine_for, load_engine
 from p2pspec.engines.llama import EngineFullError
 from p2pspec.engines.llama_lib import LOSSLESS
 from p2pspec.engines.llama_probe import ProbeFailedError, probe
-from p2pspec.errors import ContextOverflowError, UserError
+from p2pspec.errors import ContextOverflowError, InvalidRequestError, UserError
 from p2pspec.models import EMBEDDED_MODELS
 
 TINY = "tiny-random:11"
@@ -260,3 +260,34 @@ def test_a_configuration_that_dies_in_the_probe_is_reported_not_run(
         probe(bad, LOSSLESS, 1)
     with pytest.raises(UserError, match="cannot run"):
         load_engine(str(bad), threads=1, progress=False)
+
+
+def test_the_device_is_chosen_or_refused_clearly_on_a_machine_without_a_gpu() -> None:
+    """--device on a CPU-only machine: auto and cpu run on the CPU; cuda is refused with a
+    message that says why, on both backends, before any model is loaded."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusals below do not apply")
+    for device in ("auto", "cpu"):
+        assert fresh_model(TINY, device=device).info.device == "cpu"
+        assert fresh_model(SMOL, device=device, sequences=1).info.device == "cpu"
+    with pytest.raises(UserError, match="no CUDA device"):
+        fresh_model(TINY, device="cuda")
+    with pytest.raises(UserError, match="no GPU offload"):
+        fresh_model(SMOL, device="cuda", sequences=1)
+    with pytest.raises(InvalidRequestError, match="device must be one of"):
+        fresh_model(TINY, device="tpu")
+
+
+def test_the_gpu_check_runs_its_whole_path_on_a_cpu(tmp_path: Path) -> None:
+    """testnet/gpu-check.sh's measurement, on small shapes: the cost curve, the plans the
+    arithmetic makes of it, and plain decoding, through the transformers engine."""
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "-m", "p2pspec.bench_gpu", "--device", "cpu", "--small"]
+    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert len(report["cost_curve_ms"]) == costs.MAX_COST_TOKENS
+    assert all(c > 0 for c in report["cost_curve_ms"]) and report["plain_tokens_per_s"] > 0
+    assert {p["alpha"] for p in report["plans"]} == {0.6, 0.7, 0.8}
+    assert all(p["k"] >= 1 and p["predicted_tokens_per_s"] > 0 for p in report["plans"])
