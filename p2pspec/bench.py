@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from p2pspec.report import write_table
+
 BENCH_PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
     "Explain what a hash map is in two sentences.",
@@ -29,8 +31,6 @@ BENCH_PROMPTS = [
     "Write a SQL query that returns the ten most recent orders.",
     "What is the difference between a list and a tuple in Python?",
 ]
-TABLE_BEGIN = "<!-- engine-table:begin -->"
-TABLE_END = "<!-- engine-table:end -->"
 
 
 def _until_eos(tokens: Sequence[int], eos: frozenset[int]) -> list[int]:
@@ -184,14 +184,6 @@ def _table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_table(markdown: Path, table: str) -> None:
-    """Replace the text between the engine-table markers in `markdown`."""
-    text = markdown.read_text()
-    start = text.index(TABLE_BEGIN) + len(TABLE_BEGIN)
-    end = text.index(TABLE_END)
-    markdown.write_text(text[:start] + "\n" + table + "\n" + text[end:])
-
-
 def run_engine_benchmark(
     *,
     drafter: str,
@@ -221,8 +213,6 @@ def run_engine_benchmark(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     table = _table(report)
-    md = Path(markdown)
-    if md.exists() and TABLE_BEGIN in md.read_text():
-        write_table(md, table)
+    write_table(Path(markdown), "engine", table)
     print(table)
     return report

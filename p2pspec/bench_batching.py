@@ -42,6 +42,7 @@ from typing import Any
 from p2pspec.engine import Draft, Drafter, StopChecker, Verifier, verify_batch
 from p2pspec.engines import Engine, load_engine
 from p2pspec.errors import InvalidRequestError
+from p2pspec.report import write_table
 from p2pspec.speculative import SamplingParams
 
 __all__ = ["BATCH_PROMPTS", "run_batching_benchmark"]
@@ -56,8 +57,6 @@ BATCH_PROMPTS = [
     "Describe binary search to a beginner.",
     "Write a JavaScript function that debounces another function.",
 ]
-TABLE_BEGIN = "<!-- batching-table:begin -->"
-TABLE_END = "<!-- batching-table:end -->"
 
 
 # Configuration name -> load_engine options.
@@ -313,13 +312,6 @@ def _table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_table(markdown: Path, table: str) -> None:
-    text = markdown.read_text()
-    start = text.index(TABLE_BEGIN) + len(TABLE_BEGIN)
-    end = text.index(TABLE_END)
-    markdown.write_text(text[:start] + "\n" + table + "\n" + text[end:])
-
-
 def run_batching_benchmark(
     *,
     verifier: str,
@@ -371,9 +363,7 @@ def run_batching_benchmark(
     path.write_text(json.dumps(report, indent=2) + "\n")
     table = _table(report)
     if markdown is not None:
-        md = Path(markdown)
-        if md.exists() and TABLE_BEGIN in md.read_text():
-            _write_table(md, table)
+        write_table(Path(markdown), "batching", table)
     print(table)
     return report
 

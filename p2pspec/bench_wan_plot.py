@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TABLE_BEGIN = "<!-- wan-table:begin -->"
-TABLE_END = "<!-- wan-table:end -->"
+from p2pspec.report import write_table
+
 GAP_LIMIT = 0.20  # a measured speed this far from the prediction is called out
 
 
@@ -127,14 +127,6 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_tables(reports: list[dict[str, Any]], markdown: Path) -> None:
-    text = markdown.read_text()
-    start = text.index(TABLE_BEGIN) + len(TABLE_BEGIN)
-    end = text.index(TABLE_END)
-    body = "\n\n".join(table(r) for r in reports)
-    markdown.write_text(text[:start] + "\n" + body + "\n" + text[end:])
-
-
 def main() -> None:
     reports = []
     for name in sys.argv[1:]:
@@ -143,9 +135,7 @@ def main() -> None:
         plot(report, path.with_suffix(".png"))
         reports.append(report)
         print(table(report))
-    md = Path("docs/benchmarks.md")
-    if TABLE_BEGIN in md.read_text():
-        write_tables(reports, md)
+    write_table(Path("docs/benchmarks.md"), "wan", "\n\n".join(table(r) for r in reports))
 
 
 if __name__ == "__main__":
