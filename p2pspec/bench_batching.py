@@ -18,7 +18,8 @@ counted. (a) and (b) alternate which goes first each round, so that a noisy shar
 machine perturbs both alike; a few untimed passes per configuration come first (warm-up).
 
 A configuration is an engine and its numbers: `float32` and `bfloat16` (transformers),
-`llama.cpp` (its lossless kernels) and `llama.cpp-fastest` (llama.cpp's own kernels).
+`llama.cpp` (its lossless kernels), `llama.cpp-batched` (lossless, tiled for every pass) and
+`llama.cpp-fastest` (llama.cpp's own kernels).
 
 Run: `python -m p2pspec.bench_batching --dtypes float32 bfloat16 --out docs/bench/batching.json`
 or `--dtypes llama.cpp llama.cpp-fastest --out docs/bench/batching-llama.json`.
@@ -64,6 +65,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "float32": {"engine": "transformers", "dtype": "float32"},
     "bfloat16": {"engine": "transformers", "dtype": "bfloat16"},
     "llama.cpp": {"engine": "llama.cpp", "settings": "lossless"},
+    "llama.cpp-batched": {"engine": "llama.cpp", "settings": "batched"},
     "llama.cpp-fastest": {"engine": "llama.cpp", "settings": "fastest"},
 }
 
@@ -323,12 +325,13 @@ def run_batching_benchmark(
     out: str,
     params: SamplingParams | None = None,
     markdown: str | None = "docs/benchmarks.md",
+    table_name: str = "batching",
     threads: int = 1,
 ) -> dict[str, Any]:
     """Run the benchmark for every dtype, one after the other; write JSON to `out`.
 
     The markdown table is printed, and written into `markdown` between the
-    batching-table markers only if the file has them.
+    `table_name`-table markers only if the file has them.
     """
     params = params or SamplingParams()
     report: dict[str, Any] = {
@@ -363,7 +366,7 @@ def run_batching_benchmark(
     path.write_text(json.dumps(report, indent=2) + "\n")
     table = _table(report)
     if markdown is not None:
-        write_table(Path(markdown), "batching", table)
+        write_table(Path(markdown), table_name, table)
     print(table)
     return report
 
@@ -383,7 +386,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--markdown", default="docs/benchmarks.md", help="'' writes no markdown table"
     )
+    parser.add_argument("--table", default="batching", help="the markdown table's name")
+    parser.add_argument(
+        "--combine", nargs="+", metavar="JSON", help="runs nothing: writes these reports' tables"
+    )
     args = parser.parse_args(argv)
+    if args.combine:  # configurations measured in separate processes (llama.cpp's presets)
+        tables = [_table(json.loads(Path(f).read_text())) for f in args.combine]
+        print("\n\n".join(tables))
+        if args.markdown:
+            write_table(Path(args.markdown), args.table, "\n\n".join(tables))
+        return
     run_batching_benchmark(
         threads=args.threads,
         verifier=args.verifier,
@@ -395,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out=args.out,
         params=SamplingParams(temperature=args.temperature, seed=args.seed),
         markdown=args.markdown or None,
+        table_name=args.table,
     )
 
 

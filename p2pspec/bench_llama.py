@@ -33,7 +33,7 @@ from p2pspec.engines.llama_probe import cpu_signature
 from p2pspec.report import write_table
 
 MODELS = ["qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"]
-PRESETS = ["lossless", "fastest"]
+PRESETS = ["lossless", "batched", "fastest"]
 CHUNK = 5
 NEW_TOKENS = 96
 # About 200 tokens of chat-templated prompt: with the continuation the cache passes 256.

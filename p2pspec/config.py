@@ -35,9 +35,10 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     threads: Annotated[int, Meta(ge=0, le=256)] = 0  # compute threads; 0 = this process's cores
     # llama.cpp: tokens of KV cache per session (reserved up front, one slot a session).
     context_tokens: Annotated[int, Meta(ge=64, le=1 << 20)] = 4096
-    # llama.cpp kernels: "lossless" (batch-invariant, verifying equals plain decoding) or
-    # "fastest" (llama.cpp's defaults; may flip near-ties, docs/benchmarks.md).
-    llama_settings: Literal["lossless", "fastest"] = "lossless"
+    # llama.cpp kernels: "lossless" (batch-invariant, verifying equals plain decoding),
+    # "batched" (batch-invariant too; long and batched passes cost about one, a lone token
+    # several) or "fastest" (llama.cpp's defaults; may flip near-ties, docs/benchmarks.md).
+    llama_settings: Literal["lossless", "batched", "fastest"] = "lossless"
     listen: str = "/ip4/127.0.0.1/tcp/0"  # multiaddr to listen on (tcp/0: any free port)
     announce: str | None = None  # multiaddr others should dial instead of the bound one
     bootstrap: list[str] = []  # multiaddrs (with /p2p/<id>) of peers to join through

@@ -53,10 +53,11 @@ def _add_engine_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     )
     p.add_argument(
         "--llama-settings",
-        choices=["lossless", "fastest"],
+        choices=["lossless", "batched", "fastest"],
         default="lossless" if defaults else None,
         help="llama.cpp kernels (default lossless: verifying equals plain decoding; "
-        "fastest: llama.cpp's own choice, may flip near-ties)",
+        "batched: lossless too, long and batched passes cost about one, a lone token "
+        "several; fastest: llama.cpp's own choice, may flip near-ties)",
     )
 
 

@@ -291,3 +291,37 @@ def test_the_gpu_check_runs_its_whole_path_on_a_cpu(tmp_path: Path) -> None:
     assert all(c > 0 for c in report["cost_curve_ms"]) and report["plain_tokens_per_s"] > 0
     assert {p["alpha"] for p in report["plans"]} == {0.6, 0.7, 0.8}
     assert all(p["k"] >= 1 and p["predicted_tokens_per_s"] > 0 for p in report["plans"])
+
+
+BATCHED_PRESET_CHECK = """
+import json, sys
+import numpy as np
+from p2pspec.engines import load_engine
+e = load_engine(sys.argv[1], threads=1, sequences=6, settings="batched", progress=False)
+prompts = [[(5 + 37 * i + n) % 200 for i in range(n)] for n in (5, 9, 3)]
+feeds = [[7, 8], [9], [10, 11, 12, 13]]
+alone, together = [e.new_sequence() for _ in prompts], [e.new_sequence() for _ in prompts]
+expected, same = [], []
+for seq, p, f in zip(alone, prompts, feeds):
+    seq.append(p, rows=1)
+    expected.append(seq.append(f))
+for seq, p in zip(together, prompts):
+    seq.append(p, rows=1)
+got = e.append_many([s.feed(f) for s, f in zip(together, feeds)])
+same.append(all(np.array_equal(g, x) for g, x in zip(got, expected)))
+# The padding left nothing in the caches: the next pass equals the sequences' alone.
+same.append(all(np.array_equal(a.append([42]), t.append([42])) for a, t in zip(alone, together)))
+print(json.dumps(same + [e.info.settings["tiled_matmul"]]))
+"""
+
+
+def test_the_batched_preset_pads_unequal_feeds_and_changes_no_row() -> None:
+    """llama.cpp's `batched` preset (tiled kernels for every pass): sessions' feeds of
+    different lengths go in one pass, padded to the longest; every real row is bit for bit
+    what each sequence alone computes, and no padding stays in a cache. Its own process:
+    the tiled-kernel switch is one per process."""
+    done = subprocess.run(
+        [sys.executable, "-c", BATCHED_PRESET_CHECK, SMOL],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True, True, "always"]

@@ -13,6 +13,7 @@ token-by-token decoding exactly (tests/test_engines.py, docs/benchmarks.md).
 from __future__ import annotations
 
 import ctypes
+import heapq
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -101,8 +102,12 @@ class LlamaCppEngine(Engine):
         self._threads = threads
         self._single_upto = settings.parallel_single_upto
         self._single_threads = threads  # what single-token passes run on now
+        self._pad_feeds = settings.tiled_matmul == "always"  # see _forward
         self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
-        self._free = list(range(sequences - 1, -1, -1))
+        # Free seq_ids, the lowest handed out first: llama.cpp puts sequences of one pass in
+        # one micro-batch only while their ids run consecutively (see _forward), so the
+        # sessions open at a time keep the lowest, most often consecutive, ids.
+        self._free = list(range(sequences))
         desc = ctypes.create_string_buffer(256)
         lib.llama_model_desc(self._model, desc, 256)
         vocab_width = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
@@ -143,7 +148,7 @@ class LlamaCppEngine(Engine):
             raise EngineFullError(
                 f"all {self._lib.llama_n_seq_max(self._ctx)} sequences of this engine are in use"
             )
-        seq_id = self._free.pop()
+        seq_id = heapq.heappop(self._free)
         self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         return LlamaSequence(self, seq_id)
 
@@ -154,18 +159,38 @@ class LlamaCppEngine(Engine):
 
     def release(self, seq_id: int) -> None:
         self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-        self._free.append(seq_id)
+        heapq.heappush(self._free, seq_id)
 
     def _forward(self, feeds: Seq[Feed]) -> list[Logits]:
         """Every feed's tokens at their positions, in llama_decode calls of at most
-        BATCH_TOKENS tokens; logits only where a feed wants rows."""
+        BATCH_TOKENS tokens; logits only where a feed wants rows.
+
+        With a KV stream per sequence llama.cpp splits a batch into micro-batches that take
+        as many tokens of every sequence (`split_equal`), so feeds of unequal lengths cost
+        one micro-batch per length. Where a pass over many rows costs about one (the
+        BATCHED preset), shorter feeds are padded to the longest with copies of their last
+        token, whose logits are not asked for and whose cache entries are cut afterwards:
+        later positions never change earlier rows, so the real rows are unchanged.
+
+        The same split keeps sequences in one micro-batch only while their ids follow one
+        another (id, id + 1, ...) in the batch's order, so feeds go in by id."""
         lib, batch = self._lib, self._batch
+        width_in = max(len(f.tokens) for f in feeds)
+        pad = (
+            self._pad_feeds
+            and len(feeds) > 1
+            and all(len(f.sequence) + width_in <= self.max_context for f in feeds)
+        )
         entries = []  # (feed index, seq_id, position, token, wants logits)
-        for i, f in enumerate(feeds):
+        by_id = sorted(range(len(feeds)), key=lambda i: feeds[i].sequence.seq_id)  # type: ignore[attr-defined]
+        for i in by_id:
+            f = feeds[i]
             assert isinstance(f.sequence, LlamaSequence)
             start, n = len(f.sequence), len(f.tokens)
             for j, token in enumerate(f.tokens):
                 entries.append((i, f.sequence.seq_id, start + j, token, j >= n - f.rows))
+            for j in range(n, width_in if pad else n):
+                entries.append((i, f.sequence.seq_id, start + j, f.tokens[-1], False))
         rows: list[list[Logits]] = [[] for _ in feeds]
         width = self.vocab_size
         if len(entries) == 1 and self._single_upto is not None:
@@ -199,6 +224,10 @@ class LlamaCppEngine(Engine):
                     if wanted:
                         rows[i].append(logits[k])
                         k += 1
+        if pad:
+            for f in feeds:
+                assert isinstance(f.sequence, LlamaSequence)
+                self.remove(f.sequence.seq_id, len(f.sequence) + len(f.tokens))
         return [np.stack(r) for r in rows]
 
     def _undo(self, feeds: Seq[Feed]) -> None:

@@ -16,6 +16,14 @@ on several threads splits its attention over the KV cache between them once the 
 view reaches 512 cells (about 256 tokens), so LOSSLESS runs single-token passes beyond
 that on one thread (passes of several tokens keep every thread; each row's attention is
 then computed by one thread). `FASTEST` is llama.cpp's own choice.
+
+`BATCHED` is lossless too, the other way round: every K-quant matmul, one row or many,
+takes the tiled kernel (GGML_CPU_TILED_MM_FORCE), whose per-row arithmetic does not depend
+on how many rows share the pass. A pass over 16 tokens then costs about what one costs
+(the kernel unpacks the weights once per pass, whatever the rows), so drafts of many
+tokens and many sessions' passes are nearly free, while a lone token costs several times
+LOSSLESS's: a preset for a verifier that serves many sessions at once
+(docs/benchmarks.md measures both).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-__all__ = ["FASTEST", "LOSSLESS", "PRESETS", "LlamaSettings", "library"]
+__all__ = ["BATCHED", "FASTEST", "LOSSLESS", "PRESETS", "LlamaSettings", "PresetName", "library"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,9 @@ class LlamaSettings:
 
     name: str  # the preset's name, for records and logs
     repack: bool  # llama_model_params.use_extra_bufts: weights repacked for matrix paths
-    tiled_matmul: bool  # ggml's tiled K-quant matmul for 8+ rows (GGML_CPU_TILED_MM)
+    # ggml's tiled K-quant matmul: never, for passes of 8+ rows (its own choice), or for
+    # every pass (GGML_CPU_TILED_MM, GGML_CPU_TILED_MM_FORCE)
+    tiled_matmul: Literal["off", "auto", "always"]
     ubatch: int  # tokens per llama.cpp micro-batch (n_ubatch)
     flash_attention: Literal["auto", "on", "off"] = "auto"
     # A single-token pass runs on every thread only while its sequence holds fewer tokens
@@ -46,7 +56,7 @@ class LlamaSettings:
         return {
             "preset": self.name,
             "repack": str(self.repack).lower(),
-            "tiled_matmul": str(self.tiled_matmul).lower(),
+            "tiled_matmul": self.tiled_matmul,
             "ubatch": str(self.ubatch),
             "flash_attention": self.flash_attention,
             "parallel_single_upto": str(self.parallel_single_upto),
@@ -54,22 +64,26 @@ class LlamaSettings:
 
 
 LOSSLESS = LlamaSettings(
-    "lossless", repack=False, tiled_matmul=False, ubatch=48, parallel_single_upto=255
+    "lossless", repack=False, tiled_matmul="off", ubatch=48, parallel_single_upto=255
 )
-FASTEST = LlamaSettings("fastest", repack=True, tiled_matmul=True, ubatch=512)
-PRESETS = {s.name: s for s in (LOSSLESS, FASTEST)}
+BATCHED = LlamaSettings(
+    "batched", repack=False, tiled_matmul="always", ubatch=48, parallel_single_upto=255
+)
+FASTEST = LlamaSettings("fastest", repack=True, tiled_matmul="auto", ubatch=512)
+PRESETS = {s.name: s for s in (LOSSLESS, BATCHED, FASTEST)}
+PresetName = Literal["lossless", "batched", "fastest"]
 
 
 class _Library:
     """The llama_cpp module, initialised once per process with its logging silenced.
 
-    The kernel switch GGML_CPU_TILED_MM is read by ggml once per process, at its first
-    matmul: every engine of a process must agree on it (`claim`)."""
+    The tiled-matmul switches are read by ggml once per process, at its first matmul:
+    every engine of a process must agree on them (`claim`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lib: Any = None
-        self._tiled: bool | None = None
+        self._tiled: str | None = None
         self._log_callback: Any = None  # kept alive: a collected callback crashes llama.cpp
 
     def get(self) -> Any:
@@ -87,7 +101,9 @@ class _Library:
         """Set the process-wide kernel switch for `settings`, or refuse a second setting."""
         with self._lock:
             if self._tiled is None:
-                os.environ["GGML_CPU_TILED_MM"] = "1" if settings.tiled_matmul else "0"
+                os.environ["GGML_CPU_TILED_MM"] = "0" if settings.tiled_matmul == "off" else "1"
+                force = settings.tiled_matmul == "always"
+                os.environ["GGML_CPU_TILED_MM_FORCE"] = "1" if force else "0"
                 self._tiled = settings.tiled_matmul
             elif self._tiled != settings.tiled_matmul:
                 raise ValueError(
