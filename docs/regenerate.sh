@@ -4,6 +4,17 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$root/testnet/setup.sh"
 cd "$root"
+# The native engines: the mesh on llama.cpp (and transformers) against plain decoding, and
+# llama.cpp's kernel presets (lossless or not, and their speed); writes JSON and a PNG.
+python -m p2pspec.bench_engines --out docs/bench/engines.json
+python -m p2pspec.bench_llama --out docs/bench/llama-settings.json
+for config in llama.cpp llama.cpp-batched llama.cpp-fastest; do  # a process each
+  python -m p2pspec.bench_batching --dtypes "$config" --threads 1 --new-tokens 32 \
+    --sessions 1 4 8 --out "docs/bench/batching-$config.json" --markdown ''
+done
+python -m p2pspec.bench_batching --table batching-llama --combine \
+  docs/bench/batching-llama.cpp.json docs/bench/batching-llama.cpp-batched.json \
+  docs/bench/batching-llama.cpp-fastest.json
 p2pspec bench --prompts 5 --max-new-tokens 48 --draft-tokens 4 --out docs/bench/engine.json
 python -m p2pspec.bench_batching --verifier qwen2.5-coder-1.5b-instruct \
   --drafter qwen2.5-coder-0.5b-instruct --dtypes float32 bfloat16 --new-tokens 24 \

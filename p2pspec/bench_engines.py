@@ -467,6 +467,13 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def _alpha(row: dict[str, Any]) -> str:
+    """α of the drafted tokens; of the drafter's guesses (marked *) where none was drafted."""
+    if row.get("alpha") is None and row.get("alpha_shadow") is not None:
+        return f"{row['alpha_shadow']:.2f}*"
+    return _fmt(row.get("alpha"))
+
+
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -474,7 +481,8 @@ def table(report: dict[str, Any]) -> str:
         f"{m['cpus']} cores, llama-cpp-python {m['llama_cpp_python']}; verifier "
         f"`{report['verifier']}` on core 0 with one thread in every row, drafter "
         f"`{report['drafter']}` on core 1; {report['new_tokens']} new tokens a prompt, greedy; "
-        "all rows in one run, taking turns prompt by prompt.",
+        "all rows in one run, taking turns prompt by prompt. α*: the drafter's guesses at the "
+        "tokens the verifier decoded alone (k = 0).",
         "",
         "| row | prompts | tok/s | × plain (same engine, settings) | × llama.cpp fastest "
         "| × fastest, 2 threads | α | verifier passes / token | k (mean) | solo share "
@@ -486,7 +494,7 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['name']} | {r['sessions']} | {_fmt(r['tokens_per_s'])} "
             f"| {_fmt(r['ratio_to_plain'])} | {_fmt(r.get('ratio_to_llama.cpp-fastest'))} "
-            f"| {_fmt(r.get('ratio_to_llama.cpp-fastest-2-threads'))} | {_fmt(r.get('alpha'))} "
+            f"| {_fmt(r.get('ratio_to_llama.cpp-fastest-2-threads'))} | {_alpha(r)} "
             f"| {_fmt(r.get('verifier_passes_per_token'))} | {_fmt(r.get('k_mean'))} "
             f"| {_fmt(r.get('solo_share'))} | {_fmt(r.get('predicted_tokens_per_s'))} "
             f"| {_fmt(r.get('steady_tokens_per_s'))} | {_fmt(r['ttft_s_median'])} "
