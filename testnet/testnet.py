@@ -345,7 +345,9 @@ def report(results: list[dict[str, Any]], wall_s: float, ready_s: float) -> dict
         "failed": [r["error"] for r in results if not r.get("ok")],
         "refused_by_code": dict(Counter(r["code"] for r in results if not r.get("ok"))),
         "tokens": tokens,
-        "acceptance": accepted / drafted if drafted else 0.0,
+        "acceptance": accepted / drafted if drafted else None,  # None: nothing drafted
+        # Tokens the verifier decoded alone (k = 0: drafting would not have paid).
+        "solo_tokens": sum(r["stats"].get("solo_tokens", 0) for r in done),
         "tokens_per_second": tokens / wall_s if wall_s else 0.0,
         "workload_seconds": wall_s,
         "mesh_ready_seconds": ready_s,
@@ -361,11 +363,19 @@ def report(results: list[dict[str, Any]], wall_s: float, ready_s: float) -> dict
     }
 
 
+def _acceptance(rep: dict[str, Any]) -> str:
+    alone = f"{rep['solo_tokens']} decoded by the verifier alone (k = 0)"
+    if rep["acceptance"] is None:
+        return alone
+    drafted = f"acceptance {rep['acceptance']:.2f}"
+    return f"{drafted}, {alone}" if rep["solo_tokens"] else drafted
+
+
 def print_report(rep: dict[str, Any], peers: list[PeerProcess]) -> None:
     names = {p.peer_id: p.name for p in peers}
     print(
         f"sessions {rep['completed']}/{rep['sessions']} completed, {rep['tokens']} tokens, "
-        f"acceptance {rep['acceptance']:.2f}, {rep['tokens_per_second']:.1f} tokens/s "
+        f"{_acceptance(rep)}, {rep['tokens_per_second']:.1f} tokens/s "
         f"aggregate; mesh ready in {rep['mesh_ready_seconds']:.1f} s",
         file=sys.stderr,
     )
