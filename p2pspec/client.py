@@ -466,8 +466,13 @@ class Client:
         try:
             for addr in record.addrs:
                 try:
+                    # Encrypted, the proposal travels with the key exchange (one round
+                    # trip less); a drafter that does not serve it fails start_e2e.
                     stream = await self.node.open_stream(
-                        addr, wire.SESSION_PROTOCOL, timeout_s=self.config.dial_timeout_s
+                        addr,
+                        wire.SESSION_PROTOCOL,
+                        timeout_s=self.config.dial_timeout_s,
+                        lazy=self.config.e2e_encryption,
                     )
                 except P2PSpecError as e:
                     errors.append(str(e))

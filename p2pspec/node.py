@@ -40,19 +40,21 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.exceptions import BaseLibp2pError
+from libp2p.exceptions import BaseLibp2pError, ParseError
 from libp2p.identity.identify import identify as libp2p_identify
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
+from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer import muxer_multistream as libp2p_muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
+from libp2p.utils import encode_delim, read_delim
 from multiaddr import Multiaddr
 from multiaddr.exceptions import Error as MultiaddrError
 from multiaddr.utils import get_network_addrs
@@ -161,14 +163,42 @@ class _UntornYamux(Yamux):
 
 class _LibP2PByteStream:
     """framing.ByteStream over a libp2p stream: EOF becomes b"", other failures
-    StreamResetError; counts the bytes of the frame in progress."""
+    StreamResetError; counts the bytes of the frame in progress.
 
-    def __init__(self, net_stream: INetStream, capture: BinaryIO | None = None) -> None:
+    `unconfirmed`: the protocol id proposed on a lazily negotiated stream; the first read
+    takes multistream's two answers first (ProtocolNotSupportedError on "na")."""
+
+    def __init__(
+        self,
+        net_stream: INetStream,
+        capture: BinaryIO | None = None,
+        *,
+        unconfirmed: str | None = None,
+    ) -> None:
         self._stream = net_stream
         self._capture = capture
+        self._unconfirmed = unconfirmed
+        self._broken: str | None = None
         self.frame_bytes_read = 0
 
+    async def _confirm(self, protocol_id: str) -> None:
+        if self._broken is not None:
+            raise StreamResetError(self._broken)
+        self._broken = "interrupted while confirming the protocol"
+        try:
+            answers = [await read_delim(self._stream) for _ in range(2)]
+        except (BaseLibp2pError, ParseError) as error:
+            raise StreamResetError(f"stream failed while negotiating: {error!r}") from error
+        if answers[0] != MULTISELECT_PROTOCOL_ID.encode():
+            raise StreamResetError(f"not a multistream answer: {answers[0][:64]!r}")
+        if answers[1] != protocol_id.encode():
+            peer = self._stream.muxed_conn.peer_id
+            raise ProtocolNotSupportedError(f"{peer} does not serve {protocol_id}")
+        self._broken = self._unconfirmed = None
+
     async def read(self, n: int) -> bytes:
+        if self._unconfirmed is not None:
+            await self._confirm(self._unconfirmed)
         try:
             data = await self._stream.read(n)
         except StreamEOF:
@@ -201,7 +231,12 @@ class NodeStream:
     """
 
     def __init__(
-        self, net_stream: INetStream, *, max_frame_bytes: int, capture: BinaryIO | None = None
+        self,
+        net_stream: INetStream,
+        *,
+        max_frame_bytes: int,
+        capture: BinaryIO | None = None,
+        unconfirmed: bool = False,
     ) -> None:
         self._stream = net_stream
         # The authenticated peer of the connection (Noise proved it holds this key).
@@ -209,7 +244,9 @@ class NodeStream:
         protocol = net_stream.get_protocol()
         self._protocol_id = str(protocol) if protocol is not None else ""
         self._max_frame_bytes = max_frame_bytes
-        self._bytes = _LibP2PByteStream(net_stream, capture)
+        self._bytes = _LibP2PByteStream(
+            net_stream, capture, unconfirmed=self._protocol_id if unconfirmed else None
+        )
         self._read_lock = trio.Lock()
         self._write_lock = trio.Lock()
         self._out_of_step: str | None = None
@@ -819,7 +856,9 @@ class Node:
         if self._network_key is not None:
             await self._prove_membership(peer_id)
 
-    async def open_stream(self, peer: str, protocol_id: str, *, timeout_s: float) -> NodeStream:
+    async def open_stream(
+        self, peer: str, protocol_id: str, *, timeout_s: float, lazy: bool = False
+    ) -> NodeStream:
         """Open a stream speaking `protocol_id` to `peer`, connecting first if needed.
 
         `peer` is a full multiaddr ending in /p2p/<peer id>, or a bare peer id that we
@@ -827,6 +866,11 @@ class Node:
         included, happens within `timeout_s` seconds, else PeerUnreachableError.
         ProtocolNotSupportedError (a PeerUnreachableError) if the peer does not serve
         `protocol_id`.
+
+        `lazy`: propose `protocol_id` without waiting for the answer (multistream's
+        handshake and selection cost two round trips otherwise), so what is written next
+        travels with the proposal; the answer is checked at the first read, which raises
+        ProtocolNotSupportedError then. For streams whose opener speaks first.
         """
         self._require_running()
         if peer.startswith("/"):
@@ -846,7 +890,10 @@ class Node:
                     await self._connect(peer_id, target)
                 elif self._network_key is not None and peer_id_text not in self._members:
                     await self._prove_membership(peer_id)
-                net_stream = await self._host.new_stream(peer_id, [TProtocol(protocol_id)])
+                if lazy:
+                    net_stream = await self._propose(peer_id, TProtocol(protocol_id))
+                else:
+                    net_stream = await self._host.new_stream(peer_id, [TProtocol(protocol_id)])
         except trio.TooSlowError:
             raise PeerUnreachableError(
                 f"no {protocol_id} stream to {peer} within {timeout_s} s"
@@ -859,7 +906,27 @@ class Node:
             raise PeerUnreachableError(
                 f"cannot open a {protocol_id} stream to {peer}: {error}"
             ) from error
-        return NodeStream(net_stream, max_frame_bytes=self._max_frame_bytes, capture=self._capture)
+        return NodeStream(
+            net_stream,
+            max_frame_bytes=self._max_frame_bytes,
+            capture=self._capture,
+            unconfirmed=lazy,
+        )
+
+    async def _propose(self, peer_id: ID, protocol_id: TProtocol) -> INetStream:
+        """A new stream on which multistream's handshake and `protocol_id` are written,
+        not yet answered (go-libp2p's lazy negotiation); NodeStream checks the answers."""
+        net_stream = await self._host.get_network().new_stream(peer_id)
+        try:
+            await net_stream.write(
+                encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol_id.encode())
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await net_stream.reset()
+            raise
+        net_stream.set_protocol(protocol_id)
+        return net_stream
 
     def connected_peers(self) -> list[str]:
         """Peer ids we hold a connection to right now."""

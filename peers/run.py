@@ -121,8 +121,13 @@ class Peer:
         errors = []
         for addr in record.addrs:
             try:
+                # Encrypted, the proposal travels with the key exchange (one round trip
+                # less); a verifier that does not serve it fails start_e2e.
                 stream = await self.node.open_stream(
-                    addr, wire.VERIFY_PROTOCOL, timeout_s=self.config.dial_timeout_s
+                    addr,
+                    wire.VERIFY_PROTOCOL,
+                    timeout_s=self.config.dial_timeout_s,
+                    lazy=self.config.e2e_encryption,
                 )
             except P2PSpecError as e:
                 errors.append(f"{addr}: {e}")

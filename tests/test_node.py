@@ -289,6 +289,30 @@ async def test_a_protocol_the_peer_does_not_serve_is_its_own_error() -> None:
             )
 
 
+async def test_a_lazy_stream_carries_its_first_frame_with_the_proposal() -> None:
+    async with running_node() as server, running_node() as client:
+        server.set_handler(ECHO, echo_handler)
+        addr = server.listen_addrs()[0]
+        async with await client.open_stream(addr, ECHO, timeout_s=5, lazy=True) as stream:
+            assert stream.protocol_id == ECHO
+            for payload in (b"first", b"second"):
+                await stream.write_frame(payload)
+                with trio.fail_after(STEP_TIMEOUT_S):
+                    assert await stream.read_frame() == payload
+
+
+async def test_a_lazy_stream_to_a_protocol_not_served_fails_at_its_first_read() -> None:
+    async with running_node() as server, running_node() as client:
+        addr = server.listen_addrs()[0]
+        stream = await client.open_stream(addr, "/p2pspec/nope/1.0.0", timeout_s=5, lazy=True)
+        await stream.write_frame(b"never read")
+        with trio.fail_after(STEP_TIMEOUT_S), pytest.raises(ProtocolNotSupportedError):
+            await stream.read_frame()
+        with pytest.raises(StreamResetError):  # nothing after it is mistaken for a frame
+            await stream.read_frame()
+        await stream.reset()
+
+
 async def test_a_bare_peer_id_reuses_the_connection() -> None:
     async with running_node() as server, running_node() as client:
         server.set_handler(ECHO, echo_handler)
