@@ -14,9 +14,11 @@ Key files hold one unencrypted PKCS#8 PEM private key, readable by the owner onl
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from pathlib import Path
+from typing import IO
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -29,6 +31,8 @@ __all__ = [
     "Identity",
     "InvalidPeerIdError",
     "KeyFileError",
+    "KeyInUseError",
+    "claim_key_file",
     "peer_id_from_public_key",
     "public_key_from_peer_id",
     "verify",
@@ -60,6 +64,35 @@ class KeyFileError(Exception):
     callers that present it to a user should treat it as a user error (the message says
     what to fix).
     """
+
+
+class KeyInUseError(KeyFileError):
+    """Another live process holds this key file: two peers would share one peer id."""
+
+
+def claim_key_file(path: str | os.PathLike[str]) -> IO[bytes]:
+    """Hold an advisory lock on the key file at `path` for as long as the returned file
+    stays open (the process's life, normally; the kernel drops the lock when the process
+    ends, also by kill -9). KeyInUseError if another process holds it: two live peers
+    with one identity would be one peer to the mesh, and a failover to "the other" would
+    go back to the same peer id."""
+    path = Path(path)
+    try:
+        file = open(path, "rb")  # noqa: SIM115 (held open on purpose: the lock lives with it)
+    except OSError as error:
+        raise KeyFileError(f"cannot open key file {path}: {error}") from error
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise KeyInUseError(
+            f"the identity key {path} is in use by another running peer; give this peer"
+            " its own key with --key FILE (created on first use)"
+        ) from None
+    except OSError as error:
+        file.close()
+        raise KeyFileError(f"cannot lock key file {path}: {error}") from error
+    return file
 
 
 class InvalidPeerIdError(ValueError):

@@ -324,7 +324,7 @@ def _peer(args: argparse.Namespace) -> int:
 
     from p2pspec import logs
     from p2pspec.config import PeerConfig, load_toml, merge
-    from p2pspec.crypto.identity import Identity, KeyFileError
+    from p2pspec.crypto.identity import Identity, KeyFileError, claim_key_file
     from p2pspec.engines import load_engine
     from p2pspec.engines.costs import cost_curve
     from p2pspec.peers.run import Peer, run_until_signalled
@@ -357,6 +357,7 @@ def _peer(args: argparse.Namespace) -> int:
     key_path = config.key_file or _default_key_path(config.role)
     try:
         identity = Identity.load_or_create(key_path)
+        key_lock = claim_key_file(key_path)  # held until this process ends
     except KeyFileError as e:
         raise UserError(str(e)) from None
     log = structlog.get_logger("p2pspec.peer")
@@ -380,6 +381,7 @@ def _peer(args: argparse.Namespace) -> int:
     # Ctrl-C before the signal handler is installed: nothing was serving yet.
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(run_until_signalled, Peer(config, engine, identity, costs_s=costs), ready)
+    key_lock.close()
     return 0
 
 

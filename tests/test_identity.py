@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from p2pspec.crypto import (
     public_key_from_peer_id,
     verify,
 )
+from p2pspec.crypto.identity import KeyInUseError, claim_key_file
 
 # Fixed seeds: deterministic keys, including the all-zero and all-0xff edge cases.
 SEEDS = [
@@ -187,3 +190,58 @@ def test_refuses_a_directory_as_key_file(tmp_path: Path) -> None:
     path.mkdir(mode=0o700)
     with pytest.raises(KeyFileError):
         Identity.load_or_create(path)
+
+
+# -- one identity per process --------------------------------------------------------------
+
+HOLD = """
+import sys
+from p2pspec.crypto.identity import claim_key_file
+held = claim_key_file(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_key_file_held_by_a_live_process_is_refused_until_it_is_killed(tmp_path: Path) -> None:
+    path = tmp_path / "verifier.key"
+    Identity.load_or_create(path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(KeyInUseError) as refused:
+            claim_key_file(path)
+        assert str(path) in str(refused.value) and "--key" in str(refused.value)
+        holder.kill()  # SIGKILL: no clean-up of its own; the kernel drops the lock
+        holder.wait(timeout=30)
+        claim_key_file(path).close()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_a_second_peer_on_one_key_stops_at_start_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "drafter.key"
+    Identity.load_or_create(path)
+    held = claim_key_file(path)  # as a running peer holds it
+    try:
+        argv = ["peer", "--role", "drafter", "--model", "tiny-random:11", "--key", str(path)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "p2pspec.peers.cli", *argv],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=120,
+            check=False,
+        )
+    finally:
+        held.close()
+    assert proc.returncode == 2
+    assert f"error: the identity key {path} is in use" in proc.stderr
+    assert "--key FILE" in proc.stderr
+    assert "Traceback" not in proc.stderr
