@@ -732,7 +732,9 @@ class DrafterService:
             if not isinstance(verdict, wire.Verdict) or not isinstance(answered, _Block):
                 raise ProtocolError("the verdict does not answer a draft in flight")
             block = answered
-            round_trip = received - block.sent_at
+            # From the request's last byte written to its verdict read: the reader task
+            # may stamp a fast verdict before this task is back from the send.
+            round_trip = max(received - block.sent_at, 0.0)
             tokens = block.tokens
             k = len(tokens)
             if (
@@ -767,7 +769,9 @@ class DrafterService:
             stats.max_batch_size = max(stats.max_batch_size, verdict.batch_size)
             stats.verifier_forward_passes += 1
             stats.drafter_forward_passes = state.drafter.forward_passes
-            stats.round_overhead_ms.append(1000 * (round_trip - verdict.compute_seconds))
+            # The pass is timed on the verifier's clock, the round trip on this one: a
+            # pass reported longer than the round trip (timer grain) is no overhead.
+            stats.round_overhead_ms.append(1000 * max(round_trip - verdict.compute_seconds, 0))
             stats.draft_lengths.append(k)
             # A block sent behind others waited for them at the verifier: only a block
             # that was alone on the link measures it.

@@ -245,3 +245,41 @@ async def test_a_link_cut_mid_session_and_healed_still_completes_with_the_same_o
     assert result.verifier_peer_id == v.peer_id
     if args:
         assert support.logged(d, "peer_expired")  # the record lapsed during the wait
+
+
+def _durations(stats: dict[str, object]) -> dict[str, float]:
+    """Every duration, overhead and rate a session reports (SessionStats' floats)."""
+    out = {k: v for k, v in stats.items() if isinstance(v, float)}
+    out.update({f"round_overhead_ms[{i}]": v for i, v in enumerate(stats["round_overhead_ms"])})  # type: ignore[arg-type]
+    return out
+
+
+async def test_every_reported_duration_and_overhead_is_non_negative(
+    tmp_path: Path, peers: list[PeerProcess]
+) -> None:
+    """On loopback a tiny verifier answers before the drafter's task is back from sending
+    (the case where a round's overhead came out negative): pipelined, synchronous and
+    solo sessions all report durations of at least 0."""
+    v = await start_peer("v", "verifier", VERIFIER, workdir=tmp_path, extra_args=FAST)
+    peers.append(v)
+    peers.append(
+        await start_peer(
+            "d", "drafter", DRAFTER, workdir=tmp_path, bootstrap=[v.address], extra_args=FAST
+        )
+    )
+    async with Client([v.address]) as client:
+        for options in (
+            {"solo": False},
+            {"solo": False, "pipelined": False},
+            {"draft_tokens": 0},
+        ):
+            result = await client.generate(
+                "no negative time", max_new_tokens=48, raw=True, **options
+            )  # type: ignore[arg-type]
+            durations = _durations(result.stats)
+            assert durations["total_seconds"] > 0
+            assert (
+                len(result.stats["round_overhead_ms"])
+                == result.stats["rounds"] - result.stats["solo_tokens"]
+            )
+            assert {k: x for k, x in durations.items() if not x >= 0} == {}
