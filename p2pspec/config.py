@@ -77,6 +77,20 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # decided it was closer than this to flipping (speculative.rejection_margin).
     audit_sampling_margin: Annotated[float, Meta(ge=0.0, le=1.0)] = 1e-4
     torch_threads: Annotated[int, Meta(ge=0, le=256)] = 0  # the former name of `threads`
+    # Inbound connections (admission.py): a handshake's deadline, and how many may be
+    # handshaking or open at once, in all and from one source address or /24 (/64).
+    handshake_timeout_s: Seconds = 5.0
+    max_handshakes: Count = 64
+    max_handshakes_per_ip: Count = 8
+    max_inbound: Count = 512
+    max_inbound_per_ip: Count = 64
+    max_inbound_per_subnet: Count = 128
+    # Streams of one authenticated peer: open at once (at least capacity_sessions + 8),
+    # and new ones a second per protocol (sustained, and in a burst); more are refused
+    # with too_many_streams / rate_limited.
+    max_streams_per_peer: Count = 64
+    streams_per_s: Annotated[float, Meta(gt=0.0, le=1e6)] = 200.0
+    stream_burst: Count = 400
 
 
 class TestnetPeers(Struct, forbid_unknown_fields=True, kw_only=True):

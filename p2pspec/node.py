@@ -53,15 +53,16 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer import muxer_multistream as libp2p_muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
-from libp2p.transport.tcp.tcp import TCP
 from libp2p.utils import encode_delim, read_delim
 from multiaddr import Multiaddr
 from multiaddr.exceptions import Error as MultiaddrError
 from multiaddr.utils import get_network_addrs
 
 from p2pspec import __version__, framing, wire
+from p2pspec.admission import Admission, Limits, StreamQuota
 from p2pspec.crypto import Identity, InvalidPeerIdError, public_key_from_peer_id
 from p2pspec.errors import P2PSpecError, UserError
+from p2pspec.inbound import GatedTCP, connection_config
 from p2pspec.membership import (
     MAX_KEY_BYTES,
     MEMBER_OK,
@@ -491,6 +492,8 @@ class Node:
     `network_key` makes the node a member of a private mesh (membership.py): it proves
     the key to every peer it dials, checks their proof, and refuses every stream of a
     peer that has not proved it, with a `private_mesh` ErrorMessage, then its connection.
+    `limits` (admission.Limits) bound the connections taken from one source and their
+    handshakes' time (inbound.py), and the streams one peer may hold and open a second.
     """
 
     def __init__(
@@ -502,6 +505,7 @@ class Node:
         max_frame_bytes: int = framing.DEFAULT_MAX_FRAME_SIZE,
         connection_gater: ConnectionGater | None = None,
         network_key: bytes | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._identity = identity
         self._network_key = network_key
@@ -528,6 +532,10 @@ class Node:
         # the class in muxer_opt: the same process-wide setting, for the same reason.
         libp2p_muxer_multistream.Yamux = _UntornYamux  # type: ignore[attr-defined, misc, unused-ignore]
 
+        self.limits = limits or Limits()
+        self.admission = Admission(self.limits, clock=trio.current_time)
+        self.streams = StreamQuota(self.limits, clock=trio.current_time)
+        self._tcp = GatedTCP(self.admission, on_refused=self._log_refusals)
         key_pair = _libp2p_key_pair(identity)
         self._host: IHost = new_host(
             key_pair=key_pair,
@@ -538,8 +546,9 @@ class Node:
                 )
             },
             muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): _UntornYamux},
-            transports=[TCP()],
+            transports=[self._tcp],
             addrs_factory=self._advertised_transport_addrs,
+            connection_config=connection_config(self.limits),
         )
         self._host.get_network().register_notifee(_GaterNotifee(self))
         if network_key is not None:
@@ -602,9 +611,17 @@ class Node:
                 try:
                     self._log.info("node_listening", addrs=self.listen_addrs())
                     task_status.started()
-                    await trio.sleep_forever()
+                    while True:  # what was refused and not yet said, once an interval
+                        await trio.sleep(self.limits.log_interval_s)
+                        self._log_refusals()
                 finally:
                     self._listening = False
+                    # py-libp2p's host leaves its connections' sockets open when it stops:
+                    # peers (a drafter a Python client used, say) would hold them, and
+                    # count them against this address, until this process ended.
+                    with trio.CancelScope(shield=True):
+                        for conn in self._host.get_network().get_connections():
+                            await self._close_connection(conn)
         # Raised out here so that it is not wrapped in the host's exception groups.
         raise ListenError(
             f"cannot listen on {self._listen_maddr}: address in use, or not an address of "
@@ -660,7 +677,17 @@ class Node:
             )
             return False
 
+    def _log_refusals(self) -> None:
+        for r in self.admission.refusals.due():
+            self._log.warning(
+                "connections_refused", source=r.source, reason=r.reason, count=r.count
+            )
+        for r in self.streams.refusals.due():
+            self._log.warning("streams_refused", peer_id=r.source, reason=r.reason, count=r.count)
+
     async def _gate_connection(self, conn: INetConn) -> None:
+        remote = getattr(conn.muxed_conn, "get_remote_address", None)  # yamux has it
+        self._tcp.established(remote() if remote is not None else None)
         peer_id = str(conn.muxed_conn.peer_id)
         if self._gater_allows(peer_id):
             return
@@ -716,7 +743,16 @@ class Node:
                 log.warning("private_mesh_refused_peer", reason="no membership proof")
                 await self._refuse_non_member(stream)
                 return
-            await handler(stream)
+            peer = stream.remote_peer_id
+            refused = self.streams.open(peer, protocol_id)
+            if refused is not None:
+                self._log_refusals()
+                await self._refuse_stream(stream, refused)
+                return
+            try:
+                await handler(stream)
+            finally:
+                self.streams.closed(peer)
         except Exception as error:  # trio.Cancelled is a BaseException: it goes through
             expected = isinstance(error, framing.FrameError | StreamResetError)
             log.warning(
@@ -732,6 +768,18 @@ class Node:
                     await net_stream.reset()
         else:
             await stream.close()
+
+    async def _refuse_stream(self, stream: NodeStream, code: str) -> None:
+        """Tell a peer over its stream quota why its stream ends here."""
+        what = {
+            "too_many_streams": f"at most {self.limits.max_streams_per_peer} streams open at once",
+            "rate_limited": f"at most {self.limits.streams_per_s:g} new streams a second",
+        }[code]
+        refusal = wire.ErrorMessage(code=code, message=f"this peer takes {what} from one peer")
+        with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
+            with contextlib.suppress(P2PSpecError):  # it went away: nothing to tell
+                await stream.write_frame(wire.encode(refusal))
+        await stream.close()
 
     # -- private mesh -----------------------------------------------------------------
 

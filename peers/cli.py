@@ -313,6 +313,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_file_limit(wanted: int) -> None:
+    """Let this process hold `wanted` files (its connections among them) where the hard
+    limit allows: a soft limit of 1,024 would be spent before the inbound limits."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def _default_key_path(role: str) -> str:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return os.path.join(base, "p2pspec", f"{role}.key")
@@ -361,6 +372,7 @@ def _peer(args: argparse.Namespace) -> int:
     except KeyFileError as e:
         raise UserError(str(e)) from None
     log = structlog.get_logger("p2pspec.peer")
+    _raise_file_limit(2 * config.max_inbound + 256)
     log.info("model_loading", model=config.model, engine=config.engine)
     engine = load_engine(
         config.model,

@@ -16,6 +16,7 @@ import trio
 
 from p2pspec import wire
 from p2pspec.actors import supervise
+from p2pspec.admission import Limits
 from p2pspec.channel import Channel, ChannelError
 from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
@@ -63,6 +64,18 @@ class Peer:
             network_key=load_network_key(config.network_key_file)
             if config.network_key_file
             else None,
+            limits=Limits(
+                handshake_timeout_s=config.handshake_timeout_s,
+                max_handshakes=config.max_handshakes,
+                max_handshakes_per_ip=config.max_handshakes_per_ip,
+                max_inbound=config.max_inbound,
+                max_inbound_per_ip=config.max_inbound_per_ip,
+                max_inbound_per_subnet=config.max_inbound_per_subnet,
+                # A peer's sessions are streams too: never fewer than the capacity allows.
+                max_streams_per_peer=max(config.max_streams_per_peer, config.capacity_sessions + 8),
+                streams_per_s=config.streams_per_s,
+                stream_burst=config.stream_burst,
+            ),
         )
         self.directory = Directory(identity.peer_id)
         self.compute = trio.Lock()  # one forward pass at a time on this peer's model

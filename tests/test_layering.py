@@ -8,7 +8,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # Modules of the pure core: no trio, no libp2p, no torch.
-PURE_CORE = {"speculative", "errors", "wire", "framing", "config", "directory", "policy"}
+PURE_CORE = {
+    "speculative",
+    "errors",
+    "wire",
+    "framing",
+    "config",
+    "directory",
+    "policy",
+    "admission",
+}
 
 
 def _modules(folder: str) -> list[Path]:
@@ -60,9 +69,13 @@ def test_pure_core_has_no_trio_libp2p_or_torch() -> None:
     assert _offenders(core, ("trio", "libp2p", "torch", "transformers")) == []
 
 
-def test_only_the_node_module_imports_libp2p() -> None:
+# The one libp2p adapter: the node, and the inbound side of its TCP transport (limits).
+LIBP2P_ADAPTER = ("p2pspec/node.py", "p2pspec/inbound.py")
+
+
+def test_only_the_libp2p_adapter_imports_libp2p() -> None:
     everything = _modules("p2pspec") + _modules("peers") + _modules("crypto")
-    bad = [b for b in _offenders(everything, ("libp2p",)) if not b.startswith("p2pspec/node.py")]
+    bad = [b for b in _offenders(everything, ("libp2p",)) if not b.startswith(LIBP2P_ADAPTER)]
     assert bad == []
 
 

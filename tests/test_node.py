@@ -26,6 +26,7 @@ from libp2p.identity.identify.pb.identify_pb2 import Identify
 from multiaddr import Multiaddr
 
 from p2pspec import wire
+from p2pspec.admission import Limits
 from p2pspec.crypto import Identity
 from p2pspec.framing import EndOfStreamError, FrameTooLargeError
 from p2pspec.node import (
@@ -311,6 +312,24 @@ async def test_a_lazy_stream_to_a_protocol_not_served_fails_at_its_first_read() 
         with pytest.raises(StreamResetError):  # nothing after it is mistaken for a frame
             await stream.read_frame()
         await stream.reset()
+
+
+async def test_closed_connections_give_their_places_back() -> None:
+    """Three connections at most from one address: ten clients one after another all get
+    in, so each one's place (and py-libp2p's own inbound slot, which it keeps until the
+    swarm stops unless its handler is ended) came back when it left."""
+    tight = Limits(max_inbound=3, max_inbound_per_ip=3, max_inbound_per_subnet=3)
+    async with running_node(limits=tight) as server:
+        server.set_handler(ECHO, echo_handler)
+        for i in range(10):
+            async with running_node() as client:
+                stream = await client.open_stream(server.listen_addrs()[0], ECHO, timeout_s=5)
+                await stream.write_frame(b"%d" % i)
+                with trio.fail_after(STEP_TIMEOUT_S):
+                    assert await stream.read_frame() == b"%d" % i
+                await stream.close()
+                await client.disconnect(server.peer_id)
+        assert server.admission.refusals.total == 0
 
 
 async def test_a_bare_peer_id_reuses_the_connection() -> None:
