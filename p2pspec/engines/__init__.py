@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import structlog
 
@@ -169,9 +169,26 @@ def _load_llama(
     )
 
 
-def check_compatible(drafter: Engine, verifier: Engine) -> None:
+class _Fingerprinted(Protocol):
+    @property
+    def fingerprint(self) -> str: ...
+
+
+class _Model(Protocol):
+    """An engine or a transformers LoadedModel: what pairing two models looks at."""
+
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def tokenizer(self) -> _Fingerprinted: ...
+
+
+def check_compatible(drafter: _Model, verifier: _Model) -> None:
     """IncompatibleModelsError unless `drafter` can draft for `verifier`: equal tokenizer
-    fingerprints (ids mean the same) and equal logits widths (they score the same ids)."""
+    fingerprints (ids mean the same) and equal logits widths (they score the same ids), or
+    the verifier would judge tokens the drafter never meant."""
     problems = []
     if drafter.tokenizer.fingerprint != verifier.tokenizer.fingerprint:
         problems.append("their tokenizers differ")

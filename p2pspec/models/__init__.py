@@ -4,12 +4,13 @@ Layering inside the package (each module uses only those above it):
   chat, tokenizer, embedded   chat templates; the Tokenizer protocol; the embedded models
   source                      MODEL string -> ModelSource (parse only)
   tiny, cache, convert        tiny random models; the per-user cache; GGUF -> safetensors
-  loader                      load_model, LoadedModel, check_compatible (transformers)
+  loader                      load_model, LoadedModel (transformers)
   kv_cache                    KVCacheRunner (transformers)
 
-The transformers-backed names (`load_model`, `LoadedModel`, `KVCacheRunner`,
-`check_compatible`, `Dtype`) are imported on first use, so that the llama.cpp engine and
-the commands that need no model never import torch.
+The transformers-backed names (`load_model`, `LoadedModel`, `KVCacheRunner`, `Dtype`)
+are imported on first use, so that the llama.cpp engine and the commands that need no
+model never import torch; so is `check_compatible`, engines' own check, which takes
+loaded models too.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from p2pspec.models.source import (
 from p2pspec.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 if TYPE_CHECKING:
+    from p2pspec.engines import check_compatible
     from p2pspec.models.kv_cache import KVCacheRunner
-    from p2pspec.models.loader import Dtype, LoadedModel, check_compatible, load_model
+    from p2pspec.models.loader import Dtype, LoadedModel, load_model
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -57,7 +59,7 @@ _LAZY = {
     "KVCacheRunner": "p2pspec.models.kv_cache",
     "Dtype": "p2pspec.models.loader",
     "LoadedModel": "p2pspec.models.loader",
-    "check_compatible": "p2pspec.models.loader",
+    "check_compatible": "p2pspec.engines",  # one check for engines and loaded models
     "load_model": "p2pspec.models.loader",
 }
 

@@ -1,4 +1,4 @@
-"""Turning a MODEL string into a ready model: `load_model`, `LoadedModel`, `check_compatible`.
+"""Turning a MODEL string into a ready model: `load_model`, `LoadedModel`.
 
 Every form ends the same way: a transformers causal LM on the CPU in eval mode with
 gradients off, in the requested dtype, plus a `Tokenizer` and two fingerprints. The weights
@@ -18,7 +18,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from p2pspec.errors import IncompatibleModelsError, InvalidRequestError, UnknownModelError
+from p2pspec.errors import InvalidRequestError, UnknownModelError
 from p2pspec.models.convert import (
     ensure_embedded_converted,
     ensure_gguf_converted,
@@ -35,7 +35,7 @@ from p2pspec.models.source import (
 from p2pspec.models.tiny import build_tiny_model
 from p2pspec.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
-__all__ = ["Dtype", "LoadedModel", "check_compatible", "load_model"]
+__all__ = ["Dtype", "LoadedModel", "load_model"]
 
 Dtype = Literal["float32", "bfloat16"]
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -54,33 +54,6 @@ class LoadedModel:
     weights_fingerprint: str  # sha256 hex of the float32 weights (see convert.weights_fingerprint)
     max_context: int  # tokens of prompt plus generation the model can attend to
     vocab_size: int  # width of the logits; may exceed tokenizer.vocab_size (padding rows)
-
-
-def short(fingerprint: str) -> str:
-    """First 12 hex digits: enough to tell fingerprints apart in a message."""
-    return fingerprint[:12]
-
-
-def check_compatible(drafter: LoadedModel, verifier: LoadedModel) -> None:
-    """Raise IncompatibleModelsError unless `drafter` can draft for `verifier`.
-
-    They must give ids the same meaning (equal tokenizer fingerprints) and score the same
-    ids (equal logits widths), or the verifier would judge tokens the drafter never meant.
-    """
-    problems = []
-    if drafter.tokenizer.fingerprint != verifier.tokenizer.fingerprint:
-        problems.append("their tokenizers differ")
-    if drafter.vocab_size != verifier.vocab_size:
-        problems.append(
-            f"their logits widths differ ({drafter.vocab_size} vs {verifier.vocab_size})"
-        )
-    if problems:
-        raise IncompatibleModelsError(
-            f"drafter {drafter.model_id!r} (tokenizer {short(drafter.tokenizer.fingerprint)}) "
-            f"cannot draft for verifier {verifier.model_id!r} "
-            f"(tokenizer {short(verifier.tokenizer.fingerprint)}): {' and '.join(problems)}; "
-            "pick a drafter that shares the verifier's tokenizer"
-        )
 
 
 @contextmanager
@@ -186,19 +159,11 @@ def load_model(
                 weights_fingerprint(model),
                 device=device,
             )
-        case EmbeddedSource():
-            folder, meta = ensure_embedded_converted(source.entry, progress=progress)
-            return _load_hf(
-                spec,
-                source.model_id,
-                str(folder),
-                dtype,
-                meta.weights_fingerprint,
-                progress,
-                device,
-            )
-        case GgufFileSource():
-            folder, meta = ensure_gguf_converted(source.path, progress=progress)
+        case EmbeddedSource() | GgufFileSource():
+            if isinstance(source, EmbeddedSource):
+                folder, meta = ensure_embedded_converted(source.entry, progress=progress)
+            else:
+                folder, meta = ensure_gguf_converted(source.path, progress=progress)
             return _load_hf(
                 spec,
                 source.model_id,
