@@ -3,7 +3,8 @@
     python -m p2pspec.bench_engines --out docs/bench/engines.json
 
 The verifier runs on core 0 with one thread in every row, the drafter on core 1 with one
-(two machines, emulated on this two-core one). On the same prompts, taking turns prompt by
+(two machines, emulated on this two-core one); the client and the emulated links (this
+process) run on core 1 too, the user's side. On the same prompts, taking turns prompt by
 prompt (the order rotates, so slow drifts of a shared machine fall on every row alike):
 
 * plain: greedy decoding of the verifier's GGUF with llama-cpp-python directly (its
@@ -535,6 +536,9 @@ def main(argv: list[str] | None = None) -> None:
         plain_worker(args.plain, args.threads, args.gguf)
         return
     logs.configure(level="warning")
+    # The client and the emulated links run in this process: on the drafter's core (the
+    # user's side), not beside the verifier, as on separate machines they would.
+    os.sched_setaffinity(0, {1})
     report = trio.run(run, args.prompts, args.transformers_prompts, args.new_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
