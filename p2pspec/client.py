@@ -384,7 +384,8 @@ class Client:
 
         async def one(addr: str) -> None:
             nonlocal answered
-            answered += await exchange(self.node, self.directory, addr, config=self.config)
+            ok = await exchange(self.node, self.directory, addr, config=self.config)
+            answered += ok  # not `+= await`: that would add to the count read before the wait
 
         async with trio.open_nursery() as nursery:
             for record in self.directory.held():

@@ -211,7 +211,8 @@ class Advertiser:
 
         async def one(target: str) -> None:
             nonlocal ok
-            ok += await self._exchange(target)
+            answered = await self._exchange(target)
+            ok += answered  # not `+= await`: that would add to the count read before the wait
 
         async with trio.open_nursery() as nursery:
             for target in self.targets():

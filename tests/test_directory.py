@@ -203,3 +203,28 @@ def test_a_held_record_is_returned_decoded_until_it_is_dropped() -> None:
     assert held is not None and held == _record(me, issued=1000, ttl=1000)
     d.expire(3000)
     assert d.record(me.peer_id) is None
+
+
+async def test_a_round_counts_every_exchange_that_answered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Exchanges run side by side: one that answers, then one that fails later, is one
+    success (a count kept with `ok += await ...` lost it: each task added to the count it
+    had read before waiting, and the peer logged that it could not join the mesh)."""
+    me = Identity.generate()
+    targets = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}" for port in (9, 10)]
+    advertiser = Advertiser(
+        _DeadPeerNode(hang=False),  # type: ignore[arg-type]
+        me,
+        Directory(me.peer_id),
+        PeerConfig(bootstrap=targets),
+        make_record=lambda issued, seq: _record(me, issued=issued, ttl=3000, seq=seq),
+    )
+
+    async def exchange(target: str) -> bool:
+        answers = target == targets[0]
+        await trio.sleep(1.0 if answers else 2.0)
+        return answers
+
+    advertiser._exchange = exchange  # type: ignore[method-assign]
+    assert await advertiser.round() == 1
