@@ -18,9 +18,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+from libp2p.abc import IRawConnection
 from libp2p.io.abc import ReadWriteCloser
 from libp2p.network.config import ConnectionConfig
 from libp2p.transport.tcp.tcp import TCP, TCPListener
+from multiaddr import Multiaddr
 
 from p2pspec.admission import Admission, Limits, Ticket
 
@@ -83,13 +85,25 @@ class AdmittedStream(ReadWriteCloser):
 
 
 class GatedTCP(TCP):
-    """TCP whose listeners admit each connection through `admission` first."""
+    """TCP whose listeners admit each connection through `admission` first, and whose
+    dials leave from `dial_from` (an address of this machine) when it is given."""
 
-    def __init__(self, admission: Admission, on_refused: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        on_refused: Callable[[], None],
+        dial_from: str | None = None,
+    ) -> None:
         super().__init__()
         self._admission = admission
         self._on_refused = on_refused
+        self._dial_from = dial_from
         self.admitted: dict[tuple[str, int], AdmittedStream] = {}  # by remote address
+
+    async def dial(self, maddr: Multiaddr) -> IRawConnection:
+        if self._dial_from is None:
+            return await super().dial(maddr)
+        return await self.dial_with_source(maddr, (self._dial_from, 0))
 
     def create_listener(self, handler_function: Handler) -> TCPListener:
         async def gated(stream: ReadWriteCloser) -> None:

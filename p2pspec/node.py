@@ -494,6 +494,8 @@ class Node:
     peer that has not proved it, with a `private_mesh` ErrorMessage, then its connection.
     `limits` (admission.Limits) bound the connections taken from one source and their
     handshakes' time (inbound.py), and the streams one peer may hold and open a second.
+    `dial_from`: the local address outbound connections leave from (a multi-homed host;
+    the flood benchmark's second source on loopback).
     """
 
     def __init__(
@@ -506,6 +508,7 @@ class Node:
         connection_gater: ConnectionGater | None = None,
         network_key: bytes | None = None,
         limits: Limits | None = None,
+        dial_from: str | None = None,
     ) -> None:
         self._identity = identity
         self._network_key = network_key
@@ -535,7 +538,7 @@ class Node:
         self.limits = limits or Limits()
         self.admission = Admission(self.limits, clock=trio.current_time)
         self.streams = StreamQuota(self.limits, clock=trio.current_time)
-        self._tcp = GatedTCP(self.admission, on_refused=self._log_refusals)
+        self._tcp = GatedTCP(self.admission, on_refused=self._log_refusals, dial_from=dial_from)
         key_pair = _libp2p_key_pair(identity)
         self._host: IHost = new_host(
             key_pair=key_pair,
