@@ -155,6 +155,9 @@ class Stream:
         except RemoteError as e:
             await self.aclose()
             raise ClientError(e.code, e.remote_message) from None
+        except ChannelError as e:  # it took the session and went away (died, was cut)
+            await self.aclose()
+            raise ClientError("drafter_unreachable", str(e), peer_id=self._drafter) from None
         except BaseException:
             await self.aclose()
             raise
@@ -277,13 +280,21 @@ class Stream:
         log.warning("drafter_failover", drafter=self._drafter, error=reason)
         self._failed_drafters.append(self._drafter)
         self._client._active[self._drafter] -= 1
-        if len(self._failed_drafters) > self._client.config.max_failovers:
-            raise ClientError("drafter_failed", f"{len(self._failed_drafters)} drafters failed")
         stream, self._stream = self._stream, None
         if stream is not None:
             with trio.CancelScope(shield=True):
                 await stream.reset()
-        await self._open()
+        while True:
+            if len(self._failed_drafters) > self._client.config.max_failovers:
+                n = len(self._failed_drafters)
+                raise ClientError("drafter_failed", f"{n} drafters failed")
+            try:
+                await self._open()
+                return
+            except ClientError as e:  # the next one is gone too: try another
+                if e.code != "drafter_unreachable":
+                    raise
+                self._failed_drafters.append(e.peer_id)
 
     async def aclose(self) -> None:
         """Cancel the session on every peer unless it finished; close the stream."""
