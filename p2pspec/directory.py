@@ -2,9 +2,11 @@
 
 Pure: no network, no clock of its own (callers pass `now_ms`). A record is accepted only
 if its signature checks against the peer id it names, it has not expired, and it is newer
-than what is held (higher `seq`, or the same `seq` issued later). Expiry is the signer's
-`issued_at_ms + ttl_ms`, so a dead peer's record cannot be kept alive by others passing it
-on: it vanishes from every directory within one TTL of its last refresh.
+than what is held: issued later, or in the same millisecond with a higher `seq`. (Not
+`seq` first: a restarted peer, same key, counts again from 1, and its records would be
+refused until the old life's expired, its new address unknown meanwhile.) Expiry is the
+signer's `issued_at_ms + ttl_ms`, so a dead peer's record cannot be kept alive by others
+passing it on: it vanishes from every directory within one TTL of its last refresh.
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ class Directory:
             self.rejected += 1
             return False
         held = self._entries.get(record.peer_id)
-        if held is not None and (held.record.seq, held.record.issued_at_ms) >= (
-            record.seq,
+        if held is not None and (held.record.issued_at_ms, held.record.seq) >= (
             record.issued_at_ms,
+            record.seq,
         ):
             return False
         self._entries[record.peer_id] = Entry(record, signed)

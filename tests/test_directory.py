@@ -57,6 +57,18 @@ def test_a_newer_record_replaces_an_older_one_and_not_the_reverse() -> None:
     assert d.live(3000)[0].load == 3
 
 
+def test_a_restarted_peers_record_replaces_its_former_lifes_at_once() -> None:
+    """Same key, seq counting again from 1, a new address: taken at once (not when the
+    old record expires), and a replay of the old one is refused."""
+    me = Identity.generate()
+    d = Directory()
+    before = sign_record(me, _record(me, issued=1000, seq=50, load=0))
+    after = sign_record(me, _record(me, issued=2000, seq=1, load=5))
+    assert d.add(before, 2000) and d.add(after, 2000)
+    assert not d.add(before, 2000)
+    assert d.live(2000)[0].load == 5
+
+
 def test_records_with_a_bad_signature_or_tampered_fields_are_refused() -> None:
     me, other = Identity.generate(), Identity.generate()
     d = Directory()
