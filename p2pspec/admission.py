@@ -144,11 +144,12 @@ class Admission:
 
     def admit(self, ip: str) -> Ticket | None:
         """A ticket for a new connection from `ip`, or None (refused: close it)."""
-        reason = self._reason(ip)
+        subnet = subnet_of(ip)
+        reason = self._reason(ip, subnet)
         if reason is not None:
             self.refusals.add(ip, reason)
             return None
-        ticket = Ticket(ip, subnet_of(ip))
+        ticket = Ticket(ip, subnet)
         self.handshakes += 1
         self.inbound += 1
         self._handshakes_by_ip[ip] += 1
@@ -156,7 +157,7 @@ class Admission:
         self._by_subnet[ticket.subnet] += 1
         return ticket
 
-    def _reason(self, ip: str) -> str | None:
+    def _reason(self, ip: str, subnet: str) -> str | None:
         lim = self.limits
         if self.handshakes >= lim.max_handshakes:
             return "handshakes"
@@ -166,7 +167,7 @@ class Admission:
             return "inbound"
         if self._by_ip[ip] >= lim.max_inbound_per_ip:
             return "inbound_per_ip"
-        if self._by_subnet[subnet_of(ip)] >= lim.max_inbound_per_subnet:
+        if self._by_subnet[subnet] >= lim.max_inbound_per_subnet:
             return "inbound_per_subnet"
         return None
 

@@ -182,7 +182,9 @@ class _LibP2PByteStream:
         self._broken: str | None = None
         self.frame_bytes_read = 0
 
-    async def _confirm(self, protocol_id: str) -> None:
+    async def _confirm(self) -> None:
+        protocol_id = self._unconfirmed
+        assert protocol_id is not None
         if self._broken is not None:
             raise StreamResetError(self._broken)
         self._broken = "interrupted while confirming the protocol"
@@ -199,7 +201,7 @@ class _LibP2PByteStream:
 
     async def read(self, n: int) -> bytes:
         if self._unconfirmed is not None:
-            await self._confirm(self._unconfirmed)
+            await self._confirm()
         try:
             data = await self._stream.read(n)
         except StreamEOF:
