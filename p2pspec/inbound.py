@@ -7,9 +7,12 @@ peer leaving, the node stopping) gives its place back. py-libp2p's inbound handl
 waits for the swarm to stop, holding one of its own inbound slots per connection for the
 swarm's life; the wrapper ends that wait when the socket closes, so the slot is freed too.
 
-`connection_config` chooses py-libp2p's connection manager numbers for this mesh: a peer
-needs its session partners and a few others, not the 50 to 300 connections of its
-defaults (which made every peer of a test mesh dial "200 new" peers each interval).
+`connection_config` chooses py-libp2p's connection manager numbers for this mesh, and
+`NoAutoConnect` turns its auto-connector off: a peer dials whom it needs (its session
+partners, its bootstrap, the peers it probes). py-libp2p's auto-connector aims at the
+middle of the watermarks (200 peers by default) and dials every peer in its peerstore
+towards it, each interval and after every disconnect: peers that are gone, too, which
+puts them in its dial backoff.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from typing import Any
 import trio
 from libp2p.abc import IRawConnection
 from libp2p.io.abc import ReadWriteCloser
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.transport.tcp.tcp import TCP, TCPListener
 from multiaddr import Multiaddr
 
 from p2pspec.admission import Admission, Limits, Ticket
 
-__all__ = ["AdmittedStream", "GatedTCP", "connection_config"]
+__all__ = ["AdmittedStream", "GatedTCP", "NoAutoConnect", "connection_config"]
 
 Handler = Callable[[ReadWriteCloser], Awaitable[None]]
 
@@ -44,6 +48,14 @@ def connection_config(limits: Limits) -> ConnectionConfig:
         outbound_upgrade_timeout=limits.handshake_timeout_s,
         inbound_stream_protocol_negotiation_timeout=limits.handshake_timeout_s,
     )
+
+
+class NoAutoConnect(AutoConnector):
+    """py-libp2p's auto-connector, never started: its periodic task and the dials it
+    makes after a disconnect both return at once while it is stopped."""
+
+    async def start(self) -> None:
+        return None
 
 
 class AdmittedStream(ReadWriteCloser):

@@ -44,6 +44,7 @@ from libp2p.exceptions import BaseLibp2pError, ParseError
 from libp2p.identity.identify import identify as libp2p_identify
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
@@ -62,7 +63,7 @@ from p2pspec import __version__, framing, wire
 from p2pspec.admission import Admission, Limits, StreamQuota
 from p2pspec.crypto import Identity, InvalidPeerIdError, public_key_from_peer_id
 from p2pspec.errors import P2PSpecError, UserError
-from p2pspec.inbound import GatedTCP, connection_config
+from p2pspec.inbound import GatedTCP, NoAutoConnect, connection_config
 from p2pspec.membership import (
     MAX_KEY_BYTES,
     MEMBER_OK,
@@ -555,7 +556,10 @@ class Node:
             addrs_factory=self._advertised_transport_addrs,
             connection_config=connection_config(self.limits),
         )
-        self._host.get_network().register_notifee(_GaterNotifee(self))
+        network = self._host.get_network()
+        assert isinstance(network, Swarm)  # what new_host builds
+        network.auto_connector = NoAutoConnect(network)
+        network.register_notifee(_GaterNotifee(self))
         if network_key is not None:
             self._host.set_stream_handler(TProtocol(MEMBER_PROTOCOL), self._serve_membership)
 
@@ -879,7 +883,8 @@ class Node:
             ) from None
         return peer_id
 
-    async def _connect(self, peer_id: ID, transport: Multiaddr) -> None:
+    async def _connect(self, peer_id: ID, transport: Multiaddr) -> bool:
+        """Connect unless connected already; whether a new connection was made."""
         if str(peer_id) == self.peer_id:
             raise PeerUnreachableError("refusing to dial ourselves")
         if not self._gater_allows(str(peer_id)):
@@ -889,7 +894,7 @@ class Node:
         if any(_usable(conn) for conn in connections):
             if self._network_key is not None and str(peer_id) not in self._members:
                 await self._prove_membership(peer_id)
-            return
+            return False
         # A connection that is failing or was just closed by the peer stays listed (and
         # would be handed out again by libp2p's dial) until its teardown finishes, about
         # 0.1 s later: close it now so that this dial makes a fresh one.
@@ -900,6 +905,10 @@ class Node:
         unblock: Callable[[ID], None] | None = getattr(network, "unblock_peer", None)
         if unblock is not None:
             unblock(peer_id)
+        # libp2p dials one address per transport kind, the first its peerstore lists:
+        # the address of a former life of this peer (a restart on a new port) would be
+        # dialled instead of this one, and fail, forever.
+        self._host.get_peerstore().clear_addrs(peer_id)
         try:
             await self._host.connect(PeerInfo(peer_id, [transport]))
         except (BaseLibp2pError, OSError) as error:
@@ -908,6 +917,7 @@ class Node:
             ) from error
         if self._network_key is not None:
             await self._prove_membership(peer_id)
+        return True
 
     async def open_stream(
         self, peer: str, protocol_id: str, *, timeout_s: float, lazy: bool = False
@@ -939,14 +949,24 @@ class Node:
             raise PeerRefusedError(f"the connection gater refuses {peer_id_text}")
         try:
             with trio.fail_after(timeout_s):
-                if target is not None:
-                    await self._connect(peer_id, target)
-                elif self._network_key is not None and peer_id_text not in self._members:
-                    await self._prove_membership(peer_id)
-                if lazy:
-                    net_stream = await self._propose(peer_id, TProtocol(protocol_id))
+                if target is None:
+                    if self._network_key is not None and peer_id_text not in self._members:
+                        await self._prove_membership(peer_id)
+                    net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
+                elif await self._connect(peer_id, target):
+                    net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
                 else:
-                    net_stream = await self._host.new_stream(peer_id, [TProtocol(protocol_id)])
+                    try:
+                        net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
+                    except (BaseLibp2pError, OSError) as error:
+                        if _unsupported_protocol(error):
+                            raise
+                        # The connection reused was dead though not yet seen closed (its
+                        # peer stopped, or restarted elsewhere): drop it and dial, once.
+                        for conn in self._host.get_network().get_connections(peer_id):
+                            await self._close_connection(conn)
+                        await self._connect(peer_id, target)
+                        net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
         except trio.TooSlowError:
             raise PeerUnreachableError(
                 f"no {protocol_id} stream to {peer} within {timeout_s} s"
@@ -965,6 +985,11 @@ class Node:
             capture=self._capture,
             unconfirmed=lazy,
         )
+
+    async def _new_stream(self, peer_id: ID, protocol_id: TProtocol, lazy: bool) -> INetStream:
+        if lazy:
+            return await self._propose(peer_id, protocol_id)
+        return await self._host.new_stream(peer_id, [protocol_id])
 
     async def _propose(self, peer_id: ID, protocol_id: TProtocol) -> INetStream:
         """A new stream on which multistream's handshake and `protocol_id` are written,

@@ -253,6 +253,20 @@ async def test_a_peer_that_comes_back_right_after_a_failed_dial_is_reachable_at_
             nursery.cancel_scope.cancel()
 
 
+async def test_a_peer_restarted_on_a_new_port_is_reached_at_its_new_address() -> None:
+    """libp2p dials one address per transport kind, the first of its peerstore's: a dial
+    to the new address must not go to the address of the peer's former life."""
+    identity = Identity.generate()
+    async with running_node() as client:
+        for _life in range(2):
+            server = Node(identity, listen="/ip4/127.0.0.1/tcp/0")
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run)
+                server.set_handler(ECHO, echo_handler)
+                assert await _echo_once(client, server.listen_addrs()[0], b"hi") == b"hi"
+                nursery.cancel_scope.cancel()
+
+
 async def test_a_listener_that_accepts_and_never_speaks_fails_within_the_timeout() -> None:
     async def silent(conn: trio.SocketStream) -> None:
         async with conn:
