@@ -16,7 +16,6 @@ drafter with the most spare capacity, and talks to it on one session stream. Lea
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import secrets
 from collections import Counter
@@ -44,7 +43,7 @@ from p2pspec.transcript import Transcript, check_round, round_tokens
 
 log = structlog.get_logger("p2pspec.client")
 
-RTT_RESOLUTION_S = 0.005  # round trips closer than this count as equally near
+NEAR_S = 0.005  # drafters this much further than the nearest count as equally near
 
 # Refusals that mean "the mesh is full right now": worth retrying while the caller waits.
 ADMISSION_CODES = frozenset({"overloaded", "no_verifier", "no_drafter"})
@@ -422,18 +421,23 @@ class Client:
     def _place(self, exclude: frozenset[str]) -> Decision | None:
         """The nearest drafter with capacity (policy.choose_drafter), logged with its inputs.
 
-        Round trips closer than RTT_RESOLUTION_S count as equal (measurement noise), so
-        equally near drafters share sessions by load; the client counts the sessions it
-        opened itself, because records are up to an advert interval old.
+        Round trips within NEAR_S (or half the nearest) of the nearest count as equal
+        (measurement noise), so equally near drafters share sessions by load; the client
+        counts the sessions it opened itself, because records are up to an advert
+        interval old.
         """
         candidates = []
         for r in self.peers("drafter"):
-            rtt = self.prober.rtt_s(r.peer_id)
-            if rtt is not None:
-                rtt = RTT_RESOLUTION_S * math.floor(rtt / RTT_RESOLUTION_S)
             load = max(r.load, self._active[r.peer_id])
-            candidates.append(Candidate(record=msgspec.structs.replace(r, load=load), rtt_s=rtt))
-        decision = choose_drafter(candidates, tokenizer_fingerprint=None, exclude=exclude)
+            candidates.append(
+                Candidate(
+                    record=msgspec.structs.replace(r, load=load),
+                    rtt_s=self.prober.rtt_s(r.peer_id),
+                )
+            )
+        decision = choose_drafter(
+            candidates, tokenizer_fingerprint=None, exclude=exclude, near_s=NEAR_S
+        )
         if decision is not None:
             log.debug(
                 "choose_drafter",

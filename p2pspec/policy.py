@@ -31,6 +31,7 @@ blocks in flight).
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -924,24 +925,35 @@ def assess_drafters(
     *,
     tokenizer_fingerprint: str | None,
     exclude: Collection[str] = (),
+    near_s: float = 0.0,
 ) -> list[Assessment]:
     """Every candidate, screened and scored as a drafter, best first (excluded last).
 
     Eligible: role drafter, not in ``exclude``, same tokenizer fingerprint (when one is
     required), ``load < capacity``. Ranked by measured RTT, nearest first; unmeasured ones
-    after all measured ones; ties by utilisation ``load / capacity``, then peer id."""
+    after all measured ones; ties by utilisation ``load / capacity``, then peer id.
+
+    RTTs within ``max(near_s, nearest / 2)`` of the nearest eligible one count as equal to
+    it (a tie): differences that small are measurement noise, and equally near drafters
+    should share sessions by load rather than all go to the one that measured luckier."""
+    _check_seconds("near_s", near_s)
+    screen = functools.partial(
+        _screen, role="drafter", tokenizer_fingerprint=tokenizer_fingerprint, exclude=exclude
+    )
+    screened = [(c, screen(c)) for c in _unique(candidates)]
+    measured = [c.rtt_s for c, reason in screened if reason is None and c.rtt_s is not None]
+    nearest = min(measured, default=0.0)
+    band = nearest + max(near_s, nearest / 2)
     out = []
-    for c in _unique(candidates):
+    for c, reason in screened:
         inputs = _base_inputs(c)
-        reason = _screen(
-            c, role="drafter", tokenizer_fingerprint=tokenizer_fingerprint, exclude=exclude
-        )
         if reason is not None:
             out.append(Assessment(c, inputs, excluded=reason))
             continue
-        measured = c.rtt_s is not None
-        key = (0.0 if measured else 1.0, c.rtt_s or 0.0, _utilisation(c.record))
-        out.append(Assessment(c, inputs, score=c.rtt_s, rank_key=key))
+        rtt = c.rtt_s
+        rank_rtt = 0.0 if rtt is None else nearest if rtt <= band else rtt
+        key = (float(rtt is None), rank_rtt, _utilisation(c.record))
+        out.append(Assessment(c, inputs, score=rtt, rank_key=key))
     return _ranked(out)
 
 
@@ -971,11 +983,12 @@ def choose_drafter(
     *,
     tokenizer_fingerprint: str | None,
     exclude: Collection[str] = (),
+    near_s: float = 0.0,
 ) -> Decision | None:
     """The nearest compatible drafter with capacity (see :func:`assess_drafters`), or None
     when there is none; :func:`assess_drafters` then says why each candidate was refused."""
     assessments = assess_drafters(
-        candidates, tokenizer_fingerprint=tokenizer_fingerprint, exclude=exclude
+        candidates, tokenizer_fingerprint=tokenizer_fingerprint, exclude=exclude, near_s=near_s
     )
     return _decision("drafter", "rtt_s", assessments)
 

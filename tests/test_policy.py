@@ -532,6 +532,32 @@ def test_drafter_ties_by_load_then_peer_id() -> None:
     assert d is not None and d.chosen.peer_id == "a"
 
 
+def test_drafters_about_as_near_as_the_nearest_share_by_load() -> None:
+    """RTTs within near_s or half the nearest of the nearest are a tie (noise): load
+    decides among them; a drafter clearly further stays behind however idle."""
+    loaded = [
+        drafter("lucky", 0.0004, load=3),
+        drafter("noisy", 0.0041, load=1),
+        drafter("far", 0.02, load=0),
+    ]
+    d = choose_drafter(loaded, tokenizer_fingerprint=TOK, near_s=0.005)
+    assert d is not None and d.chosen.peer_id == "noisy"
+    assert d.candidates["noisy"]["score"] == 0.0041  # the RTT itself is reported
+    d = choose_drafter(loaded, tokenizer_fingerprint=TOK)  # no band: nearest wins
+    assert d is not None and d.chosen.peer_id == "lucky"
+    wan = [drafter("a", 0.040, load=2), drafter("b", 0.055, load=0), drafter("c", 0.070)]
+    d = choose_drafter(wan, tokenizer_fingerprint=TOK, near_s=0.005)
+    assert d is not None and d.chosen.peer_id == "b"  # within half of 40 ms; c is not
+    full = [drafter("a", 0.001, load=2), drafter("b", 0.001, load=0), drafter("c", 0.5)]
+    assert [a.candidate.peer_id for a in assess_drafters(full, tokenizer_fingerprint=TOK)] == [
+        "b",
+        "a",
+        "c",
+    ]
+    with pytest.raises(ValueError):
+        choose_drafter(loaded, tokenizer_fingerprint=TOK, near_s=-1.0)
+
+
 def test_drafter_unmeasured_ranks_after_measured() -> None:
     d = choose_drafter([drafter("unknown", None), drafter("far", 0.2)], tokenizer_fingerprint=TOK)
     assert d is not None and d.chosen.peer_id == "far"
