@@ -111,6 +111,7 @@ class Stream:
         self.started: wire.SessionStarted | None = None
         self.result: Result | None = None
         self._tokens: list[int] = []
+        self._text = ""  # what the committed tokens read as
         self._rounds: list[wire.VerifiedRound] = []  # checked proofs of the committed tokens
         self._corrections: list[wire.Correction] = []
         self._drafter = ""
@@ -195,43 +196,46 @@ class Stream:
                     await self._fail_over(f"bad proof from the drafter: {problem}")
                     continue
                 self._tokens.extend(message.tokens)
+                self._text += message.text
                 yield Chunk(tokens=list(message.tokens), text=message.text, round=message.round)
             elif isinstance(message, wire.Correction):
                 self._correct(message)
                 yield Chunk(tokens=[], text="", round=-1, correction=message)
             elif isinstance(message, wire.SessionFinished):
-                self.result = Result(
-                    text=message.text,
-                    prompt_token_ids=list(self.started.prompt_token_ids),
-                    token_ids=list(message.token_ids),
-                    finish_reason=message.finish_reason,
-                    drafter_peer_id=self._drafter,
-                    verifier_peer_id=self.started.verifier_peer_id,
-                    stats={
-                        # Every field, defaults included (the wire omits them).
-                        **{f: getattr(message.stats, f) for f in message.stats.__struct_fields__},
-                        "drafter_failovers": len(self._failed_drafters),
-                        "correction_events": [
-                            {
-                                "keep_tokens": c.keep_tokens,
-                                "keep_text": c.keep_text,
-                                "verifier_peer_id": c.verifier_peer_id,
-                                "reason": c.reason,
-                            }
-                            for c in self._corrections
-                        ],
-                    },
-                    transcript=Transcript(
-                        prompt_token_ids=list(self.started.prompt_token_ids),
-                        token_ids=list(message.token_ids),
-                        rounds=list(self._rounds),
-                        verifiers=self._client.signed_records(
-                            {r.verifier_peer_id for r in self._rounds}
-                        ),
-                    ),
-                )
+                self._finish(message)
             else:
                 raise ClientError("protocol", f"unexpected {type(message).__name__}")
+
+    def _finish(self, message: wire.SessionFinished) -> None:
+        assert self.started is not None
+        self.result = Result(
+            text=message.text,
+            prompt_token_ids=list(self.started.prompt_token_ids),
+            token_ids=list(message.token_ids),
+            finish_reason=message.finish_reason,
+            drafter_peer_id=self._drafter,
+            verifier_peer_id=self.started.verifier_peer_id,
+            stats={
+                # Every field, defaults included (the wire omits them).
+                **{f: getattr(message.stats, f) for f in message.stats.__struct_fields__},
+                "drafter_failovers": len(self._failed_drafters),
+                "correction_events": [
+                    {
+                        "keep_tokens": c.keep_tokens,
+                        "keep_text": c.keep_text,
+                        "verifier_peer_id": c.verifier_peer_id,
+                        "reason": c.reason,
+                    }
+                    for c in self._corrections
+                ],
+            },
+            transcript=Transcript(
+                prompt_token_ids=list(self.started.prompt_token_ids),
+                token_ids=list(message.token_ids),
+                rounds=list(self._rounds),
+                verifiers=self._client.signed_records({r.verifier_peer_id for r in self._rounds}),
+            ),
+        )
 
     def _correct(self, correction: wire.Correction) -> None:
         """Forget what the caught verifier committed (its rounds leave the transcript)."""
@@ -243,6 +247,7 @@ class Stream:
             reason=correction.reason,
         )
         self._tokens = self._tokens[: correction.keep_tokens]
+        self._text = self._text[: correction.keep_text]
         end = len(self.started.prompt_token_ids) + correction.keep_tokens
         self._rounds = [r for r in self._rounds if r.verdict.base_len < end]
         self._corrections.append(correction)
@@ -283,6 +288,19 @@ class Stream:
         if stream is not None:
             with trio.CancelScope(shield=True):
                 await stream.reset()
+        if len(self._tokens) >= self._request.max_new_tokens:
+            # Every token came, each with its signed verdict, and the drafter went before
+            # saying so: the answer is whole (a resume would have no token left to make).
+            self._finish(
+                wire.SessionFinished(
+                    session_id=self._request.session_id,
+                    finish_reason="length",
+                    stats=wire.SessionStats(),
+                    text=self._text,
+                    token_ids=list(self._tokens),
+                )
+            )
+            return
         while True:
             if len(self._failed_drafters) > self._client.config.max_failovers:
                 n = len(self._failed_drafters)

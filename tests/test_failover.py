@@ -14,7 +14,8 @@ import pytest
 import trio
 from support import local_tokens
 
-from p2pspec.client import Client
+from p2pspec import wire
+from p2pspec.client import Client, Stream
 from p2pspec.launch import PeerProcess, start_peer, stop_all
 from p2pspec.speculative import SamplingParams
 
@@ -148,3 +149,29 @@ async def test_a_drafter_that_died_before_the_session_opened_is_skipped(
             result = await client.generate("still served", max_new_tokens=16, raw=True)
     assert result.drafter_peer_id != dead.peer_id
     assert result.token_ids == local_tokens(VERIFIER, DRAFTER, "still served", 16, SamplingParams())
+
+
+async def test_a_drafter_gone_after_the_last_token_but_before_finishing_leaves_a_whole_answer() -> (
+    None
+):
+    """Every token came, each with its verdict, and the drafter died before its
+    SessionFinished: the answer is whole, so the client finishes it rather than resume a
+    session with no token left to make (which a drafter would refuse)."""
+    client = Client(
+        ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJptnN1AkCj3D5jftQa8LZp1bBdy6a1Y63J45gG48d3FC"]
+    )
+    request = wire.GenerateRequest(session_id="a" * 32, prompt="p", max_new_tokens=3)
+    stream = Stream(client, request, wait_s=0.0)
+    stream.started = wire.SessionStarted(
+        session_id=request.session_id,
+        drafter_peer_id="d",
+        verifier_peer_id="v",
+        prompt_token_ids=[1, 2],
+    )
+    stream._drafter = "d"
+    stream._tokens, stream._text = [5, 6, 7], "five six seven"
+    await stream._fail_over("the peer closed the stream")
+    assert stream.result is not None
+    assert (stream.result.token_ids, stream.result.text) == ([5, 6, 7], "five six seven")
+    assert stream.result.finish_reason == "length"
+    assert stream.result.stats["drafter_failovers"] == 1
