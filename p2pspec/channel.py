@@ -29,43 +29,18 @@ from p2pspec.crypto import (
     signed_ephemeral,
     verify_ephemeral,
 )
+from p2pspec.errors import ChannelError as ChannelError
+from p2pspec.errors import EncryptionRequiredError as EncryptionRequiredError
 from p2pspec.errors import P2PSpecError
+from p2pspec.errors import PeerClosedError as PeerClosedError
+from p2pspec.errors import PeerTimeoutError as PeerTimeoutError
+from p2pspec.errors import ProtocolError as ProtocolError
+from p2pspec.errors import RemoteError as RemoteError
 
 M = TypeVar("M", bound=wire.Message)
 
 MAX_ERROR_CODE = 256  # characters of ErrorMessage.code the wire accepts
 MAX_ERROR_MESSAGE = 2048  # ... and of ErrorMessage.message
-
-
-class ChannelError(P2PSpecError):
-    """The conversation on a stream failed; the stream should be closed or reset."""
-
-
-class PeerTimeoutError(ChannelError):
-    """The peer did not answer within the deadline."""
-
-
-class ProtocolError(ChannelError):
-    """The peer sent something malformed or out of place."""
-
-
-class PeerClosedError(ChannelError):
-    """The peer closed or reset the stream."""
-
-
-class EncryptionRequiredError(ProtocolError):
-    """The peer opened a session in the clear where end-to-end encryption is required."""
-
-    code = "encryption_required"
-
-
-class RemoteError(ChannelError):
-    """The peer answered with an ErrorMessage: a refusal or a failure on its side."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.remote_message = message
 
 
 class TrioByteStream:

@@ -34,6 +34,7 @@ from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
 from p2pspec.directory import Directory
 from p2pspec.discovery import exchange, now_ms
+from p2pspec.errors import ClientError as ClientError
 from p2pspec.errors import P2PSpecError
 from p2pspec.membership import load_network_key
 from p2pspec.node import Node, NodeStream
@@ -47,15 +48,6 @@ NEAR_S = 0.005  # drafters this much further than the nearest count as equally n
 
 # Refusals that mean "the mesh is full right now": worth retrying while the caller waits.
 ADMISSION_CODES = frozenset({"overloaded", "no_verifier", "no_drafter"})
-
-
-class ClientError(P2PSpecError):
-    """A session could not be served; `code` says why (e.g. 'no_drafter', 'overloaded')."""
-
-    def __init__(self, code: str, message: str, *, peer_id: str = "") -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.peer_id = peer_id  # the peer concerned, where there is one
 
 
 @dataclass

@@ -12,15 +12,11 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
-from p2pspec.errors import UserError
+from p2pspec.errors import ConfigError as ConfigError
 
 Seconds = Annotated[float, Meta(gt=0.0, le=86_400.0)]
 Count = Annotated[int, Meta(ge=1, le=100_000)]
 T = TypeVar("T")
-
-
-class ConfigError(UserError):
-    """A config file that is missing, unreadable, or holds unknown or invalid keys."""
 
 
 class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -35,6 +35,16 @@ from dataclasses import dataclass, field
 ROOT = -1  # the outcome of a root: no parent, drafted on the committed tokens
 
 
+def verifies(committed: Sequence[int], base_len: int, assumed: Sequence[int]) -> bool:
+    """The skip rule, one for both sides: a verifier with `committed` tokens verifies a
+    block drafted on `base_len` tokens, the last `len(assumed)` of them assumed, only if
+    that base is exactly what it has committed; otherwise a verdict has since
+    contradicted the assumption, and the verifier skips the block (the drafter, which
+    saw that verdict, expects no answer)."""
+    start = base_len - len(assumed)
+    return len(committed) == base_len and list(committed[start:]) == list(assumed)
+
+
 @dataclass(eq=False)
 class Block:
     """One verify request in flight: drafted on ``base`` (the tokens up to ``base_len``,
@@ -58,7 +68,7 @@ class Block:
 
     def matches(self, committed: Sequence[int]) -> bool:
         """The verifier, with these tokens committed, verifies this block."""
-        return len(committed) == self.base_len and list(committed[self.start :]) == self.assumed
+        return verifies(committed, self.base_len, self.assumed)
 
     def possible(self, committed: Sequence[int]) -> bool:
         """Its base still extends these committed tokens (it may yet be verified)."""

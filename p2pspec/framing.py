@@ -20,7 +20,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from p2pspec.errors import P2PSpecError
+from p2pspec.errors import EndOfStreamError as EndOfStreamError
+from p2pspec.errors import FrameError as FrameError
+from p2pspec.errors import FrameTooLargeError as FrameTooLargeError
+from p2pspec.errors import MalformedFrameError as MalformedFrameError
+from p2pspec.errors import TruncatedFrameError as TruncatedFrameError
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -38,30 +42,6 @@ __all__ = [
 
 DEFAULT_MAX_FRAME_SIZE = 1024 * 1024  # bytes of payload (1 MiB), length prefix excluded
 MAX_VARINT_BYTES = 9  # multiformats unsigned-varint caps lengths at 63 bits, 9 bytes
-
-
-class FrameError(P2PSpecError):
-    """A frame could not be read; the stream is out of step and should be reset."""
-
-
-class FrameTooLargeError(FrameError):
-    """A frame whose declared (or, on write, actual) length is above the maximum size."""
-
-
-class TruncatedFrameError(FrameError):
-    """The stream ended after part of a frame (its prefix, or part of its payload)."""
-
-
-class MalformedFrameError(FrameError):
-    """A length prefix that is not a valid varint: too long, or not minimally encoded."""
-
-
-class EndOfStreamError(FrameError):
-    """The stream ended cleanly between frames: the peer is done, nothing was cut off.
-
-    A FrameError like the others so that "any framing error" is one `except`, but often
-    not a failure at all: a request loop reads frames until this one.
-    """
 
 
 class ByteStream(Protocol):

@@ -21,13 +21,9 @@ from typing import Any
 import trio
 
 from p2pspec.delayproxy import DelayProxy
-from p2pspec.errors import P2PSpecError
+from p2pspec.errors import PeerStartError as PeerStartError
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"  # loopback, any free port
-
-
-class PeerStartError(P2PSpecError):
-    """A peer process exited, or said nothing, before its ready line."""
 
 
 @dataclass

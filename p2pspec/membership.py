@@ -16,7 +16,7 @@ import hashlib
 import hmac
 from pathlib import Path
 
-from p2pspec.errors import UserError
+from p2pspec.errors import NetworkKeyError as NetworkKeyError
 
 MEMBER_PROTOCOL = "/p2pspec/member/1.0.0"
 MIN_KEY_BYTES = 16
@@ -30,10 +30,6 @@ REFUSAL = (
     "this peer belongs to a private mesh and serves only its members: "
     "start with the mesh's network key (network_key_file)"
 )
-
-
-class NetworkKeyError(UserError):
-    """A network key file that is missing, unreadable, or too short to be a secret."""
 
 
 def load_network_key(path: str | Path) -> bytes:

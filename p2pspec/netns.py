@@ -29,13 +29,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from p2pspec.errors import P2PSpecError
+from p2pspec.errors import NetnsError as NetnsError
 
 PEER_PORT = 4001  # every peer listens on this port of its own (empty) namespace
-
-
-class NetnsError(P2PSpecError):
-    """A namespace, link or rule could not be set up."""
 
 
 def unavailable() -> str | None:

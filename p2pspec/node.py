@@ -62,7 +62,13 @@ from multiaddr.utils import get_network_addrs
 from p2pspec import __version__, framing, wire
 from p2pspec.admission import Admission, Limits, StreamQuota
 from p2pspec.crypto import Identity, InvalidPeerIdError, public_key_from_peer_id
-from p2pspec.errors import P2PSpecError, UserError
+from p2pspec.errors import InvalidMultiaddrError as InvalidMultiaddrError
+from p2pspec.errors import ListenError as ListenError
+from p2pspec.errors import P2PSpecError
+from p2pspec.errors import PeerRefusedError as PeerRefusedError
+from p2pspec.errors import PeerUnreachableError as PeerUnreachableError
+from p2pspec.errors import ProtocolNotSupportedError as ProtocolNotSupportedError
+from p2pspec.errors import StreamResetError as StreamResetError
 from p2pspec.inbound import GatedTCP, NoAutoConnect, connection_config
 from p2pspec.membership import (
     MAX_KEY_BYTES,
@@ -104,31 +110,6 @@ _log = structlog.get_logger("p2pspec.node")
 
 ConnectionGater = Callable[[str], bool]
 """Called with a remote peer id; False refuses the peer (its connection is closed)."""
-
-
-class PeerUnreachableError(P2PSpecError):
-    """A peer could not be reached: dial failed or timed out, or no stream could be opened."""
-
-
-class PeerRefusedError(PeerUnreachableError):
-    """The connection gater refused the peer, so we did not dial it."""
-
-
-class ProtocolNotSupportedError(PeerUnreachableError):
-    """The peer is reachable but does not speak the protocol id (often a version skew)."""
-
-
-class StreamResetError(P2PSpecError):
-    """The stream failed under us: reset, closed for writing, or out of step after an
-    interrupted read or write. Its remaining data is lost; open a new stream."""
-
-
-class ListenError(UserError):
-    """The node could not listen on its address (in use, or not an address of this machine)."""
-
-
-class InvalidMultiaddrError(UserError):
-    """A multiaddr string that cannot be used here; the message says what is wrong."""
 
 
 # -- connections --------------------------------------------------------------------------

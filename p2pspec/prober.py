@@ -29,6 +29,7 @@ from p2pspec import wire
 from p2pspec.actors import Mailbox
 from p2pspec.channel import Channel, ChannelError, PeerClosedError, PeerTimeoutError
 from p2pspec.errors import P2PSpecError
+from p2pspec.errors import ProbeError as ProbeError
 from p2pspec.node import Node, NodeStream
 from p2pspec.policy import EWMA
 
@@ -47,10 +48,6 @@ ASK_MAILBOX = 16  # peers `probe_soon` may queue between rounds
 _CLOSE_TIMEOUT_S = 1.0  # seconds to flush the close of a probe stream
 
 log = structlog.get_logger("p2pspec.prober")
-
-
-class ProbeError(P2PSpecError):
-    """A probe got no answer: the peer is unreachable, too slow, or broke the stream."""
 
 
 async def serve_probe(

@@ -25,6 +25,7 @@ import msgspec
 
 from p2pspec import wire
 from p2pspec.crypto import identity as ident
+from p2pspec.errors import TranscriptError as TranscriptError
 from p2pspec.verdicts import check_verdict
 
 TRANSCRIPT_VERSION = 1
@@ -36,10 +37,6 @@ class Transcript(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     token_ids: list[int]  # the output
     rounds: list[wire.VerifiedRound]
     verifiers: list[wire.SignedRecord]  # the signers' records, as the client saw them
-
-
-class TranscriptError(ValueError):
-    """A transcript file that cannot be read or decoded."""
 
 
 def round_tokens(proof: wire.VerifiedRound) -> list[int]:

@@ -21,6 +21,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from p2pspec.errors import WireError as WireError
+
 PROTOCOL_VERSION = "1.0.0"
 DIRECTORY_PROTOCOL = f"/p2pspec/directory/{PROTOCOL_VERSION}"
 SESSION_PROTOCOL = f"/p2pspec/session/{PROTOCOL_VERSION}"
@@ -356,10 +358,6 @@ Message = (
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 _record_decoder = msgspec.msgpack.Decoder(PeerRecord)
-
-
-class WireError(ValueError):
-    """A frame that does not decode into a valid message."""
 
 
 def encode(message: Message | PeerRecord) -> bytes:

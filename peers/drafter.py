@@ -44,6 +44,7 @@ from p2pspec.engine import (
     validate_request,
 )
 from p2pspec.engines import Engine
+from p2pspec.errors import DraftFailedError as DraftFailedError
 from p2pspec.errors import UserError
 from p2pspec.peers.solo import RUNS_IN_FLIGHT, Shadow, SoloRuns, run_length
 from p2pspec.policy import (
@@ -77,10 +78,6 @@ def q_to_wire(q: SparseDistribution) -> wire.SparseQ:
         token_ids=np.asarray(q.token_ids, dtype="<i4").tobytes(),
         probs=np.asarray(q.probs, dtype="<f4").tobytes(),
     )
-
-
-class DraftFailedError(RuntimeError):
-    """The drafter model failed on a session's draft (a bug or resource error)."""
 
 
 @dataclass

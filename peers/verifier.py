@@ -30,8 +30,10 @@ from p2pspec.channel import (
 )
 from p2pspec.config import PeerConfig
 from p2pspec.crypto.identity import Identity
+from p2pspec.drafttree import verifies
 from p2pspec.engine import SOLO, Draft, Verifier, verify_batch
 from p2pspec.engines import Engine
+from p2pspec.errors import BatchFailedError as BatchFailedError
 from p2pspec.errors import UserError
 from p2pspec.speculative import SamplingParams, SparseDistribution, Verdict
 from p2pspec.verdicts import sign_verdict
@@ -60,10 +62,6 @@ class _Job:
     draft: Draft
     reply: trio.MemorySendChannel[tuple[Verdict | ValueError, int]]
     abandoned: bool = False  # its session gave up waiting (ended, cancelled)
-
-
-class BatchFailedError(ValueError):
-    """The model failed on a batch (a bug or resource error): its sessions end with it."""
 
 
 class VerifierWorker:
@@ -354,10 +352,7 @@ class VerifierService:
             wire.check_verify_request(
                 message, sampling=session.sampling, vocab_size=self.lm.vocab_size
             )
-            if message.assumed and (
-                message.base_len != len(committed)
-                or committed[len(committed) - len(message.assumed) :] != message.assumed
-            ):
+            if message.assumed and not verifies(committed, message.base_len, message.assumed):
                 # Drafted ahead on a base a verdict has since contradicted: skipped, and
                 # the drafter, which saw that verdict, expects no answer.
                 self.skipped += 1

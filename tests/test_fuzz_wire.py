@@ -76,7 +76,7 @@ from p2pspec.crypto import EphemeralKey, Identity, signed_ephemeral
 from p2pspec.directory import Directory, sign_record
 from p2pspec.discovery import exchange, now_ms, serve_exchange
 from p2pspec.engines import Engine
-from p2pspec.errors import P2PSpecError
+from p2pspec.errors import CODES, P2PSpecError
 from p2pspec.peers.drafter import DrafterService
 from p2pspec.peers.verifier import VerifierService
 from p2pspec.verdicts import sign_verdict
@@ -1251,7 +1251,15 @@ def test_the_valid_messages_are_valid(kind: str, seed: int) -> None:
 
 
 def test_report() -> None:
-    """Prints the counts (run with -s); the longer run's numbers go in docs/benchmarks.md."""
+    """Prints the counts (run with -s; the longer run's numbers go in docs/benchmarks.md),
+    and checks what the fuzz above reached: every message type, each handler answering
+    with refusals, and only with codes users can look up (p2pspec.errors.CODES)."""
+    if not RUNS:
+        pytest.skip("the fuzz tests of this module did not run")
+    assert all(RUNS[kind] >= EXAMPLES for kind in KINDS), RUNS
+    codes = {key.rsplit(":", 1)[1] for key in OUTCOMES if "wrote ErrorMessage:" in key}
+    assert codes, OUTCOMES
+    assert codes <= set(CODES), codes - set(CODES)
     total = sum(RUNS.values())
     seconds = sum(SECONDS.values())
     print(

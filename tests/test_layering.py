@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Modules of the pure core: no trio, no libp2p, no torch.
+# Modules of the pure core: no trio, no libp2p, no torch; they import the standard
+# library, msgspec, numpy, crypto/ and one another only.
 PURE_CORE = {
     "speculative",
     "errors",
@@ -17,7 +19,12 @@ PURE_CORE = {
     "directory",
     "policy",
     "admission",
+    "drafttree",
+    "verdicts",
+    "transcript",
+    "membership",
 }
+PURE_THIRD_PARTY = {"msgspec", "numpy"}
 
 
 def _modules(folder: str) -> list[Path]:
@@ -63,10 +70,30 @@ def test_core_never_imports_peers_or_testnet() -> None:
     assert _offenders(_modules("p2pspec"), ("p2pspec.peers", "peers", "testnet")) == []
 
 
-def test_pure_core_has_no_trio_libp2p_or_torch() -> None:
+def _pure_core() -> list[Path]:
     core = [p for p in _modules("p2pspec") if p.stem in PURE_CORE and p.parent.name == "p2pspec"]
-    assert core, "the pure core modules were not found"
-    assert _offenders(core, ("trio", "libp2p", "torch", "transformers")) == []
+    assert {p.stem for p in core} == PURE_CORE, "a pure core module was not found"
+    return core
+
+
+def test_pure_core_has_no_trio_libp2p_or_torch() -> None:
+    assert _offenders(_pure_core(), ("trio", "libp2p", "torch", "transformers")) == []
+
+
+def test_pure_core_imports_only_the_standard_library_and_itself() -> None:
+    allowed = {f"p2pspec.{m}" for m in PURE_CORE} | {"p2pspec", "p2pspec.crypto"}
+    bad = []
+    for path in _pure_core():
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top == "p2pspec":
+                module = ".".join(name.split(".")[:2])
+                ok = module in allowed
+            else:
+                ok = top in sys.stdlib_module_names or top in PURE_THIRD_PARTY
+            if not ok:
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert bad == []
 
 
 # The one libp2p adapter: the node, and the inbound side of its TCP transport (limits).

@@ -23,16 +23,13 @@ import numpy as np
 from p2pspec.engines.base import Engine, EngineInfo, Feed, Logits, Sequence
 from p2pspec.engines.llama_lib import LOSSLESS, LlamaSettings, library
 from p2pspec.engines.llama_tokenizer import LlamaTokenizer
+from p2pspec.errors import EngineFullError as EngineFullError
 from p2pspec.errors import UserError
 
 __all__ = ["EngineFullError", "LlamaCppEngine", "gguf_weights_format"]
 
 BATCH_TOKENS = 512  # tokens per llama_decode call (a longer feed takes several)
 _FLASH = {"auto": -1, "off": 0, "on": 1}
-
-
-class EngineFullError(UserError):
-    """No room left on the engine: every sequence slot or KV cell is in use."""
 
 
 def gguf_weights_format(description: str) -> str:

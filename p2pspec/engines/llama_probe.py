@@ -25,6 +25,7 @@ from pathlib import Path
 import structlog
 
 from p2pspec.engines.llama_lib import PRESETS, LlamaSettings
+from p2pspec.errors import ProbeFailedError as ProbeFailedError
 from p2pspec.models.cache import cache_lock, cache_root
 
 __all__ = ["ProbeFailedError", "probe"]
@@ -32,10 +33,6 @@ __all__ = ["ProbeFailedError", "probe"]
 log = structlog.get_logger("p2pspec.engines")
 
 PROBE_TIMEOUT_S = 120.0
-
-
-class ProbeFailedError(RuntimeError):
-    """The configuration crashed or failed in the child process."""
 
 
 def cpu_signature() -> str:
