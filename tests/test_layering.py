@@ -128,3 +128,56 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
         fake.unlink()
     assert "p2pspec.peers.drafter" in names
     assert "torch" in names
+
+
+# -- the layers of docs/architecture.md ---------------------------------------------------
+
+
+def _layer_table() -> list[tuple[str, list[str]]]:
+    """(layer, modules) rows of docs/architecture.md's table in order: a layer may import
+    from itself and the layers before it."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text.split("<!-- layers:begin -->")[1].split("<!-- layers:end -->")[0]
+    rows = []
+    for line in table.strip().splitlines()[2:]:
+        layer, _what, modules = (cell.strip() for cell in line.strip("|").split("|"))
+        rows.append((layer, [m.strip("` ") for m in modules.split(",")]))
+    return rows
+
+
+def _module_name(path: Path) -> str:
+    """The dotted name the project imports `path` by (peers/ is p2pspec.peers)."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] in ("peers", "crypto"):
+        parts = ["p2pspec", *parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_every_module_is_in_exactly_one_layer_of_the_architecture_doc() -> None:
+    listed = [m for _, modules in _layer_table() for m in modules]
+    assert len(listed) == len(set(listed)), "a module is listed twice"
+    files = _modules("p2pspec") + _modules("peers") + _modules("crypto")
+    actual = {str(p.relative_to(ROOT).with_suffix("")) for p in files}
+    assert set(listed) == actual, (set(listed) - actual, actual - set(listed))
+    core = {m.split("/")[1] for layer, mods in _layer_table() if layer == "core" for m in mods}
+    assert core == PURE_CORE
+
+
+def test_imports_go_one_way_down_the_layers() -> None:
+    rank: dict[str, int] = {}
+    for i, (_layer, modules) in enumerate(_layer_table()):
+        for m in modules:
+            rank[_module_name(ROOT / f"{m}.py")] = i
+    bad = []
+    for path in _modules("p2pspec") + _modules("peers") + _modules("crypto"):
+        here = _module_name(path)
+        for name in _imports(path):
+            # The longest listed module the imported name starts with (a module, or a
+            # name inside one); the bare package only for its own names (__version__).
+            target = max(
+                (m for m in rank if name == m or name.startswith(m + ".")), key=len, default=None
+            )
+            if target is not None and target != "p2pspec" and rank[target] > rank[here]:
+                bad.append(f"{here} ({_layer_table()[rank[here]][0]}) imports {target}")
+    assert bad == []
