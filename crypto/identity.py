@@ -60,7 +60,7 @@ _MAX_KEY_FILE_SIZE = 64 * 1024  # bytes; a PEM Ed25519 key is 119
 class KeyFileError(Exception):
     """A key file that cannot be used: unsafe permissions, malformed, or the wrong key type.
 
-    Not derived from `p2pspec.errors` because crypto/ imports nothing of the project;
+    Not derived from `p2pspec.core.errors` because crypto/ imports nothing of the project;
     callers that present it to a user should treat it as a user error (the message says
     what to fix).
     """

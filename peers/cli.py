@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from p2pspec.errors import InvalidRequestError, UserError
+from p2pspec.core.errors import InvalidRequestError, UserError
 
 DEFAULT_VERIFIER = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFTER = "qwen2.5-coder-0.5b-instruct"
@@ -191,14 +191,14 @@ def _prompt_ids(lm: Any, prompt: str, raw: bool) -> list[int]:
 
 def _generate_local(args: argparse.Namespace) -> int:
     # Imported here so that `p2pspec --help` and argument errors stay fast.
-    from p2pspec.engine import (
+    from p2pspec.engines import check_compatible, load_engine
+    from p2pspec.engines.decoding import (
         GenerationStats,
         LocalEngine,
         StopChecker,
         TextDeltas,
         sampling_params,
     )
-    from p2pspec.engines import check_compatible, load_engine
 
     params = sampling_params(args.temperature, args.top_k, args.top_p, args.seed)
     k = 4 if args.draft_tokens == "auto" else args.draft_tokens
@@ -299,7 +299,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from p2pspec.bench import run_engine_benchmark
+    from p2pspec.tools.bench import run_engine_benchmark
 
     run_engine_benchmark(
         drafter=args.drafter,
@@ -333,12 +333,12 @@ def _peer(args: argparse.Namespace) -> int:
     import structlog
     import trio
 
-    from p2pspec import logs
-    from p2pspec.config import PeerConfig, load_toml, merge
+    from p2pspec.core.config import PeerConfig, load_toml, merge
     from p2pspec.crypto.identity import Identity, KeyFileError, claim_key_file
     from p2pspec.engines import load_engine
     from p2pspec.engines.costs import cost_curve
     from p2pspec.peers.run import Peer, run_until_signalled
+    from p2pspec.runtime import logs
 
     logs.configure(level=args.log_level)
     config = load_toml(args.config, PeerConfig) if args.config else PeerConfig()
@@ -400,9 +400,10 @@ def _peer(args: argparse.Namespace) -> int:
 def _generate_remote(args: argparse.Namespace) -> int:
     import trio
 
-    from p2pspec import logs, transcript
-    from p2pspec.client import Client, ClientError
-    from p2pspec.config import PeerConfig
+    from p2pspec.core import transcript
+    from p2pspec.core.config import PeerConfig
+    from p2pspec.runtime import logs
+    from p2pspec.runtime.client import Client, ClientError
 
     logs.configure(level="warning")
 
@@ -461,7 +462,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
 
 def _verify_transcript(args: argparse.Namespace) -> int:
-    from p2pspec import transcript
+    from p2pspec.core import transcript
 
     try:
         t = transcript.load(args.file)

@@ -21,9 +21,34 @@ import numpy as np
 import structlog
 import trio
 
-from p2pspec import wire
-from p2pspec.actors import Mailbox, Reply, supervise
-from p2pspec.channel import (
+from p2pspec.core import wire
+from p2pspec.core.config import PeerConfig
+from p2pspec.core.drafttree import Block, Candidate, DraftTree, Watch
+from p2pspec.core.errors import DraftFailedError as DraftFailedError
+from p2pspec.core.errors import UserError
+from p2pspec.core.policy import (
+    MAX_TREE_BLOCKS,
+    AdaptiveDraftLength,
+    ConfidenceCalibration,
+    Plan,
+    confidence_bin,
+    enough_drafted,
+)
+from p2pspec.core.speculative import SamplingParams, SparseDistribution
+from p2pspec.core.transcript import round_tokens
+from p2pspec.core.verdicts import check_verdict
+from p2pspec.crypto import Identity
+from p2pspec.engines import Engine
+from p2pspec.engines.decoding import (
+    Draft,
+    Drafter,
+    StopChecker,
+    TextDeltas,
+    sampling_params,
+    validate_request,
+)
+from p2pspec.net.actors import Mailbox, Reply, supervise
+from p2pspec.net.channel import (
     Channel,
     ChannelError,
     EncryptionRequiredError,
@@ -32,33 +57,8 @@ from p2pspec.channel import (
     RemoteError,
     receive_opening,
 )
-from p2pspec.config import PeerConfig
-from p2pspec.crypto import Identity
-from p2pspec.drafttree import Block, Candidate, DraftTree, Watch
-from p2pspec.engine import (
-    Draft,
-    Drafter,
-    StopChecker,
-    TextDeltas,
-    sampling_params,
-    validate_request,
-)
-from p2pspec.engines import Engine
-from p2pspec.errors import DraftFailedError as DraftFailedError
-from p2pspec.errors import UserError
 from p2pspec.peers.solo import RUNS_IN_FLIGHT, Shadow, SoloRuns, run_length
-from p2pspec.policy import (
-    MAX_TREE_BLOCKS,
-    AdaptiveDraftLength,
-    ConfidenceCalibration,
-    Plan,
-    confidence_bin,
-    enough_drafted,
-)
-from p2pspec.scheduler import Scheduler
-from p2pspec.speculative import SamplingParams, SparseDistribution
-from p2pspec.transcript import round_tokens
-from p2pspec.verdicts import check_verdict
+from p2pspec.runtime.scheduler import Scheduler
 
 log = structlog.get_logger("p2pspec.drafter")
 
@@ -635,7 +635,7 @@ class DrafterService:
         alone, and drafts nothing but one-token guesses that keep α measured; the session
         changes between drafting and solo runs when one's blocks or runs are all answered.
         Synchronous sessions keep one block in flight. Pipelined ones draft further
-        blocks while verdicts travel (p2pspec.drafttree): the main chain, up to the plan's
+        blocks while verdicts travel (p2pspec.core.drafttree): the main chain, up to the plan's
         depth, each on the assumption that the blocks before it are committed whole; and,
         when the plan branches, blocks on the likely misses of those in flight, while
         their chance of being verified pays for the drafting. A verdict that breaks a

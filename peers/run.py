@@ -14,21 +14,21 @@ from collections.abc import Awaitable, Callable
 import structlog
 import trio
 
-from p2pspec import wire
-from p2pspec.actors import supervise
-from p2pspec.admission import Limits
-from p2pspec.channel import Channel, ChannelError
-from p2pspec.config import PeerConfig
+from p2pspec.core import wire
+from p2pspec.core.admission import Limits
+from p2pspec.core.config import PeerConfig
+from p2pspec.core.directory import Directory
+from p2pspec.core.errors import P2PSpecError
+from p2pspec.core.membership import load_network_key
 from p2pspec.crypto.identity import Identity
-from p2pspec.directory import Directory
-from p2pspec.discovery import Advertiser, now_ms, serve_exchange
 from p2pspec.engines import Engine
-from p2pspec.errors import P2PSpecError
-from p2pspec.membership import load_network_key
-from p2pspec.node import Node, NodeStream
+from p2pspec.net.actors import supervise
+from p2pspec.net.channel import Channel, ChannelError
+from p2pspec.net.discovery import Advertiser, now_ms, serve_exchange
+from p2pspec.net.node import Node, NodeStream
+from p2pspec.net.prober import PROBE_PROTOCOL, Prober, serve_probe
 from p2pspec.peers.drafter import DrafterService
 from p2pspec.peers.verifier import VerifierService
-from p2pspec.prober import PROBE_PROTOCOL, Prober, serve_probe
 
 log = structlog.get_logger("p2pspec.peer")
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from p2pspec import wire
+from p2pspec.core import wire
 
 __all__ = ["RUNS_IN_FLIGHT", "Shadow", "SoloRuns", "run_length"]
 

@@ -19,24 +19,24 @@ import numpy as np
 import structlog
 import trio
 
-from p2pspec import wire
-from p2pspec.actors import supervise
-from p2pspec.channel import (
+from p2pspec.core import wire
+from p2pspec.core.config import PeerConfig
+from p2pspec.core.drafttree import verifies
+from p2pspec.core.errors import BatchFailedError as BatchFailedError
+from p2pspec.core.errors import UserError
+from p2pspec.core.speculative import SamplingParams, SparseDistribution, Verdict
+from p2pspec.core.verdicts import sign_verdict
+from p2pspec.crypto.identity import Identity
+from p2pspec.engines import Engine
+from p2pspec.engines.decoding import SOLO, Draft, Verifier, verify_batch
+from p2pspec.net.actors import supervise
+from p2pspec.net.channel import (
     Channel,
     ChannelError,
     EncryptionRequiredError,
     ProtocolError,
     receive_opening,
 )
-from p2pspec.config import PeerConfig
-from p2pspec.crypto.identity import Identity
-from p2pspec.drafttree import verifies
-from p2pspec.engine import SOLO, Draft, Verifier, verify_batch
-from p2pspec.engines import Engine
-from p2pspec.errors import BatchFailedError as BatchFailedError
-from p2pspec.errors import UserError
-from p2pspec.speculative import SamplingParams, SparseDistribution, Verdict
-from p2pspec.verdicts import sign_verdict
 
 log = structlog.get_logger("p2pspec.verifier")
 
@@ -70,7 +70,7 @@ class VerifierWorker:
 
     After the first request arrives it waits at most `max_wait_s` for others (or until
     `max_batch`), so a lone session pays at most that much extra latency. Outputs equal
-    verifying each session alone (float32; see p2pspec/batching.py).
+    verifying each session alone (float32; see p2pspec/engines/batching.py).
     """
 
     def __init__(

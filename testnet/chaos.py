@@ -3,7 +3,7 @@
     python testnet/chaos.py --minutes 30 --out docs/bench/chaos.json
 
 Starts verifiers and drafters (tiny random models) as `p2pspec peer` processes, each
-behind a zero-delay proxy (p2pspec/delayproxy.py) so that its link can be cut. `--sessions`
+behind a zero-delay proxy (p2pspec/tools/delayproxy.py) so that its link can be cut. `--sessions`
 client loops run greedy sessions one after another, each through a client that knows
 every verifier as a bootstrap peer. Meanwhile a chaos driver, every few seconds, picks a
 random peer and one of: kill -9 (restarted a few seconds later with the same key and
@@ -35,13 +35,13 @@ from typing import Any
 
 import trio
 
-from p2pspec import logs
-from p2pspec.client import Client, ClientError
-from p2pspec.delayproxy import DelayProxy
-from p2pspec.engine import greedy_decode
+from p2pspec.core.errors import P2PSpecError
 from p2pspec.engines import load_engine
-from p2pspec.errors import P2PSpecError
-from p2pspec.launch import (
+from p2pspec.engines.decoding import greedy_decode
+from p2pspec.runtime import logs
+from p2pspec.runtime.client import Client, ClientError
+from p2pspec.tools.delayproxy import DelayProxy
+from p2pspec.tools.launch import (
     Link,
     PeerProcess,
     PeerStartError,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (p2pspec/bench_gpu.py: a CUDA verifier's cost curve and the plan it makes
+# The GPU check (p2pspec/tools/bench_gpu.py: a CUDA verifier's cost curve and the plan it makes
 # a session choose), as run on a lent device machine, which has torch and transformers but
 # none of p2pspec's small pure dependencies and no network:
 #   here, once:     bash testnet/gpu-check.sh --fetch     (wheels into .whl/, git-ignored)
@@ -20,5 +20,5 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/p2pspec-site:$root" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 out="${OUT:-.}"
-python3 -m p2pspec.bench_gpu --device cuda --dtype bfloat16 --out "$out/gpu-bf16.json"
-python3 -m p2pspec.bench_gpu --device cuda --dtype float32 --out "$out/gpu-fp32.json"
+python3 -m p2pspec.tools.bench_gpu --device cuda --dtype bfloat16 --out "$out/gpu-bf16.json"
+python3 -m p2pspec.tools.bench_gpu --device cuda --dtype float32 --out "$out/gpu-fp32.json"

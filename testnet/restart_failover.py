@@ -20,10 +20,10 @@ from pathlib import Path
 
 import trio
 
-from p2pspec.client import Client
-from p2pspec.engine import greedy_decode
 from p2pspec.engines import load_engine
-from p2pspec.launch import PeerProcess, start_peer, stop_all
+from p2pspec.engines.decoding import greedy_decode
+from p2pspec.runtime.client import Client
+from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 
 VERIFIER, DRAFTER = "tiny-random:11", "tiny-random:11:noise=0.01"
 ARGS = ["--threads", "1", "--advert-interval", "0.5"]

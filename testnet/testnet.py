@@ -8,10 +8,10 @@ ready line, runs the workload's sessions through the Python client (several at o
 prints a report, and stops every process it started, also on failure or Ctrl-C.
 
 Peers with an emulated link (`delay_ms`, `jitter_ms`, `rate_mbit`) sit behind a DelayProxy
-(p2pspec/delayproxy.py): the peer listens on a private port and announces the proxy's, so
+(p2pspec/tools/delayproxy.py): the peer listens on a private port and announces the proxy's, so
 every dial to it (from drafters, from the client) crosses the link. With links = "netns"
 (Linux, root) every peer also runs in a network namespace of its own, where `loss` drops
-packets and a cut is a real partition (p2pspec/netns.py). The workload may cut one peer
+packets and a cut is a real partition (p2pspec/tools/netns.py). The workload may cut one peer
 off mid-run and heal it (`cut_peer`), and `pin_cores` pins each peer to a core of its own.
 Dials a peer makes itself do not cross its own proxy: a far verifier that dials a drafter
 first holds an undelayed connection to it, which libp2p may then use for the drafter's
@@ -39,12 +39,14 @@ from typing import Any
 
 import trio
 
-from p2pspec import logs
-from p2pspec.client import Client, ClientError
-from p2pspec.config import TestnetPeers, Topology, load_toml
-from p2pspec.delayproxy import DelayProxy
-from p2pspec.errors import P2PSpecError, UserError
-from p2pspec.launch import (
+from p2pspec.core.config import TestnetPeers, Topology, load_toml
+from p2pspec.core.errors import P2PSpecError, UserError
+from p2pspec.net.node import Node
+from p2pspec.net.prober import ProbeError, directory_round_trip
+from p2pspec.runtime import logs
+from p2pspec.runtime.client import Client, ClientError
+from p2pspec.tools.delayproxy import DelayProxy
+from p2pspec.tools.launch import (
     DEFAULT_LISTEN,
     Link,
     PeerProcess,
@@ -52,9 +54,7 @@ from p2pspec.launch import (
     start_peer_behind_proxy,
     stop_all,
 )
-from p2pspec.netns import PEER_PORT, Namespaces
-from p2pspec.node import Node
-from p2pspec.prober import ProbeError, directory_round_trip
+from p2pspec.tools.netns import PEER_PORT, Namespaces
 
 RTT_SAMPLES = 7  # directory round trips per peer before the workload
 RTT_TIMEOUT_S = 10.0  # deadline of one of them, dial included
@@ -80,7 +80,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 class Links:
     """The emulated links of one run. A DelayProxy (run in `proxies`) sits in front of
     every peer whose link is emulated or that the workload cuts; with links = "netns"
-    every peer also lives in a network namespace of its own (p2pspec/netns.py), which
+    every peer also lives in a network namespace of its own (p2pspec/tools/netns.py), which
     carries its packet loss and makes cuts real partitions. With pin_cores, each peer
     process is pinned to a core of its own, in turn."""
 

@@ -9,9 +9,7 @@ echo "== ruff" >&2
 ruff check .
 ruff format --check .
 echo "== mypy (strict on the pure core)" >&2
-mypy --strict p2pspec/speculative.py p2pspec/errors.py p2pspec/wire.py p2pspec/config.py \
-  p2pspec/directory.py p2pspec/policy.py p2pspec/framing.py p2pspec/drafttree.py \
-  p2pspec/admission.py p2pspec/verdicts.py p2pspec/transcript.py p2pspec/membership.py crypto/
+mypy --strict p2pspec/core/ crypto/
 # The network-namespace link tests need root, `ip` and `nft`; CI runs as root.
 if [ "$(id -u)" = 0 ] && ! { command -v nft && command -v ip; } >/dev/null 2>&1 \
     && command -v apt-get >/dev/null 2>&1; then

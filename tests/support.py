@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import trio
 
-from p2pspec.engine import LocalEngine
+from p2pspec.core.speculative import SamplingParams
 from p2pspec.engines import Engine, load_engine
-from p2pspec.launch import PeerProcess
-from p2pspec.speculative import SamplingParams
+from p2pspec.engines.decoding import LocalEngine
+from p2pspec.tools.launch import PeerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 

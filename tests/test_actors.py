@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2pspec.actors import Mailbox, Reply, supervise
+from p2pspec.net.actors import Mailbox, Reply, supervise
 
 
 async def test_a_full_mailbox_turns_offers_away_and_counts_them() -> None:

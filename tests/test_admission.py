@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from p2pspec.admission import Admission, Limits, StreamQuota, subnet_of
+from p2pspec.core.admission import Admission, Limits, StreamQuota, subnet_of
 
 SMALL = Limits(
     max_handshakes=4,

@@ -10,10 +10,10 @@ import pytest
 import trio
 from support import local_tokens, logged
 
-from p2pspec.client import Client
-from p2pspec.launch import PeerProcess, start_peer, stop_all
-from p2pspec.speculative import SamplingParams
-from p2pspec.transcript import check_transcript
+from p2pspec.core.speculative import SamplingParams
+from p2pspec.core.transcript import check_transcript
+from p2pspec.runtime.client import Client
+from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 
 VERIFIER = "tiny-random:11"
 DRAFTER = "tiny-random:11:noise=0.05"  # disagrees with the verifier often enough to show lies

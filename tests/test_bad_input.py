@@ -31,12 +31,12 @@ import msgspec
 import pytest
 import trio
 
-from p2pspec import framing, wire
-from p2pspec.client import Client, ClientError
-from p2pspec.directory import Directory
-from p2pspec.discovery import exchange, now_ms
-from p2pspec.launch import PeerProcess, start_peer, stop_all
-from p2pspec.node import NodeStream, ProtocolNotSupportedError, StreamResetError
+from p2pspec.core import framing, wire
+from p2pspec.core.directory import Directory
+from p2pspec.net.discovery import exchange, now_ms
+from p2pspec.net.node import NodeStream, ProtocolNotSupportedError, StreamResetError
+from p2pspec.runtime.client import Client, ClientError
+from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 
 VERIFIER = "tiny-random:11"
 DRAFTER = "tiny-random:11:noise=0.007"

@@ -11,12 +11,12 @@ import pytest
 import torch
 from support import model as engine
 
-from p2pspec.batching import batched_forward
-from p2pspec.bench_batching import run_batching_benchmark
-from p2pspec.engine import Drafter, LocalEngine, StopChecker, Verifier, verify_batch
-from p2pspec.errors import ContextOverflowError
+from p2pspec.core.errors import ContextOverflowError
+from p2pspec.core.speculative import SamplingParams
+from p2pspec.engines.batching import batched_forward
+from p2pspec.engines.decoding import Drafter, LocalEngine, StopChecker, Verifier, verify_batch
 from p2pspec.models import KVCacheRunner, LoadedModel
-from p2pspec.speculative import SamplingParams
+from p2pspec.tools.bench_batching import run_batching_benchmark
 
 TARGET = "tiny-random:11"
 DRAFTER = TARGET + ":noise=0.007"

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pspec.node import AGENT_VERSION
-from p2pspec.wire import DIRECTORY_PROTOCOL, SESSION_PROTOCOL, VERIFY_PROTOCOL
+from p2pspec.core.wire import DIRECTORY_PROTOCOL, SESSION_PROTOCOL, VERIFY_PROTOCOL
+from p2pspec.net.node import AGENT_VERSION
 
 pytestmark = pytest.mark.conformance
 

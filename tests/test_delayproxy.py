@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2pspec.delayproxy import DelayProxy
+from p2pspec.tools.delayproxy import DelayProxy
 
 STEP_TIMEOUT_S = 10.0  # deadline of any single step of these tests
 

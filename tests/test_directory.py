@@ -9,12 +9,12 @@ import msgspec
 import trio
 import trio.testing
 
-from p2pspec import wire
-from p2pspec.config import PeerConfig
+from p2pspec.core import wire
+from p2pspec.core.config import PeerConfig
+from p2pspec.core.directory import Directory, sign_record
 from p2pspec.crypto.identity import Identity
-from p2pspec.directory import Directory, sign_record
-from p2pspec.discovery import INBOX_SYNCS, Advertiser, now_ms
-from p2pspec.node import PeerUnreachableError
+from p2pspec.net.discovery import INBOX_SYNCS, Advertiser, now_ms
+from p2pspec.net.node import PeerUnreachableError
 
 
 def _record(

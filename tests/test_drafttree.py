@@ -1,4 +1,4 @@
-"""The drafter's replay of the verifier's rule for requests drafted ahead (p2pspec.drafttree).
+"""The drafter's replay of the verifier's rule for requests drafted ahead (p2pspec.core.drafttree).
 
 A simulated verifier applies the wire rule (verify a request only if its committed tokens
 are exactly the request's assumed base, skip it otherwise; refuse an unconditional one on
@@ -15,7 +15,7 @@ from collections import deque
 
 import pytest
 
-from p2pspec.drafttree import ROOT, Block, DraftTree, Watch, reach, tree_reaches
+from p2pspec.core.drafttree import ROOT, Block, DraftTree, Watch, reach, tree_reaches
 
 VOCAB = 5
 

@@ -9,15 +9,15 @@ import pytest
 import trio
 import trio.testing
 
-from p2pspec import framing, wire
-from p2pspec.channel import (
+from p2pspec.core import framing, wire
+from p2pspec.crypto import Identity
+from p2pspec.net.channel import (
     Channel,
     EncryptionRequiredError,
     ProtocolError,
     TrioByteStream,
     receive_opening,
 )
-from p2pspec.crypto import Identity
 
 SID = "ab" * 16
 ALICE, BOB, MALLORY = (Identity.generate() for _ in range(3))

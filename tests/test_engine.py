@@ -12,8 +12,10 @@ from scipy.stats import chisquare
 from support import fresh_model as load_model
 from support import model
 
-import p2pspec.engine as engine_module
-from p2pspec.engine import (
+import p2pspec.engines.decoding as engine_module
+from p2pspec.core.errors import ContextOverflowError, IncompatibleModelsError, InvalidRequestError
+from p2pspec.core.speculative import SamplingParams, target_distribution, verify_rejection
+from p2pspec.engines.decoding import (
     Drafter,
     GenerationStats,
     LocalEngine,
@@ -21,9 +23,7 @@ from p2pspec.engine import (
     Verifier,
     greedy_decode,
 )
-from p2pspec.errors import ContextOverflowError, IncompatibleModelsError, InvalidRequestError
 from p2pspec.models import KVCacheRunner
-from p2pspec.speculative import SamplingParams, target_distribution, verify_rejection
 
 TARGET = "tiny-random:11"
 PROMPTS = [[5, 17, 200, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9], [250]]

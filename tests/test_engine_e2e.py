@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from p2pspec.bench import BENCH_PROMPTS
-from p2pspec.client import Client
-from p2pspec.engine import greedy_decode
 from p2pspec.engines import load_engine
-from p2pspec.launch import PeerProcess, start_peer, stop_all
+from p2pspec.engines.decoding import greedy_decode
+from p2pspec.runtime.client import Client
+from p2pspec.tools.bench import BENCH_PROMPTS
+from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 
 pytestmark = pytest.mark.e2e
 

@@ -20,11 +20,11 @@ from support import fresh_model, model
 
 import p2pspec.engines.costs as costs
 import p2pspec.engines.gguf as gguf
+from p2pspec.core.errors import ContextOverflowError, InvalidRequestError, UserError
 from p2pspec.engines import Engine, engine_for, load_engine
 from p2pspec.engines.llama import EngineFullError
 from p2pspec.engines.llama_lib import LOSSLESS
 from p2pspec.engines.llama_probe import ProbeFailedError, probe
-from p2pspec.errors import ContextOverflowError, InvalidRequestError, UserError
 from p2pspec.models import EMBEDDED_MODELS
 
 TINY = "tiny-random:11"
@@ -179,7 +179,7 @@ def test_the_llama_cpp_path_imports_neither_torch_nor_transformers() -> None:
     code = (
         "import sys, json\n"
         "from p2pspec.engines import load_engine\n"
-        "from p2pspec.engine import greedy_decode\n"
+        "from p2pspec.engines.decoding import greedy_decode\n"
         f"e = load_engine({SMOL!r}, threads=1, progress=False)\n"
         "ids = e.tokenizer.apply_chat_template('Hi')\n"
         "out = greedy_decode(e, ids, 4)\n"
@@ -284,7 +284,7 @@ def test_the_gpu_check_runs_its_whole_path_on_a_cpu(tmp_path: Path) -> None:
     """testnet/gpu-check.sh's measurement, on small shapes: the cost curve, the plans the
     arithmetic makes of it, and plain decoding, through the transformers engine."""
     out = tmp_path / "gpu.json"
-    cmd = [sys.executable, "-m", "p2pspec.bench_gpu", "--device", "cpu", "--small"]
+    cmd = [sys.executable, "-m", "p2pspec.tools.bench_gpu", "--device", "cpu", "--small"]
     subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=600)
     report = json.loads(out.read_text())
     assert len(report["cost_curve_ms"]) == costs.MAX_COST_TOKENS

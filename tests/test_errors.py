@@ -1,12 +1,12 @@
 """One errors module: every exception class and every user-visible error code live in
-p2pspec/errors.py, and docs/errors.md is its table."""
+p2pspec/core/errors.py, and docs/errors.md is its table."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-from p2pspec import errors
+from p2pspec.core import errors
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(p for folder in ("p2pspec", "peers") for p in (ROOT / folder).rglob("*.py"))
@@ -51,11 +51,11 @@ def _codes_used(path: Path) -> set[str]:
 
 def test_every_code_the_sources_use_is_listed_with_its_meaning_and_no_other() -> None:
     used = {code: path for path in SOURCES for code in _codes_used(path)}
-    # The stream quota's refusals (p2pspec/admission.py), written by node.py.
+    # The stream quota's refusals (p2pspec/core/admission.py), written by node.py.
     used |= dict.fromkeys(("too_many_streams", "rate_limited"), ROOT / "p2pspec" / "admission.py")
     assert {"no_drafter", "verifier_failed", "private_mesh", "unknown_session"} <= set(used)
     missing = {c: str(p.relative_to(ROOT)) for c, p in used.items() if c not in errors.CODES}
-    assert not missing, f"codes used but not in p2pspec.errors.CODES: {missing}"
+    assert not missing, f"codes used but not in p2pspec.core.errors.CODES: {missing}"
     assert not set(errors.CODES) - set(used), "codes listed that nothing uses"
     assert all(meaning.endswith(".") for meaning in errors.CODES.values())
 

@@ -14,10 +14,10 @@ import pytest
 import trio
 from support import local_tokens
 
-from p2pspec import wire
-from p2pspec.client import Client, Stream
-from p2pspec.launch import PeerProcess, start_peer, stop_all
-from p2pspec.speculative import SamplingParams
+from p2pspec.core import wire
+from p2pspec.core.speculative import SamplingParams
+from p2pspec.runtime.client import Client, Stream
+from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 
 VERIFIER = "tiny-random:11"
 DRAFTER = "tiny-random:11:noise=0.007"

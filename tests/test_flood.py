@@ -15,10 +15,10 @@ import support
 import trio
 from libp2p.utils import encode_delim
 
-from p2pspec.admission import Limits
-from p2pspec.client import Client
-from p2pspec.engine import greedy_decode
-from p2pspec.launch import PeerProcess, start_peer, stop_all
+from p2pspec.core.admission import Limits
+from p2pspec.engines.decoding import greedy_decode
+from p2pspec.runtime.client import Client
+from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 
 VERIFIER = "tiny-random:11"
 DRAFTER = "tiny-random:11:noise=0.01"

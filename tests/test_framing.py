@@ -7,7 +7,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pspec.framing import (
+from p2pspec.core.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     EndOfStreamError,
     FrameError,

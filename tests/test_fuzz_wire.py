@@ -69,17 +69,17 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from support import model
 
-from p2pspec import framing, wire
-from p2pspec.channel import Channel, ChannelError, TrioByteStream
-from p2pspec.config import PeerConfig
+from p2pspec.core import framing, wire
+from p2pspec.core.config import PeerConfig
+from p2pspec.core.directory import Directory, sign_record
+from p2pspec.core.errors import CODES, P2PSpecError
+from p2pspec.core.verdicts import sign_verdict
 from p2pspec.crypto import EphemeralKey, Identity, signed_ephemeral
-from p2pspec.directory import Directory, sign_record
-from p2pspec.discovery import exchange, now_ms, serve_exchange
 from p2pspec.engines import Engine
-from p2pspec.errors import CODES, P2PSpecError
+from p2pspec.net.channel import Channel, ChannelError, TrioByteStream
+from p2pspec.net.discovery import exchange, now_ms, serve_exchange
 from p2pspec.peers.drafter import DrafterService
 from p2pspec.peers.verifier import VerifierService
-from p2pspec.verdicts import sign_verdict
 
 EXAMPLES = int(os.environ.get("P2PSPEC_FUZZ_EXAMPLES", "10000"))
 MODEL = "tiny-random:11"  # byte vocabulary (256 tokens), context 2048
@@ -1253,7 +1253,7 @@ def test_the_valid_messages_are_valid(kind: str, seed: int) -> None:
 def test_report() -> None:
     """Prints the counts (run with -s; the longer run's numbers go in docs/benchmarks.md),
     and checks what the fuzz above reached: every message type, each handler answering
-    with refusals, and only with codes users can look up (p2pspec.errors.CODES)."""
+    with refusals, and only with codes users can look up (p2pspec.core.errors.CODES)."""
     if not RUNS:
         pytest.skip("the fuzz tests of this module did not run")
     assert all(RUNS[kind] >= EXAMPLES for kind in KINDS), RUNS

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import support
 
-from p2pspec.engine import greedy_decode
-from p2pspec.netns import Namespaces, unavailable
+from p2pspec.engines.decoding import greedy_decode
+from p2pspec.tools.netns import Namespaces, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 VERIFIER = "tiny-random:11"

@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from p2pspec.engines.gguf import embedded_gguf
-from p2pspec.errors import (
+from p2pspec.core.errors import (
     ChecksumMismatchError,
     ContextOverflowError,
     IncompatibleModelsError,
@@ -29,6 +28,7 @@ from p2pspec.errors import (
     ModelPackageMissingError,
     UnknownModelError,
 )
+from p2pspec.engines.gguf import embedded_gguf
 from p2pspec.models import (
     EMBEDDED_MODELS,
     EmbeddedModel,

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
+from p2pspec.core.errors import IncompatibleModelsError
 from p2pspec.engines import check_compatible, load_engine
-from p2pspec.errors import IncompatibleModelsError
 
 pytestmark = pytest.mark.e2e
 

@@ -25,11 +25,11 @@ import trio
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from multiaddr import Multiaddr
 
-from p2pspec import wire
-from p2pspec.admission import Limits
+from p2pspec.core import wire
+from p2pspec.core.admission import Limits
+from p2pspec.core.framing import EndOfStreamError, FrameTooLargeError
 from p2pspec.crypto import Identity
-from p2pspec.framing import EndOfStreamError, FrameTooLargeError
-from p2pspec.node import (
+from p2pspec.net.node import (
     AGENT_VERSION,
     InvalidMultiaddrError,
     ListenError,

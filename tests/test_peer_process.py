@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pspec.config import ConfigError, PeerConfig, load_toml, merge
+from p2pspec.core.config import ConfigError, PeerConfig, load_toml, merge
 from p2pspec.crypto.identity import Identity
-from p2pspec.launch import start_peer, stop_all
+from p2pspec.tools.launch import start_peer, stop_all
 
 MODEL = "tiny-random:11"
 

@@ -14,12 +14,12 @@ import support
 import trio
 from scipy.stats import chisquare
 
-from p2pspec.client import Client, Result
-from p2pspec.delayproxy import DelayProxy
-from p2pspec.engine import greedy_decode
-from p2pspec.launch import Link, PeerProcess, start_peer, start_peer_behind_proxy, stop_all
+from p2pspec.core.speculative import SamplingParams, target_distribution
+from p2pspec.engines.decoding import greedy_decode
 from p2pspec.models import KVCacheRunner
-from p2pspec.speculative import SamplingParams, target_distribution
+from p2pspec.runtime.client import Client, Result
+from p2pspec.tools.delayproxy import DelayProxy
+from p2pspec.tools.launch import Link, PeerProcess, start_peer, start_peer_behind_proxy, stop_all
 
 VERIFIER = "tiny-random:11"
 DRAFTER = "tiny-random:11:noise=0.001"  # per-token acceptance α ≈ 0.9: pipelining pays

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pspec.policy import (
+from p2pspec.core.policy import (
     CONFIDENCE_EDGES,
     EWMA,
     MAX_PIPELINE_DEPTH,
@@ -40,8 +40,8 @@ from p2pspec.policy import (
     predicted_tokens_per_second,
     verify_seconds,
 )
-from p2pspec.speculative import expected_tokens_per_round
-from p2pspec.wire import PeerRecord, Role
+from p2pspec.core.speculative import expected_tokens_per_round
+from p2pspec.core.wire import PeerRecord, Role
 
 TOK = "tok-A"
 

@@ -19,13 +19,13 @@ import pytest
 import trio
 from support import logged
 
-from p2pspec import wire
-from p2pspec.channel import Channel, RemoteError
-from p2pspec.client import Client, ClientError
-from p2pspec.config import PeerConfig
-from p2pspec.launch import PeerProcess, start_peer, stop_all
-from p2pspec.node import FRAME_CAPTURE_ENV, NodeStream
-from p2pspec.transcript import check_transcript
+from p2pspec.core import wire
+from p2pspec.core.config import PeerConfig
+from p2pspec.core.transcript import check_transcript
+from p2pspec.net.channel import Channel, RemoteError
+from p2pspec.net.node import FRAME_CAPTURE_ENV, NodeStream
+from p2pspec.runtime.client import Client, ClientError
+from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 
 VERIFIER = "tiny-random:11"
 DRAFTER = "tiny-random:11:noise=0.007"

@@ -11,21 +11,21 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from p2pspec import wire
-from p2pspec.channel import Channel, RemoteError
-from p2pspec.config import PeerConfig
+from p2pspec.core import wire
+from p2pspec.core.config import PeerConfig
+from p2pspec.core.directory import Directory
 from p2pspec.crypto import Identity
-from p2pspec.delayproxy import DelayProxy
-from p2pspec.directory import Directory
-from p2pspec.discovery import serve_exchange
-from p2pspec.node import Node
-from p2pspec.prober import (
+from p2pspec.net.channel import Channel, RemoteError
+from p2pspec.net.discovery import serve_exchange
+from p2pspec.net.node import Node
+from p2pspec.net.prober import (
     PROBE_PROTOCOL,
     ProbeError,
     Prober,
     directory_round_trip,
     serve_probe,
 )
+from p2pspec.tools.delayproxy import DelayProxy
 
 STEP_TIMEOUT_S = 20.0  # deadline of any single step of these tests
 ONE_WAY_S = 0.030

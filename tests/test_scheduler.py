@@ -12,16 +12,16 @@ import trio
 import trio.testing
 from support import model
 
-from p2pspec import wire
-from p2pspec.actors import supervise
-from p2pspec.channel import Channel, RemoteError, TrioByteStream
-from p2pspec.config import PeerConfig
+from p2pspec.core import wire
+from p2pspec.core.config import PeerConfig
+from p2pspec.core.speculative import SamplingParams
+from p2pspec.core.wire import PeerRecord
 from p2pspec.crypto import Identity
-from p2pspec.engine import Draft, Drafter
+from p2pspec.engines.decoding import Draft, Drafter
+from p2pspec.net.actors import supervise
+from p2pspec.net.channel import Channel, RemoteError, TrioByteStream
 from p2pspec.peers.drafter import DrafterService, DraftFailedError, DraftWorker
-from p2pspec.scheduler import Scheduler
-from p2pspec.speculative import SamplingParams
-from p2pspec.wire import PeerRecord
+from p2pspec.runtime.scheduler import Scheduler
 
 TOK = "tok"
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import support
 
-from p2pspec import wire
-from p2pspec.client import Client
-from p2pspec.engine import LocalEngine, greedy_decode
-from p2pspec.launch import PeerProcess, start_peer, stop_all
-from p2pspec.speculative import SamplingParams
+from p2pspec.core import wire
+from p2pspec.core.speculative import SamplingParams
+from p2pspec.engines.decoding import LocalEngine, greedy_decode
+from p2pspec.runtime.client import Client
+from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 
 VERIFIER = "tiny-random:11"
 DRAFTER = "tiny-random:11:noise=0.004"
@@ -103,7 +103,7 @@ def test_a_drafter_peer_prices_its_sessions_with_its_own_measured_costs() -> Non
     """The drafter's cost curve seeds t_draft, so the first plan is priced: on a verifier
     whose passes grow with their length a session decodes alone from its first token,
     instead of drafting blind at the default k until its own drafts were timed."""
-    from p2pspec.config import PeerConfig
+    from p2pspec.core.config import PeerConfig
     from p2pspec.crypto import Identity
     from p2pspec.peers.drafter import DrafterService, _SessionState
     from p2pspec.peers.run import Peer

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from p2pspec.speculative import (
+from p2pspec.core.speculative import (
     AcceptRule,
     SamplingParams,
     SparseDistribution,

@@ -7,12 +7,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from p2pspec import transcript, wire
+from p2pspec.core import transcript, wire
+from p2pspec.core.directory import sign_record
+from p2pspec.core.transcript import Transcript, check_transcript
+from p2pspec.core.verdicts import sign_verdict
 from p2pspec.crypto import Identity
-from p2pspec.directory import sign_record
 from p2pspec.peers.cli import main
-from p2pspec.transcript import Transcript, check_transcript
-from p2pspec.verdicts import sign_verdict
 
 VERIFIER, OTHER = Identity.generate(), Identity.generate()
 WEIGHTS = "w" * 64

@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from p2pspec import wire
+from p2pspec.core import wire
+from p2pspec.core.verdicts import check_verdict, sign_verdict
 from p2pspec.crypto.identity import Identity
-from p2pspec.verdicts import check_verdict, sign_verdict
 
 VERIFIER = Identity.from_private_bytes(b"\x01" * 32)
 OTHER = Identity.from_private_bytes(b"\x02" * 32)

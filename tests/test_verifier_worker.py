@@ -6,9 +6,9 @@ import pytest
 import trio
 from support import model
 
-from p2pspec.engine import Draft, Verifier
+from p2pspec.core.speculative import SamplingParams
+from p2pspec.engines.decoding import Draft, Verifier
 from p2pspec.peers.verifier import BatchFailedError, VerifierWorker
-from p2pspec.speculative import SamplingParams
 
 TARGET = "tiny-random:11"
 

@@ -20,8 +20,8 @@ from typing import Literal, Protocol, get_args
 
 import structlog
 
+from p2pspec.core.errors import IncompatibleModelsError, InvalidRequestError, UserError
 from p2pspec.engines.base import Engine, EngineInfo, Feed, Logits, Sequence
-from p2pspec.errors import IncompatibleModelsError, InvalidRequestError, UserError
 from p2pspec.models.source import EmbeddedSource, GgufFileSource, resolve
 
 __all__ = [

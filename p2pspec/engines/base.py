@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from p2pspec.errors import ContextOverflowError
+from p2pspec.core.errors import ContextOverflowError
 from p2pspec.models.tokenizer import Tokenizer
 
 __all__ = ["Engine", "EngineInfo", "Feed", "Logits", "Sequence"]

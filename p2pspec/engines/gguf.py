@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from p2pspec.errors import ChecksumMismatchError
+from p2pspec.core.errors import ChecksumMismatchError
 from p2pspec.models.cache import assemble_gguf, cache_lock, cache_root, sha256_file
 from p2pspec.models.embedded import EmbeddedModel, locate_parts
 

@@ -2,9 +2,9 @@
 a cached safetensors copy) and tiny random test models, on the CPU or a CUDA GPU.
 
 A sequence is a `KVCacheRunner` (p2pspec/models/kv_cache.py); a batched pass of several
-sequences is `p2pspec.batching.batched_forward`. Logits leave as numpy float32. Equal to
+sequences is `p2pspec.engines.batching.batched_forward`. Logits leave as numpy float32. Equal to
 appending each sequence alone up to float rounding (~1e-6 in float32; bfloat16 can flip a
-near-tie, see p2pspec/batching.py).
+near-tie, see p2pspec/engines/batching.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from p2pspec.batching import batched_forward
 from p2pspec.engines.base import Engine, EngineInfo, Feed, Logits, Sequence
+from p2pspec.engines.batching import batched_forward
 from p2pspec.models import KVCacheRunner, LoadedModel
 
 __all__ = ["TransformersEngine", "load_transformers"]
@@ -77,7 +77,7 @@ def load_transformers(
     """Load `spec` with transformers on `device` ("auto": CUDA when torch sees a GPU);
     `dtype` None: float32 on the CPU, bfloat16 on CUDA. Sets torch's thread count, which
     is process-wide."""
-    from p2pspec.errors import UserError
+    from p2pspec.core.errors import UserError
     from p2pspec.models import load_model
 
     cuda = torch.cuda.is_available()

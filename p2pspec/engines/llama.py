@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from p2pspec.core.errors import EngineFullError as EngineFullError
+from p2pspec.core.errors import UserError
 from p2pspec.engines.base import Engine, EngineInfo, Feed, Logits, Sequence
 from p2pspec.engines.llama_lib import LOSSLESS, LlamaSettings, library
 from p2pspec.engines.llama_tokenizer import LlamaTokenizer
-from p2pspec.errors import EngineFullError as EngineFullError
-from p2pspec.errors import UserError
 
 __all__ = ["EngineFullError", "LlamaCppEngine", "gguf_weights_format"]
 

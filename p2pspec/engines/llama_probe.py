@@ -24,8 +24,8 @@ from pathlib import Path
 
 import structlog
 
+from p2pspec.core.errors import ProbeFailedError as ProbeFailedError
 from p2pspec.engines.llama_lib import PRESETS, LlamaSettings
-from p2pspec.errors import ProbeFailedError as ProbeFailedError
 from p2pspec.models.cache import cache_lock, cache_root
 
 __all__ = ["ProbeFailedError", "probe"]

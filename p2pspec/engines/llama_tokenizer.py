@@ -13,7 +13,7 @@ import ctypes
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from p2pspec.errors import InvalidRequestError
+from p2pspec.core.errors import InvalidRequestError
 from p2pspec.models.chat import render
 from p2pspec.models.tokenizer import ChatInput, as_messages, vocab_fingerprint
 

@@ -31,7 +31,7 @@ import structlog
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from p2pspec.errors import ChecksumMismatchError
+from p2pspec.core.errors import ChecksumMismatchError
 
 __all__ = [
     "FORMAT_VERSION",

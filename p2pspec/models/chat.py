@@ -18,7 +18,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from p2pspec.errors import InvalidRequestError
+from p2pspec.core.errors import InvalidRequestError
 
 __all__ = ["ROLES", "Message", "check_messages", "render"]
 

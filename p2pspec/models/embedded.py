@@ -17,7 +17,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pspec.errors import ModelPackageMissingError
+from p2pspec.core.errors import ModelPackageMissingError
 
 __all__ = [
     "EMBEDDED_MODELS",

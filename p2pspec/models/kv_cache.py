@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from p2pspec.errors import ContextOverflowError
+from p2pspec.core.errors import ContextOverflowError
 from p2pspec.models.loader import LoadedModel
 
 __all__ = ["KVCacheRunner"]

@@ -18,7 +18,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from p2pspec.errors import InvalidRequestError, UnknownModelError
+from p2pspec.core.errors import InvalidRequestError, UnknownModelError
 from p2pspec.models.convert import (
     ensure_embedded_converted,
     ensure_gguf_converted,

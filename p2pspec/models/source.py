@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pspec.errors import UnknownModelError
+from p2pspec.core.errors import UnknownModelError
 from p2pspec.models.embedded import EMBEDDED_MODELS, EmbeddedModel
 
 __all__ = [

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from p2pspec.errors import InvalidRequestError
+from p2pspec.core.errors import InvalidRequestError
 from p2pspec.models.chat import Message, check_messages
 
 __all__ = [

@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable
 import structlog
 import trio
 
+from p2pspec.core.wire import DIRECTORY_PROTOCOL, SESSION_PROTOCOL, VERIFY_PROTOCOL
 from p2pspec.crypto import Identity
-from p2pspec.node import DEFAULT_LISTEN_ADDR, Node, NodeStream
-from p2pspec.wire import DIRECTORY_PROTOCOL, SESSION_PROTOCOL, VERIFY_PROTOCOL
+from p2pspec.net.node import DEFAULT_LISTEN_ADDR, Node, NodeStream
 
 PROTOCOLS = (DIRECTORY_PROTOCOL, SESSION_PROTOCOL, VERIFY_PROTOCOL)
 

@@ -13,9 +13,9 @@ import sys
 
 import numpy as np
 
-from p2pspec.engine import Draft, Verifier
+from p2pspec.core.speculative import Verdict
+from p2pspec.engines.decoding import Draft, Verifier
 from p2pspec.peers.cli import main
-from p2pspec.speculative import Verdict
 
 LIE = os.environ.get("LIE", "accept-all")
 honest_judge = Verifier.judge

@@ -17,9 +17,9 @@ import sys
 import structlog
 import trio
 
+from p2pspec.core.framing import EndOfStreamError
 from p2pspec.crypto import Identity
-from p2pspec.framing import EndOfStreamError
-from p2pspec.node import DEFAULT_LISTEN_ADDR, Node, NodeStream
+from p2pspec.net.node import DEFAULT_LISTEN_ADDR, Node, NodeStream
 
 ECHO = "/p2pspec-test/echo/1.0.0"
 RAISE = "/p2pspec-test/raise/1.0.0"

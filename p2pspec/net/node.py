@@ -1,0 +1,996 @@
+"""The libp2p adapter: the one module of p2pspec that imports libp2p.
+
+A `Node` owns a py-libp2p host (TCP + Noise + yamux, nothing else) for the length of
+`Node.run`, and gives the rest of p2pspec a small surface: framed streams (`NodeStream`),
+contained stream handlers, and dials that fail within the caller's deadline with
+`PeerUnreachableError`. It exists to keep py-libp2p's traps (libp2p-notes.md) in
+one place:
+
+- an exception escaping a stream handler kills the host: `set_handler` wraps every
+  handler so that any exception is logged and the stream reset;
+- `stream.read(n)` is a short read: `NodeStream` speaks only whole frames (framing.py);
+- the default security options accept plaintext and secio: we pass Noise only;
+- dials can hang for about 120 s whatever libp2p's own dial timeout says: every dial
+  here runs under `trio.fail_after`;
+- a failed dial blocks the peer for 60 s: an explicit `connect` lifts that block first;
+- a listen failure (address in use) is not raised by py-libp2p: `run` checks for it;
+- the remote identity is the connection's authenticated peer id
+  (`stream.muxed_conn.peer_id`), never a key read from the Noise session;
+- Noise encrypts a frame (advancing its nonce) before the socket write: a write
+  cancelled in between puts the session out of step and the peer drops the whole
+  connection, every stream on it. `_UntornYamux` makes each muxer frame write whole.
+
+Peer ids and keys are `p2pspec.crypto` strings and bytes; no libp2p type leaves here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import structlog
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError, ParseError
+from libp2p.identity.identify import identify as libp2p_identify
+from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.network.swarm import Swarm
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.protocol_muxer.exceptions import MultiselectClientError
+from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer import muxer_multistream as libp2p_muxer_multistream
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.utils import encode_delim, read_delim
+from multiaddr import Multiaddr
+from multiaddr.exceptions import Error as MultiaddrError
+from multiaddr.utils import get_network_addrs
+
+from p2pspec import __version__
+from p2pspec.core import framing, wire
+from p2pspec.core.admission import Admission, Limits, StreamQuota
+from p2pspec.core.errors import InvalidMultiaddrError as InvalidMultiaddrError
+from p2pspec.core.errors import ListenError as ListenError
+from p2pspec.core.errors import P2PSpecError
+from p2pspec.core.errors import PeerRefusedError as PeerRefusedError
+from p2pspec.core.errors import PeerUnreachableError as PeerUnreachableError
+from p2pspec.core.errors import ProtocolNotSupportedError as ProtocolNotSupportedError
+from p2pspec.core.errors import StreamResetError as StreamResetError
+from p2pspec.core.membership import (
+    MAX_KEY_BYTES,
+    MEMBER_OK,
+    MEMBER_PROTOCOL,
+    MEMBER_REFUSED,
+    PROOF_BYTES,
+    REFUSAL,
+    REFUSAL_CODE,
+    check_proof,
+    member_proof,
+)
+from p2pspec.crypto import Identity, InvalidPeerIdError, public_key_from_peer_id
+from p2pspec.net.inbound import GatedTCP, NoAutoConnect, connection_config
+
+__all__ = [
+    "AGENT_VERSION",
+    "DEFAULT_LISTEN_ADDR",
+    "ConnectionGater",
+    "InvalidMultiaddrError",
+    "ListenError",
+    "Node",
+    "NodeStream",
+    "PeerRefusedError",
+    "PeerUnreachableError",
+    "ProtocolNotSupportedError",
+    "StreamHandler",
+    "StreamResetError",
+]
+
+DEFAULT_LISTEN_ADDR = "/ip4/127.0.0.1/tcp/0"
+AGENT_VERSION = f"p2pspec/{__version__}"
+FRAME_CAPTURE_ENV = "P2PSPEC_FRAME_CAPTURE"  # a directory: see Node.__init__
+MEMBER_TIMEOUT_S = 5.0  # a peer proves its network key within this of asking
+DEFAULT_CLOSE_TIMEOUT_S = 1.0  # seconds to flush a close or reset before giving up on it
+# A muxer frame (at most yamux's 256 KiB window) that cannot reach the socket buffer in
+# this long means the connection is wedged; it is closed rather than written half.
+FRAME_WRITE_TIMEOUT_S = 10.0
+
+_log = structlog.get_logger("p2pspec.net.node")
+
+ConnectionGater = Callable[[str], bool]
+"""Called with a remote peer id; False refuses the peer (its connection is closed)."""
+
+
+# -- connections --------------------------------------------------------------------------
+
+
+class _UntornYamux(Yamux):
+    """Yamux whose frame writes a cancellation cannot tear.
+
+    Every frame the muxer sends (data, window updates, resets, pings) goes through
+    `_write_frame`, which encrypts it and then writes it to the socket. A cancellation
+    at that write's checkpoint (a deadline, a session ended by its client) would drop
+    an encrypted frame whose nonce was spent, and the peer would then fail to decrypt
+    everything after it and close the connection. So the write is shielded: it finishes,
+    and the caller sees its cancellation at its next checkpoint. A write that cannot
+    finish in FRAME_WRITE_TIMEOUT_S closes the connection instead of tearing it.
+    """
+
+    async def _write_frame(self, data: bytes) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(FRAME_WRITE_TIMEOUT_S) as deadline:
+                await super()._write_frame(data)
+            if deadline.cancelled_caught:
+                with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
+                    await self.secured_conn.close()
+        if deadline.cancelled_caught:
+            raise ConnectionClosedError(
+                f"a frame write to {self.peer_id} took over {FRAME_WRITE_TIMEOUT_S} s: "
+                "the connection is wedged and was closed"
+            )
+
+
+# -- streams ------------------------------------------------------------------------------
+
+
+class _LibP2PByteStream:
+    """framing.ByteStream over a libp2p stream: EOF becomes b"", other failures
+    StreamResetError; counts the bytes of the frame in progress.
+
+    `unconfirmed`: the protocol id proposed on a lazily negotiated stream; the first read
+    takes multistream's two answers first (ProtocolNotSupportedError on "na")."""
+
+    def __init__(
+        self,
+        net_stream: INetStream,
+        capture: BinaryIO | None = None,
+        *,
+        unconfirmed: str | None = None,
+    ) -> None:
+        self._stream = net_stream
+        self._capture = capture
+        self._unconfirmed = unconfirmed
+        self._broken: str | None = None
+        self.frame_bytes_read = 0
+
+    async def _confirm(self) -> None:
+        protocol_id = self._unconfirmed
+        assert protocol_id is not None
+        if self._broken is not None:
+            raise StreamResetError(self._broken)
+        self._broken = "interrupted while confirming the protocol"
+        try:
+            answers = [await read_delim(self._stream) for _ in range(2)]
+        except (BaseLibp2pError, ParseError) as error:
+            raise StreamResetError(f"stream failed while negotiating: {error!r}") from error
+        if answers[0] != MULTISELECT_PROTOCOL_ID.encode():
+            raise StreamResetError(f"not a multistream answer: {answers[0][:64]!r}")
+        if answers[1] != protocol_id.encode():
+            peer = self._stream.muxed_conn.peer_id
+            raise ProtocolNotSupportedError(f"{peer} does not serve {protocol_id}")
+        self._broken = self._unconfirmed = None
+
+    async def read(self, n: int) -> bytes:
+        if self._unconfirmed is not None:
+            await self._confirm()
+        try:
+            data = await self._stream.read(n)
+        except StreamEOF:
+            return b""  # a reset by either side also surfaces here (libp2p-notes)
+        except BaseLibp2pError as error:
+            raise StreamResetError(f"stream failed while reading: {error!r}") from error
+        self.frame_bytes_read += len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        if self._capture is not None and not self._capture.closed:
+            self._capture.write(data)
+            self._capture.flush()
+        try:
+            await self._stream.write(data)
+        except BaseLibp2pError as error:
+            raise StreamResetError(f"stream failed while writing: {error!r}") from error
+
+
+class NodeStream:
+    """One libp2p stream that carries whole frames, each at most `max_frame_bytes` bytes.
+
+    Reads and writes each hold a lock, so concurrent readers (or writers) get whole
+    frames. A read interrupted after part of a frame, or any interrupted write (a
+    deadline firing, a failure), leaves the stream out of step: every later call then
+    raises StreamResetError, and the right move is `reset()` and a new stream. A read
+    cancelled while waiting for the first byte of a frame (an idle timeout) is harmless.
+
+    Usable as an async context manager: closed on normal exit, reset on an exception.
+    """
+
+    def __init__(
+        self,
+        net_stream: INetStream,
+        *,
+        max_frame_bytes: int,
+        capture: BinaryIO | None = None,
+        unconfirmed: bool = False,
+    ) -> None:
+        self._stream = net_stream
+        # The authenticated peer of the connection (Noise proved it holds this key).
+        self._remote_peer_id = str(net_stream.muxed_conn.peer_id)
+        protocol = net_stream.get_protocol()
+        self._protocol_id = str(protocol) if protocol is not None else ""
+        self._max_frame_bytes = max_frame_bytes
+        self._bytes = _LibP2PByteStream(
+            net_stream, capture, unconfirmed=self._protocol_id if unconfirmed else None
+        )
+        self._read_lock = trio.Lock()
+        self._write_lock = trio.Lock()
+        self._out_of_step: str | None = None
+
+    @property
+    def remote_peer_id(self) -> str:
+        """The peer id at the other end, as authenticated by the connection's handshake."""
+        return self._remote_peer_id
+
+    @property
+    def protocol_id(self) -> str:
+        """The protocol id negotiated for this stream."""
+        return self._protocol_id
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The default maximum frame size of this stream, in bytes."""
+        return self._max_frame_bytes
+
+    async def read(self, n: int) -> bytes:
+        """framing.ByteStream: up to `n` raw bytes, b"" at end of stream.
+
+        For a codec layered on framing over this stream (e.g. a typed channel). Raw reads
+        bypass the out-of-step tracking of `read_frame`; do not mix the two on one stream.
+        """
+        return await self._bytes.read(n)
+
+    async def write(self, data: bytes) -> None:
+        """framing.ByteStream: write raw bytes (see `read`)."""
+        await self._bytes.write(data)
+
+    def _check_in_step(self) -> None:
+        if self._out_of_step is not None:
+            raise StreamResetError(f"stream is out of step ({self._out_of_step}); reset it")
+
+    async def read_frame(self, *, max_size: int | None = None) -> bytes:
+        """Read one whole frame. Raises framing's errors (EndOfStreamError when the peer
+        closed cleanly between frames) or StreamResetError. Waits without limit: call it
+        under `trio.fail_after`."""
+        limit = self._max_frame_bytes if max_size is None else max_size
+        async with self._read_lock:
+            self._check_in_step()
+            self._bytes.frame_bytes_read = 0
+            try:
+                return await framing.read_frame(self._bytes, max_size=limit)
+            except BaseException as error:
+                # Cancelled or failed after part of a frame: the next read would start
+                # mid-frame. Before the first byte (an idle timeout) all is still well,
+                # and after a clean end of stream every later read ends the same way.
+                harmless = isinstance(error, trio.Cancelled | framing.EndOfStreamError)
+                if self._bytes.frame_bytes_read or not harmless:
+                    self._out_of_step = f"read interrupted by {type(error).__name__}"
+                raise
+
+    async def write_frame(self, payload: bytes, *, max_size: int | None = None) -> None:
+        """Write one frame; FrameTooLargeError (nothing sent) above the maximum size,
+        StreamResetError if the stream has failed. Call it under a deadline: a peer that
+        stops reading stalls writes once yamux's window is full."""
+        limit = self._max_frame_bytes if max_size is None else max_size
+        frame = framing.encode_frame(payload, max_size=limit)
+        async with self._write_lock:
+            self._check_in_step()
+            try:
+                await self._bytes.write(frame)
+            except BaseException as error:
+                self._out_of_step = f"write interrupted by {type(error).__name__}"
+                raise
+
+    async def close(self, *, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Close our side: the peer reads EndOfStreamError after the frames we sent.
+
+        Never raises a stream failure (there is nothing left to do about one); if the
+        close cannot be flushed within `timeout_s` seconds the stream is reset instead.
+        """
+        with trio.move_on_after(timeout_s) as scope:
+            try:
+                await self._stream.close()
+            except BaseLibp2pError as error:
+                _log.debug("stream_close_failed", peer_id=self._remote_peer_id, error=repr(error))
+        if scope.cancelled_caught:
+            await self.reset(timeout_s=timeout_s)
+
+    async def reset(self, *, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Abort the stream in both directions; unread and unsent data is dropped.
+
+        Never raises a stream failure; gives up after `timeout_s` seconds (the connection
+        is then wedged and libp2p will tear it down)."""
+        self._out_of_step = self._out_of_step or "reset"
+        with trio.move_on_after(timeout_s):
+            try:
+                await self._stream.reset()
+            except BaseLibp2pError as error:
+                _log.debug("stream_reset_failed", peer_id=self._remote_peer_id, error=repr(error))
+
+    async def __aenter__(self) -> NodeStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.close()
+        else:
+            with trio.CancelScope(shield=True):  # reset even when we are being cancelled
+                await self.reset()
+
+
+StreamHandler = Callable[[NodeStream], Awaitable[None]]
+"""`async def handler(stream: NodeStream) -> None`; the stream is closed when it returns."""
+
+
+# -- addresses and ids --------------------------------------------------------------------
+
+
+def _parse_multiaddr(text: str) -> Multiaddr:
+    try:
+        return Multiaddr(text)
+    except (MultiaddrError, ValueError, TypeError) as error:
+        raise InvalidMultiaddrError(f"{text!r} is not a multiaddr: {error}") from error
+
+
+def _parse_peer_id(text: str) -> ID:
+    try:
+        public_key_from_peer_id(text)  # p2pspec peers have Ed25519 ids, nothing else
+    except InvalidPeerIdError as error:
+        raise InvalidMultiaddrError(f"{text!r} is not an Ed25519 peer id: {error}") from error
+    return ID.from_base58(text)
+
+
+def _split_p2p(maddr: Multiaddr) -> tuple[Multiaddr, str | None]:
+    """(transport part, peer id or None) of a multiaddr ending in /p2p/<id> or not."""
+    protocols = [protocol.name for protocol in maddr.protocols()]
+    if "p2p" not in protocols:
+        return maddr, None
+    if protocols.count("p2p") > 1 or protocols[-1] != "p2p":
+        raise InvalidMultiaddrError(f"{maddr} has /p2p/ somewhere other than at its end")
+    peer_id = maddr.get_peer_id()
+    if peer_id is None:
+        raise InvalidMultiaddrError(f"{maddr} has an empty /p2p/ component")
+    return maddr.decapsulate_code(maddr.protocols()[-1].code), str(peer_id)
+
+
+def _tcp_parts(maddr: Multiaddr) -> tuple[str, str, int]:
+    """(ip4|ip6, ip, port) of an /ip4|ip6/<ip>/tcp/<port> multiaddr, else InvalidMultiaddrError."""
+    protocols = [protocol.name for protocol in maddr.protocols()]
+    if len(protocols) != 2 or protocols[0] not in ("ip4", "ip6") or protocols[1] != "tcp":
+        raise InvalidMultiaddrError(
+            f"{maddr} is not /ip4/<ip>/tcp/<port> or /ip6/<ip>/tcp/<port> (TCP is the only "
+            "transport)"
+        )
+    ip = str(maddr.value_for_protocol(protocols[0]))
+    return protocols[0], ip, int(maddr.value_for_protocol("tcp"))
+
+
+def _is_wildcard(ip: str) -> bool:
+    return ip in ("0.0.0.0", "::")
+
+
+def _interface_ips(family: str) -> list[str]:
+    """This machine's addresses of one family, real interfaces first, loopback last.
+
+    For a node listening on 0.0.0.0 or ::, whose bound address no peer can dial.
+    """
+    version = 4 if family == "ip4" else 6
+    loopback = "127.0.0.1" if version == 4 else "::1"
+    ips = [ip for ip in get_network_addrs(version) if ip != loopback]
+    return [*ips, loopback]
+
+
+def _libp2p_key_pair(identity: Identity) -> KeyPair:
+    private_key = Libp2pEd25519PrivateKey.from_bytes(identity.private_key_bytes())
+    key_pair = KeyPair(private_key, private_key.get_public_key())
+    # Both derivations must agree, or peers would see a different id than we print.
+    if str(ID.from_pubkey(key_pair.public_key)) != identity.peer_id:
+        raise RuntimeError("libp2p derived a different peer id from our identity key")
+    return key_pair
+
+
+def _unsupported_protocol(error: BaseException) -> bool:
+    """Whether a failed new_stream was the peer answering 'na' to our protocol id.
+
+    py-libp2p folds ProtocolNotSupportedError into a MultiselectClientError message, so
+    the message is all there is to go on (tests/test_node.py pins this behaviour).
+    """
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, MultiselectClientError) and "not supported" in str(cause):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def _usable(conn: INetConn) -> bool:
+    """Whether a connection can still carry new streams (not closed, not shutting down)."""
+    muxed = conn.muxed_conn
+    shutting_down = getattr(muxed, "event_shutting_down", None)
+    return not (
+        conn.is_closed or muxed.is_closed or (shutting_down is not None and shutting_down.is_set())
+    )
+
+
+# -- the node -----------------------------------------------------------------------------
+
+
+class _GaterNotifee(INotifee):
+    """Runs the connection gater on every new connection, inbound and outbound."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        await self._node._gate_connection(conn)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        return None
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None
+
+
+class Node:
+    """A libp2p host with this peer's identity, for the length of `run`.
+
+    `listen` is one /ip4|ip6/<ip>/tcp/<port> multiaddr (port 0: any free port).
+    `announce`, one multiaddr or several, replaces the addresses we advertise (e.g. a
+    public address in front of a NAT). `max_frame_bytes` is the default frame size limit
+    of every stream, in bytes.
+    `connection_gater(peer_id) -> bool` is asked about every connection, inbound and
+    outbound, and every inbound stream; a refused peer's connection is closed.
+    `network_key` makes the node a member of a private mesh (membership.py): it proves
+    the key to every peer it dials, checks their proof, and refuses every stream of a
+    peer that has not proved it, with a `private_mesh` ErrorMessage, then its connection.
+    `limits` (admission.Limits) bound the connections taken from one source and their
+    handshakes' time (inbound.py), and the streams one peer may hold and open a second.
+    `dial_from`: the local address outbound connections leave from (a multi-homed host;
+    the flood benchmark's second source on loopback).
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        listen: str = DEFAULT_LISTEN_ADDR,
+        announce: str | Sequence[str] | None = None,
+        max_frame_bytes: int = framing.DEFAULT_MAX_FRAME_SIZE,
+        connection_gater: ConnectionGater | None = None,
+        network_key: bytes | None = None,
+        limits: Limits | None = None,
+        dial_from: str | None = None,
+    ) -> None:
+        self._identity = identity
+        self._network_key = network_key
+        self._members: set[str] = set()  # peers that proved the network key
+        self._peer_id: str = identity.peer_id
+        self._listen_maddr = _parse_multiaddr(listen)
+        _tcp_parts(self._listen_maddr)
+        if isinstance(announce, str):
+            announce = [announce]
+        self._announce = None if announce is None else [self._check_announce(a) for a in announce]
+        framing.encode_frame(b"", max_size=max_frame_bytes)  # validates max_frame_bytes
+        self._max_frame_bytes = max_frame_bytes
+        self._gater = connection_gater
+        self._log = _log.bind(local_peer_id=identity.peer_id)
+        self._started = False
+        self._listening = False
+        self._capture: BinaryIO | None = None  # see run()
+
+        # py-libp2p has no per-host agent version: identify reads this module global
+        # when it answers, so this names every p2pspec node of the process (they all
+        # are p2pspec nodes: node.py is the only libp2p user).
+        libp2p_identify.AGENT_VERSION = AGENT_VERSION
+        # py-libp2p 0.8.1 builds every yamux connection with the module's `Yamux`, not
+        # the class in muxer_opt: the same process-wide setting, for the same reason.
+        libp2p_muxer_multistream.Yamux = _UntornYamux  # type: ignore[attr-defined, misc, unused-ignore]
+
+        self.limits = limits or Limits()
+        self.admission = Admission(self.limits, clock=trio.current_time)
+        self.streams = StreamQuota(self.limits, clock=trio.current_time)
+        self._tcp = GatedTCP(self.admission, on_refused=self._log_refusals, dial_from=dial_from)
+        key_pair = _libp2p_key_pair(identity)
+        self._host: IHost = new_host(
+            key_pair=key_pair,
+            # Noise only: the default also offers /plaintext/2.0.0, secio and TLS.
+            sec_opt={
+                NOISE_PROTOCOL_ID: NoiseTransport(
+                    key_pair, noise_privkey=new_x25519_key_pair().private_key
+                )
+            },
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): _UntornYamux},
+            transports=[self._tcp],
+            addrs_factory=self._advertised_transport_addrs,
+            connection_config=connection_config(self.limits),
+        )
+        network = self._host.get_network()
+        assert isinstance(network, Swarm)  # what new_host builds
+        network.auto_connector = NoAutoConnect(network)
+        network.register_notifee(_GaterNotifee(self))
+        if network_key is not None:
+            self._host.set_stream_handler(TProtocol(MEMBER_PROTOCOL), self._serve_membership)
+
+    @staticmethod
+    def _check_announce(text: str) -> Multiaddr:
+        transport, peer_id = _split_p2p(_parse_multiaddr(text))
+        _, ip, port = _tcp_parts(transport)
+        if _is_wildcard(ip) or port == 0:
+            raise InvalidMultiaddrError(f"announce address {text} is not dialable")
+        if peer_id is not None:
+            raise InvalidMultiaddrError(f"announce address {text} must not name a peer id")
+        return transport
+
+    @property
+    def peer_id(self) -> str:
+        """This node's peer id."""
+        return self._peer_id
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The default maximum frame size of this node's streams, in bytes."""
+        return self._max_frame_bytes
+
+    async def run(
+        self,
+        *,
+        # trio-stubs (installed by libp2p via trio-typing) predate trio.TaskStatus.
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined, unused-ignore]
+    ) -> None:
+        """Run the host until cancelled; `task_status.started()` once it listens.
+
+        Raises ListenError (plain, not in an exception group) if it cannot listen on
+        `listen`. The host's own run context is the node's lifetime scope: every
+        libp2p task (listeners, connections, handlers) lives and dies inside it, and the
+        node starts no tasks of its own.
+        """
+        if self._started:
+            raise RuntimeError("a Node runs once; make a new one")
+        self._started = True
+        # Debugging and the privacy tests: every byte this node writes to a libp2p stream
+        # (what Noise then encrypts hop by hop) is appended to <dir>/<peer id>.frames.
+        capture_dir = os.environ.get(FRAME_CAPTURE_ENV)
+        with contextlib.ExitStack() as files:
+            if capture_dir:
+                path = Path(capture_dir) / f"{self._peer_id}.frames"
+                self._capture = files.enter_context(path.open("ab"))
+            await self._serve(task_status)
+
+    async def _serve(
+        self,
+        task_status: trio.TaskStatus[None],  # type: ignore[name-defined, unused-ignore]
+    ) -> None:
+        async with self._host.run([self._listen_maddr]):
+            # py-libp2p logs a failed listen and carries on without a listener.
+            listening = bool(self._host.get_transport_addrs())
+            if listening:
+                self._listening = True
+                try:
+                    self._log.info("node_listening", addrs=self.listen_addrs())
+                    task_status.started()
+                    while True:  # what was refused and not yet said, once an interval
+                        await trio.sleep(self.limits.log_interval_s)
+                        self._log_refusals()
+                finally:
+                    self._listening = False
+                    # py-libp2p's host leaves its connections' sockets open when it stops:
+                    # peers (a drafter a Python client used, say) would hold them, and
+                    # count them against this address, until this process ended.
+                    with trio.CancelScope(shield=True):
+                        for conn in self._host.get_network().get_connections():
+                            await self._close_connection(conn)
+        # Raised out here so that it is not wrapped in the host's exception groups.
+        raise ListenError(
+            f"cannot listen on {self._listen_maddr}: address in use, or not an address of "
+            "this machine"
+        )
+
+    def _require_running(self) -> None:
+        if not self._listening:
+            raise RuntimeError(
+                "the node is not running: use it inside `await nursery.start(node.run)`"
+            )
+
+    def _advertised_transport_addrs(self, _candidates: Sequence[Multiaddr] = ()) -> list[Multiaddr]:
+        """What we tell peers (identify) and print: the announce addresses, else the
+        bound addresses with a wildcard IP expanded to this machine's IPs.
+
+        Also libp2p's addrs_factory: libp2p's own candidates (which include observed
+        outbound addresses with ephemeral ports nobody can dial) are ignored.
+        """
+        if self._announce is not None:
+            return list(self._announce)
+        # libp2p calls this while the host is being built, before self._host exists.
+        host: IHost | None = getattr(self, "_host", None)
+        if host is None:
+            return []
+        addrs: list[Multiaddr] = []
+        for bound in host.get_transport_addrs():
+            family, ip, port = _tcp_parts(bound)
+            ips = _interface_ips(family) if _is_wildcard(ip) else [ip]
+            addrs.extend(Multiaddr(f"/{family}/{each}/tcp/{port}") for each in ips)
+        return addrs
+
+    def listen_addrs(self) -> list[str]:
+        """Full dialable multiaddrs of this node: real IP, bound port, /p2p/<peer id>."""
+        self._require_running()
+        suffix = f"/p2p/{self.peer_id}"
+        return [f"{addr}{suffix}" for addr in self._advertised_transport_addrs()]
+
+    # -- gating -----------------------------------------------------------------------
+
+    def _gater_allows(self, peer_id: str) -> bool:
+        if self._gater is None:
+            return True
+        try:
+            return bool(self._gater(peer_id))
+        except Exception as error:  # a broken gater must fail closed, not crash the host
+            self._log.error(
+                "connection_gater_failed",
+                peer_id=peer_id,
+                error_type=type(error).__name__,
+                error=str(error),
+                exc_info=True,
+            )
+            return False
+
+    def _log_refusals(self) -> None:
+        for r in self.admission.refusals.due():
+            self._log.warning(
+                "connections_refused", source=r.source, reason=r.reason, count=r.count
+            )
+        for r in self.streams.refusals.due():
+            self._log.warning("streams_refused", peer_id=r.source, reason=r.reason, count=r.count)
+
+    async def _gate_connection(self, conn: INetConn) -> None:
+        remote = getattr(conn.muxed_conn, "get_remote_address", None)  # yamux has it
+        self._tcp.established(remote() if remote is not None else None)
+        peer_id = str(conn.muxed_conn.peer_id)
+        if self._gater_allows(peer_id):
+            return
+        self._log.warning("connection_refused", peer_id=peer_id)
+        await self._close_connection(conn)
+
+    async def _close_connection(self, conn: INetConn) -> None:
+        with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
+            try:
+                await conn.close()
+            except BaseLibp2pError as error:
+                peer_id = str(conn.muxed_conn.peer_id)
+                self._log.debug("connection_close_failed", peer_id=peer_id, error=repr(error))
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to `peer_id` (its streams end; a later dial reconnects)."""
+        self._require_running()
+        for conn in self._host.get_network().get_connections(_parse_peer_id(peer_id)):
+            await self._close_connection(conn)
+
+    # -- inbound ----------------------------------------------------------------------
+
+    def set_handler(self, protocol_id: str, handler: StreamHandler) -> None:
+        """Serve `protocol_id` with `handler`, one call per inbound stream.
+
+        Whatever the handler raises (except cancellation) is contained: logged as
+        `stream_handler_failed` and the stream reset, and the host keeps serving. When
+        the handler returns, the stream is closed. Handlers set their own deadlines.
+        """
+        if not protocol_id.startswith("/"):
+            raise ValueError(f"protocol ids look like /p2pspec/<name>/1.0.0, not {protocol_id!r}")
+
+        async def contained(net_stream: INetStream) -> None:
+            await self._serve_stream(net_stream, protocol_id, handler)
+
+        self._host.set_stream_handler(TProtocol(protocol_id), contained)
+
+    async def _serve_stream(
+        self, net_stream: INetStream, protocol_id: str, handler: StreamHandler
+    ) -> None:
+        log = self._log.bind(protocol=protocol_id)
+        stream: NodeStream | None = None
+        try:
+            stream = NodeStream(
+                net_stream, max_frame_bytes=self._max_frame_bytes, capture=self._capture
+            )
+            log = log.bind(peer_id=stream.remote_peer_id)
+            if not self._gater_allows(stream.remote_peer_id):
+                log.warning("stream_refused")
+                await stream.reset()
+                return
+            if self._network_key is not None and stream.remote_peer_id not in self._members:
+                log.warning("private_mesh_refused_peer", reason="no membership proof")
+                await self._refuse_non_member(stream)
+                return
+            peer = stream.remote_peer_id
+            refused = self.streams.open(peer, protocol_id)
+            if refused is not None:
+                self._log_refusals()
+                await self._refuse_stream(stream, refused)
+                return
+            try:
+                await handler(stream)
+            finally:
+                self.streams.closed(peer)
+        except Exception as error:  # trio.Cancelled is a BaseException: it goes through
+            expected = isinstance(error, framing.FrameError | StreamResetError)
+            log.warning(
+                "stream_handler_failed",
+                error_type=type(error).__name__,
+                error=str(error),
+                exc_info=not expected,
+            )
+            if stream is not None:
+                await stream.reset()
+            else:
+                with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
+                    await net_stream.reset()
+        else:
+            await stream.close()
+
+    async def _refuse_stream(self, stream: NodeStream, code: str) -> None:
+        """Tell a peer over its stream quota why its stream ends here."""
+        what = {
+            "too_many_streams": f"at most {self.limits.max_streams_per_peer} streams open at once",
+            "rate_limited": f"at most {self.limits.streams_per_s:g} new streams a second",
+        }[code]
+        refusal = wire.ErrorMessage(code=code, message=f"this peer takes {what} from one peer")
+        with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
+            with contextlib.suppress(P2PSpecError):  # it went away: nothing to tell
+                await stream.write_frame(wire.encode(refusal))
+        await stream.close()
+
+    # -- private mesh -----------------------------------------------------------------
+
+    async def _refuse_non_member(self, stream: NodeStream) -> None:
+        """Tell a peer without the network key why, then drop it."""
+        refusal = wire.ErrorMessage(code=REFUSAL_CODE, message=REFUSAL)
+        await self._say_last_and_drop(stream, wire.encode(refusal))
+
+    async def _say_last_and_drop(self, stream: NodeStream, frame: bytes) -> None:
+        """Send `frame`, give the peer a moment to read it and hang up, then close its
+        connection (a reset or a disconnect right away could overtake the frame)."""
+        with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
+            try:
+                await stream.write_frame(frame)
+                await stream.close()
+                await stream.read_frame()  # until the peer closes or resets
+            except P2PSpecError as error:
+                self._log.debug("last_frame_sent", error=str(error))
+        await stream.reset()
+        await self.disconnect(stream.remote_peer_id)
+
+    async def _serve_membership(self, net_stream: INetStream) -> None:
+        """The listener's side of the membership exchange (membership.py). Contains its
+        own failures: py-libp2p dies of an exception escaping a handler."""
+        assert self._network_key is not None
+        stream = NodeStream(net_stream, max_frame_bytes=MAX_KEY_BYTES)
+        peer = stream.remote_peer_id
+        try:
+            with trio.fail_after(MEMBER_TIMEOUT_S):
+                proof = await stream.read_frame(max_size=PROOF_BYTES)
+                if check_proof(self._network_key, peer, self._peer_id, proof):
+                    self._members.add(peer)
+                    own = member_proof(self._network_key, self._peer_id, peer)
+                    await stream.write_frame(MEMBER_OK + own)
+                    await stream.close()
+                    self._log.info("private_mesh_member", peer_id=peer)
+                    return
+                reason = "wrong network key"
+        except (P2PSpecError, trio.TooSlowError) as error:
+            reason = f"membership exchange failed: {error!r}"
+        self._log.warning("private_mesh_refused_peer", peer_id=peer, reason=reason)
+        await self._say_last_and_drop(stream, MEMBER_REFUSED + f"{REFUSAL} ({reason})".encode())
+
+    async def _prove_membership(self, peer_id: ID) -> None:
+        """The dialer's side: prove our key, check theirs; PeerRefusedError (and the
+        connection closed) if the peer is not a member of our mesh."""
+        assert self._network_key is not None
+        peer = str(peer_id)
+        try:
+            net_stream = await self._host.new_stream(peer_id, [TProtocol(MEMBER_PROTOCOL)])
+            stream = NodeStream(net_stream, max_frame_bytes=MAX_KEY_BYTES)
+            await stream.write_frame(member_proof(self._network_key, self._peer_id, peer))
+            answer = await stream.read_frame()
+            await stream.close()
+        except (BaseLibp2pError, OSError, P2PSpecError) as error:
+            if _unsupported_protocol(error):
+                reason = "the peer is not in a private mesh (it has no network key)"
+            else:
+                reason = f"membership exchange failed: {error!r}"
+        else:
+            if answer[:1] == MEMBER_OK and check_proof(
+                self._network_key, peer, self._peer_id, answer[1:]
+            ):
+                self._members.add(peer)
+                return
+            if answer[:1] == MEMBER_REFUSED:
+                reason = answer[1:].decode(errors="replace")
+            else:
+                reason = "the peer holds another network key"
+        self._log.warning("private_mesh_refused", peer_id=peer, reason=reason)
+        await self.disconnect(peer)
+        raise PeerRefusedError(f"{peer}: {reason}")
+
+    # -- outbound ---------------------------------------------------------------------
+
+    async def connect(self, multiaddr: str, *, timeout_s: float) -> str:
+        """Connect to the peer at `multiaddr` (which ends in /p2p/<peer id>) unless
+        already connected; return its peer id. PeerUnreachableError if that does not
+        succeed within `timeout_s` seconds."""
+        self._require_running()
+        transport, peer_id = _split_p2p(_parse_multiaddr(multiaddr))
+        if peer_id is None:
+            raise InvalidMultiaddrError(f"{multiaddr} must end in /p2p/<peer id>")
+        _tcp_parts(transport)
+        libp2p_peer_id = _parse_peer_id(peer_id)
+        try:
+            with trio.fail_after(timeout_s):
+                await self._connect(libp2p_peer_id, transport)
+        except trio.TooSlowError:
+            raise PeerUnreachableError(
+                f"no connection to {multiaddr} within {timeout_s} s"
+            ) from None
+        return peer_id
+
+    async def _connect(self, peer_id: ID, transport: Multiaddr) -> bool:
+        """Connect unless connected already; whether a new connection was made."""
+        if str(peer_id) == self.peer_id:
+            raise PeerUnreachableError("refusing to dial ourselves")
+        if not self._gater_allows(str(peer_id)):
+            raise PeerRefusedError(f"the connection gater refuses {peer_id}")
+        network = self._host.get_network()
+        connections = network.get_connections(peer_id)
+        if any(_usable(conn) for conn in connections):
+            if self._network_key is not None and str(peer_id) not in self._members:
+                await self._prove_membership(peer_id)
+            return False
+        # A connection that is failing or was just closed by the peer stays listed (and
+        # would be handed out again by libp2p's dial) until its teardown finishes, about
+        # 0.1 s later: close it now so that this dial makes a fresh one.
+        for conn in connections:
+            await self._close_connection(conn)
+        # An explicit dial means "try now": lift libp2p's 60 s block after a failure,
+        # or a peer that restarted could not be reached again for a minute.
+        unblock: Callable[[ID], None] | None = getattr(network, "unblock_peer", None)
+        if unblock is not None:
+            unblock(peer_id)
+        # libp2p dials one address per transport kind, the first its peerstore lists:
+        # the address of a former life of this peer (a restart on a new port) would be
+        # dialled instead of this one, and fail, forever.
+        self._host.get_peerstore().clear_addrs(peer_id)
+        try:
+            await self._host.connect(PeerInfo(peer_id, [transport]))
+        except (BaseLibp2pError, OSError) as error:
+            raise PeerUnreachableError(
+                f"cannot connect to {peer_id} at {transport}: {error}"
+            ) from error
+        if self._network_key is not None:
+            await self._prove_membership(peer_id)
+        return True
+
+    async def open_stream(
+        self, peer: str, protocol_id: str, *, timeout_s: float, lazy: bool = False
+    ) -> NodeStream:
+        """Open a stream speaking `protocol_id` to `peer`, connecting first if needed.
+
+        `peer` is a full multiaddr ending in /p2p/<peer id>, or a bare peer id that we
+        are connected to (or have recently been given addresses for). Everything, dial
+        included, happens within `timeout_s` seconds, else PeerUnreachableError.
+        ProtocolNotSupportedError (a PeerUnreachableError) if the peer does not serve
+        `protocol_id`.
+
+        `lazy`: propose `protocol_id` without waiting for the answer (multistream's
+        handshake and selection cost two round trips otherwise), so what is written next
+        travels with the proposal; the answer is checked at the first read, which raises
+        ProtocolNotSupportedError then. For streams whose opener speaks first.
+        """
+        self._require_running()
+        if peer.startswith("/"):
+            transport, peer_id_text = _split_p2p(_parse_multiaddr(peer))
+            if peer_id_text is None:
+                raise InvalidMultiaddrError(f"{peer} must end in /p2p/<peer id>")
+            _tcp_parts(transport)
+            target: Multiaddr | None = transport
+        else:
+            peer_id_text, target = peer, None
+        peer_id = _parse_peer_id(peer_id_text)
+        if not self._gater_allows(peer_id_text):
+            raise PeerRefusedError(f"the connection gater refuses {peer_id_text}")
+        try:
+            with trio.fail_after(timeout_s):
+                if target is None:
+                    if self._network_key is not None and peer_id_text not in self._members:
+                        await self._prove_membership(peer_id)
+                    net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
+                elif await self._connect(peer_id, target):
+                    net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
+                else:
+                    try:
+                        net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
+                    except (BaseLibp2pError, OSError) as error:
+                        if _unsupported_protocol(error):
+                            raise
+                        # The connection reused was dead though not yet seen closed (its
+                        # peer stopped, or restarted elsewhere): drop it and dial, once.
+                        for conn in self._host.get_network().get_connections(peer_id):
+                            await self._close_connection(conn)
+                        await self._connect(peer_id, target)
+                        net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
+        except trio.TooSlowError:
+            raise PeerUnreachableError(
+                f"no {protocol_id} stream to {peer} within {timeout_s} s"
+            ) from None
+        except (BaseLibp2pError, OSError) as error:
+            if _unsupported_protocol(error):
+                raise ProtocolNotSupportedError(
+                    f"{peer_id_text} does not serve {protocol_id}"
+                ) from error
+            raise PeerUnreachableError(
+                f"cannot open a {protocol_id} stream to {peer}: {error}"
+            ) from error
+        return NodeStream(
+            net_stream,
+            max_frame_bytes=self._max_frame_bytes,
+            capture=self._capture,
+            unconfirmed=lazy,
+        )
+
+    async def _new_stream(self, peer_id: ID, protocol_id: TProtocol, lazy: bool) -> INetStream:
+        if lazy:
+            return await self._propose(peer_id, protocol_id)
+        return await self._host.new_stream(peer_id, [protocol_id])
+
+    async def _propose(self, peer_id: ID, protocol_id: TProtocol) -> INetStream:
+        """A new stream on which multistream's handshake and `protocol_id` are written,
+        not yet answered (go-libp2p's lazy negotiation); NodeStream checks the answers."""
+        net_stream = await self._host.get_network().new_stream(peer_id)
+        try:
+            await net_stream.write(
+                encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol_id.encode())
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await net_stream.reset()
+            raise
+        net_stream.set_protocol(protocol_id)
+        return net_stream
+
+    def connected_peers(self) -> list[str]:
+        """Peer ids we hold a connection to right now."""
+        return [str(peer_id) for peer_id in self._host.get_connected_peers()]
+
+    def __repr__(self) -> str:
+        return f"Node(peer_id={self.peer_id!r}, listening={self._listening})"
