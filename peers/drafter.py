@@ -949,8 +949,8 @@ class DrafterService:
         if room < 0 or len(ahead) + guessing > wire.MAX_ASSUMED_TOKENS:
             return None
         enough = _unsure(state, plan, calibration, guessing)
-        gamma = plan.gamma if enough is None else min(2 * plan.gamma, MAX_ADAPTIVE_DRAFT)
-        k = min(gamma, room)
+        k = plan.k if enough is None else min(2 * plan.k, MAX_ADAPTIVE_DRAFT)
+        k = min(k, room)
         started = time.perf_counter()
         draft = await self.draft_worker.propose(state.drafter, base, k + guessing, stop, enough)
         draft_s = time.perf_counter() - started
@@ -1126,11 +1126,9 @@ class _SessionState:
         # The draft length (adaptive, or fixed at the request's) and the blocks in flight
         # (1 unless pipelined), from the session's observed acceptance and times.
         self.planner = AdaptiveDraftLength(
-            max_gamma=MAX_ADAPTIVE_DRAFT,
-            initial_gamma=max(request.draft_tokens, 1)
-            if request.adaptive
-            else request.draft_tokens,
-            fixed_gamma=not request.adaptive,
+            max_k=MAX_ADAPTIVE_DRAFT,
+            initial_k=max(request.draft_tokens, 1) if request.adaptive else request.draft_tokens,
+            fixed_k=not request.adaptive,
             pipelined=request.pipelined,
             # A drafted token costs about one pass over one token; measured ones replace it.
             t_draft_s=drafter_costs_s[0] if drafter_costs_s else None,

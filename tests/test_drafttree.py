@@ -186,11 +186,11 @@ def test_candidates_put_the_likeliest_first_and_never_repeat_an_outcome() -> Non
 
 
 def test_tree_reaches_follow_the_threshold_and_the_budget() -> None:
-    r = tree_reaches(alpha=0.7, runner_up=0.5, gamma=3, threshold=0.05, max_blocks=32)
+    r = tree_reaches(alpha=0.7, runner_up=0.5, k=3, threshold=0.05, max_blocks=32)
     assert r == sorted(r, reverse=True) and min(r) >= 0.05
     assert r[0] == pytest.approx(0.15)  # a miss at the first token, runner-up right
-    assert tree_reaches(alpha=0.7, runner_up=0.5, gamma=3, threshold=0.05, max_blocks=2) == r[:2]
-    assert tree_reaches(alpha=0.7, runner_up=0.0, gamma=3, threshold=0.05, max_blocks=32) == []
+    assert tree_reaches(alpha=0.7, runner_up=0.5, k=3, threshold=0.05, max_blocks=2) == r[:2]
+    assert tree_reaches(alpha=0.7, runner_up=0.0, k=3, threshold=0.05, max_blocks=32) == []
 
 
 def test_a_watch_stops_a_block_once_a_verdict_contradicts_its_base() -> None:

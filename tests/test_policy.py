@@ -70,32 +70,30 @@ def record(
     )
 
 
-def sync_rate(
-    alpha: float, gamma: int, t_d: float, t_v: float, rtt: float, t_s: float = 0.0
-) -> float:
-    e = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1.0
-    return e / (gamma * t_d + t_s + rtt + t_v)
+def sync_rate(alpha: float, k: int, t_d: float, t_v: float, rtt: float, t_s: float = 0.0) -> float:
+    e = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1.0
+    return e / (k * t_d + t_s + rtt + t_v)
 
 
 # -- predicted_tokens_per_second ---------------------------------------------------------
 
 
 def test_synchronous_rate_by_hand() -> None:
-    # α = 0.5, γ = 3: E = (1 − 0.5^4) / 0.5 = 1.875; round = 3·0.01 + 0.01 + 0.04 + 0.05.
+    # α = 0.5, k = 3: E = (1 − 0.5^4) / 0.5 = 1.875; round = 3·0.01 + 0.01 + 0.04 + 0.05.
     got = predicted_tokens_per_second(
-        alpha=0.5, gamma=3, t_draft_s=0.01, t_verify_s=0.05, rtt_s=0.04, t_send_s=0.01
+        alpha=0.5, k=3, t_draft_s=0.01, t_verify_s=0.05, rtt_s=0.04, t_send_s=0.01
     )
     assert got == pytest.approx(1.875 / 0.13)
 
 
 def test_pipelined_rate_by_hand() -> None:
-    # L = 0.01 + 0.04 + 0.05 = 0.1; a block (γ + 1)·t_draft + t_send = 0.05; two in flight:
+    # L = 0.01 + 0.04 + 0.05 = 0.1; a block (k + 1)·t_draft + t_send = 0.05; two in flight:
     # the send interval s = max(0.05, t_verify 0.05, (L + 0.05) / 2) = 0.075; a = 0.5^4.
     # A cycle commits E / (1 − a) = 1.875 / 0.9375 = 2 tokens in 0.13 + 0.01 / 2 (the
     # missing verdict waits for the drafter to stop at its next token) + s·a / (1 − a).
     got = predicted_tokens_per_second(
         alpha=0.5,
-        gamma=3,
+        k=3,
         t_draft_s=0.01,
         t_verify_s=0.05,
         rtt_s=0.04,
@@ -111,10 +109,10 @@ def test_pipelined_rate_by_hand() -> None:
 
 
 def test_rate_edge_cases() -> None:
-    def rate(alpha: float, gamma: int, pipelined: bool = False, depth: int = 2) -> float:
+    def rate(alpha: float, k: int, pipelined: bool = False, depth: int = 2) -> float:
         return predicted_tokens_per_second(
             alpha=alpha,
-            gamma=gamma,
+            k=k,
             t_draft_s=0.01,
             t_verify_s=0.05,
             rtt_s=0.02,
@@ -122,7 +120,7 @@ def test_rate_edge_cases() -> None:
             depth=depth,
         )
 
-    # α = 1: every block hits, E = γ + 1 per send interval: max(0.05, 0.05, 0.12 / depth).
+    # α = 1: every block hits, E = k + 1 per send interval: max(0.05, 0.05, 0.12 / depth).
     assert rate(1.0, 4) == pytest.approx(5 / 0.11)
     assert rate(1.0, 4, pipelined=True, depth=2) == pytest.approx(5 / 0.06)
     assert rate(1.0, 4, pipelined=True, depth=8) == pytest.approx(5 / 0.05)
@@ -130,7 +128,7 @@ def test_rate_edge_cases() -> None:
     # drafter to stop at its next token, half a token's drafting (0.01 / 2).
     assert rate(0.0, 4) == pytest.approx(1 / 0.11)
     assert rate(0.0, 4, pipelined=True) == pytest.approx(1 / 0.115)
-    # γ = 0: plain decoding across the link, one token per L; pipelined guesses each next
+    # k = 0: plain decoding across the link, one token per L; pipelined guesses each next
     # token and sends it ahead.
     assert rate(0.7, 0) == pytest.approx(1 / 0.07)
     assert rate(0.7, 0, pipelined=True) > rate(0.7, 0)
@@ -141,7 +139,7 @@ def test_rate_edge_cases() -> None:
     [
         {"alpha": 1.5},
         {"alpha": -0.1},
-        {"gamma": -1},
+        {"k": -1},
         {"rtt_s": -0.01},
         {"t_draft_s": math.nan},
         {"t_verify_s": math.inf},
@@ -151,7 +149,7 @@ def test_rate_edge_cases() -> None:
 def test_rate_rejects_nonsense(kwargs: dict[str, float]) -> None:
     args: dict[str, float] = {
         "alpha": 0.6,
-        "gamma": 4,
+        "k": 4,
         "t_draft_s": 0.01,
         "t_verify_s": 0.05,
         "rtt_s": 0.02,
@@ -168,36 +166,36 @@ seconds = st.floats(min_value=1e-4, max_value=2.0)
 @settings(max_examples=200, deadline=None)
 @given(
     alpha=alphas,
-    gamma=st.integers(0, 16),
+    k=st.integers(0, 16),
     t_d=seconds,
     t_v=seconds,
     rtt=st.floats(0.0, 2.0),
     depth=st.integers(2, 16),
 )
 def test_pipelined_loses_at_most_the_wait_for_the_drafting_a_miss_stops(
-    alpha: float, gamma: int, t_d: float, t_v: float, rtt: float, depth: int
+    alpha: float, k: int, t_d: float, t_v: float, rtt: float, depth: int
 ) -> None:
     """Whenever a block ahead is sent sooner than a synchronous round would end, every
     hit saves time, and pipelining is never slower than synchronous rounds that each
     also waited for half a drafted token."""
-    args = {"alpha": alpha, "gamma": gamma, "t_draft_s": t_d, "t_verify_s": t_v, "rtt_s": rtt}
+    args = {"alpha": alpha, "k": k, "t_draft_s": t_d, "t_verify_s": t_v, "rtt_s": rtt}
     sync = predicted_tokens_per_second(**args)  # type: ignore[arg-type]
     pipe = predicted_tokens_per_second(pipelined=True, depth=depth, **args)  # type: ignore[arg-type]
-    assert sync == pytest.approx(sync_rate(alpha, gamma, t_d, t_v, rtt), rel=1e-9)
-    block = (gamma + 1) * t_d
-    round_s = gamma * t_d + rtt + t_v
+    assert sync == pytest.approx(sync_rate(alpha, k, t_d, t_v, rtt), rel=1e-9)
+    block = (k + 1) * t_d
+    round_s = k * t_d + rtt + t_v
     send = pipeline_send_interval(block_s=block, t_verify_s=t_v, latency_s=rtt + t_v, depth=depth)
     if send <= round_s + t_d / 2:
-        expected = expected_tokens_per_round(alpha, gamma)
+        expected = expected_tokens_per_round(alpha, k)
         assert pipe >= expected / (round_s + t_d / 2) * (1 - 1e-9)
 
 
 def test_pipelined_with_zero_rtt_beats_synchronous_by_the_overlap() -> None:
-    # α = 0.9, γ = 4, t_draft = 0.01, t_verify = 0.04, RTT = 0: sync round 0.08; blocks
+    # α = 0.9, k = 4, t_draft = 0.01, t_verify = 0.04, RTT = 0: sync round 0.08; blocks
     # every s = 0.05 (drafting 5 tokens); a miss also waits 0.005 for the drafting it
     # stops; a = 0.9^5: ratio 0.08 / (0.085 − 0.035·a).
     a = 0.9**5
-    args = {"alpha": 0.9, "gamma": 4, "t_draft_s": 0.01, "t_verify_s": 0.04, "rtt_s": 0.0}
+    args = {"alpha": 0.9, "k": 4, "t_draft_s": 0.01, "t_verify_s": 0.04, "rtt_s": 0.0}
     sync = predicted_tokens_per_second(**args)  # type: ignore[arg-type]
     pipe = predicted_tokens_per_second(pipelined=True, depth=8, **args)  # type: ignore[arg-type]
     assert pipe / sync == pytest.approx(0.08 / (0.085 - 0.035 * a))
@@ -210,24 +208,22 @@ def test_at_large_rtt_pipelining_commits_every_token_to_the_first_rejection_per_
     alpha: float, rtt: float
 ) -> None:
     """With enough blocks in flight, one round trip commits 1 / (1 − α) tokens (every
-    token up to the first rejection) against E(α, γ) synchronously."""
-    gamma, t_d, t_v = 4, 0.01, 0.05
+    token up to the first rejection) against E(α, k) synchronously."""
+    k, t_d, t_v = 4, 0.01, 0.05
     depth = math.ceil(rtt / t_v) + 2  # the window never binds
     pipe = predicted_tokens_per_second(
         alpha=alpha,
-        gamma=gamma,
+        k=k,
         t_draft_s=t_d,
         t_verify_s=t_v,
         rtt_s=rtt,
         pipelined=True,
         depth=depth,
     )
-    sync = predicted_tokens_per_second(
-        alpha=alpha, gamma=gamma, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt
-    )
+    sync = predicted_tokens_per_second(alpha=alpha, k=k, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt)
     assert pipe == pytest.approx(1 / ((1 - alpha) * (rtt + t_v)), rel=10 * t_v / rtt)
     assert pipe / sync == pytest.approx(
-        1 / ((1 - alpha) * expected_tokens_per_round(alpha, gamma)), rel=10 * t_v / rtt
+        1 / ((1 - alpha) * expected_tokens_per_round(alpha, k)), rel=10 * t_v / rtt
     )
 
 
@@ -236,13 +232,13 @@ def test_at_large_rtt_pipelining_commits_every_token_to_the_first_rejection_per_
 def test_best_plan_is_the_argmax_over_draft_length_and_depth(
     alpha: float, t_d: float, t_v: float, rtt: float
 ) -> None:
-    plan = best_plan(alpha=alpha, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt, max_gamma=8)
+    plan = best_plan(alpha=alpha, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt, max_k=8)
 
     def rates(depths: range) -> list[float]:
         return [
             predicted_tokens_per_second(
                 alpha=alpha,
-                gamma=g,
+                k=g,
                 t_draft_s=t_d,
                 t_verify_s=t_v,
                 rtt_s=rtt,
@@ -257,9 +253,9 @@ def test_best_plan_is_the_argmax_over_draft_length_and_depth(
     want = best_pipe if best_pipe > PIPELINE_MARGIN * best_sync else best_sync
     assert plan.tokens_per_s == pytest.approx(want, rel=1e-9)
     assert (plan.depth > 1) == (best_pipe > PIPELINE_MARGIN * best_sync)
-    assert 1 <= plan.gamma <= 8 and 1 <= plan.depth <= MAX_PIPELINE_DEPTH
+    assert 1 <= plan.k <= 8 and 1 <= plan.depth <= MAX_PIPELINE_DEPTH
     synchronous = best_plan(
-        alpha=alpha, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt, max_gamma=8, max_depth=1
+        alpha=alpha, t_draft_s=t_d, t_verify_s=t_v, rtt_s=rtt, max_k=8, max_depth=1
     )
     assert synchronous.depth == 1 and plan.tokens_per_s >= synchronous.tokens_per_s
 
@@ -277,79 +273,73 @@ def test_best_plan_goes_deep_on_a_long_link_and_stays_synchronous_without_hits()
 def test_a_50ms_rtt_can_turn_a_gain_into_a_slowdown() -> None:
     """research.md: without pipelining, 50 ms of RTT can undo a 2x gain."""
     t_d, t_v = 0.002, 0.02  # a drafter 10x cheaper than the verifier
-    local = predicted_tokens_per_second(alpha=0.8, gamma=4, t_draft_s=t_d, t_verify_s=t_v, rtt_s=0)
+    local = predicted_tokens_per_second(alpha=0.8, k=4, t_draft_s=t_d, t_verify_s=t_v, rtt_s=0)
     assert local * t_v > 2.0  # > 2x over the verifier's own 1 / t_verify
-    remote = predicted_tokens_per_second(
-        alpha=0.8, gamma=4, t_draft_s=t_d, t_verify_s=t_v, rtt_s=0.05
-    )
+    remote = predicted_tokens_per_second(alpha=0.8, k=4, t_draft_s=t_d, t_verify_s=t_v, rtt_s=0.05)
     assert remote * t_v < 1.0  # slower than the verifier decoding alone, locally
 
 
 # -- best_draft_length -------------------------------------------------------------------
 
 
-def brute_force_gamma(alpha: float, t_d: float, t_v: float, rtt: float, max_gamma: int) -> int:
-    rates = [sync_rate(alpha, g, t_d, t_v, rtt) for g in range(1, max_gamma + 1)]
-    return 1 + max(range(max_gamma), key=lambda i: (rates[i], -i))
+def brute_force_k(alpha: float, t_d: float, t_v: float, rtt: float, max_k: int) -> int:
+    rates = [sync_rate(alpha, g, t_d, t_v, rtt) for g in range(1, max_k + 1)]
+    return 1 + max(range(max_k), key=lambda i: (rates[i], -i))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 0.7, 0.85, 0.95, 1.0])
 @pytest.mark.parametrize("rtt", [0.0, 0.01, 0.05, 0.2])
-def test_best_gamma_is_the_argmax(alpha: float, rtt: float) -> None:
+def test_best_k_is_the_argmax(alpha: float, rtt: float) -> None:
     got = best_draft_length(alpha=alpha, t_draft_s=0.005, t_verify_s=0.03, rtt_s=rtt)
-    assert got == brute_force_gamma(alpha, 0.005, 0.03, rtt, 16)
+    assert got == brute_force_k(alpha, 0.005, 0.03, rtt, 16)
     assert 1 <= got <= 16
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.6, 0.8, 0.9])
-def test_best_gamma_grows_with_rtt(alpha: float) -> None:
+def test_best_k_grows_with_rtt(alpha: float) -> None:
     rtts = [i * 0.005 for i in range(200)]  # 0 .. 1 s
-    gammas = [
-        best_draft_length(alpha=alpha, t_draft_s=0.005, t_verify_s=0.03, rtt_s=r) for r in rtts
-    ]
-    assert gammas == sorted(gammas)
-    assert gammas[-1] > gammas[0] or gammas[0] == 16
+    ks = [best_draft_length(alpha=alpha, t_draft_s=0.005, t_verify_s=0.03, rtt_s=r) for r in rtts]
+    assert ks == sorted(ks)
+    assert ks[-1] > ks[0] or ks[0] == 16
 
 
 @pytest.mark.parametrize("alpha", [0.6, 0.8, 0.9])
-def test_best_gamma_grows_only_logarithmically(alpha: float) -> None:
+def test_best_k_grows_only_logarithmically(alpha: float) -> None:
     # Each tenfold RTT adds about ln 10 / ln(1/α) tokens (policy.best_draft_length).
     per_decade = math.log(10) / math.log(1 / alpha)
-    gammas = [
-        best_draft_length(
-            alpha=alpha, t_draft_s=0.005, t_verify_s=0.03, rtt_s=10.0**k, max_gamma=500
-        )
+    ks = [
+        best_draft_length(alpha=alpha, t_draft_s=0.005, t_verify_s=0.03, rtt_s=10.0**k, max_k=500)
         for k in range(0, 4)
     ]
-    steps = [b - a for a, b in itertools.pairwise(gammas)]
-    assert all(abs(s - per_decade) <= 2 for s in steps), (gammas, per_decade)
+    steps = [b - a for a, b in itertools.pairwise(ks)]
+    assert all(abs(s - per_decade) <= 2 for s in steps), (ks, per_decade)
 
 
-def test_best_gamma_shrinks_as_alpha_falls() -> None:
+def test_best_k_shrinks_as_alpha_falls() -> None:
     alphas = [i / 50 for i in range(51)]
     for rtt in (0.0, 0.05, 0.3):
-        gammas = [
+        ks = [
             best_draft_length(alpha=a, t_draft_s=0.005, t_verify_s=0.03, rtt_s=rtt) for a in alphas
         ]
-        assert gammas == sorted(gammas), rtt
-        assert gammas[0] == 1  # α = 0: drafting more than one token only costs
-        assert gammas[2] <= 2  # α = 0.04
+        assert ks == sorted(ks), rtt
+        assert ks[0] == 1  # α = 0: drafting more than one token only costs
+        assert ks[2] <= 2  # α = 0.04
 
 
-def test_best_gamma_bounds() -> None:
+def test_best_k_bounds() -> None:
     # Free drafting, perfect acceptance: as long as allowed.
     assert best_draft_length(alpha=1.0, t_draft_s=0.0, t_verify_s=0.03, rtt_s=0.1) == 16
-    assert best_draft_length(alpha=1.0, t_draft_s=0.0, t_verify_s=0.03, rtt_s=0.1, max_gamma=5) == 5
+    assert best_draft_length(alpha=1.0, t_draft_s=0.0, t_verify_s=0.03, rtt_s=0.1, max_k=5) == 5
     with pytest.raises(ValueError):
-        best_draft_length(alpha=0.5, t_draft_s=0.01, t_verify_s=0.03, rtt_s=0.1, max_gamma=0)
+        best_draft_length(alpha=0.5, t_draft_s=0.01, t_verify_s=0.03, rtt_s=0.1, max_k=0)
 
 
 # -- AcceptanceEstimate and EWMA ---------------------------------------------------------
 
 
-def bernoulli_round(rng: random.Random, alpha: float, gamma: int) -> int:
+def bernoulli_round(rng: random.Random, alpha: float, k: int) -> int:
     accepted = 0
-    while accepted < gamma and rng.random() < alpha:
+    while accepted < k and rng.random() < alpha:
         accepted += 1
     return accepted
 
@@ -382,16 +372,16 @@ def test_acceptance_counts_one_rejection_per_incomplete_round() -> None:
 
 
 @pytest.mark.parametrize("alpha", [0.2, 0.5, 0.75, 0.95])
-@pytest.mark.parametrize("gamma", [1, 4, 8])
-def test_acceptance_converges_on_bernoulli_rounds(alpha: float, gamma: int) -> None:
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_acceptance_converges_on_bernoulli_rounds(alpha: float, k: int) -> None:
     rng = random.Random(1234)
     long = AcceptanceEstimate(half_life_rounds=2000)
     short = AcceptanceEstimate()  # the default half-life: noisier, but unbiased on average
     tail = []
     for i in range(4000):
-        accepted = bernoulli_round(rng, alpha, gamma)
-        long.observe(accepted, gamma)
-        short.observe(accepted, gamma)
+        accepted = bernoulli_round(rng, alpha, k)
+        long.observe(accepted, k)
+        short.observe(accepted, k)
         if i >= 1000:
             tail.append(short.alpha)
     assert long.alpha == pytest.approx(alpha, abs=0.02)
@@ -431,11 +421,11 @@ def test_ewma() -> None:
 # -- AdaptiveDraftLength -----------------------------------------------------------------
 
 
-def test_adaptive_starts_at_initial_gamma_until_times_are_known() -> None:
-    adapt = AdaptiveDraftLength(initial_gamma=4)
-    assert adapt.next_gamma() == 4
+def test_adaptive_starts_at_initial_k_until_times_are_known() -> None:
+    adapt = AdaptiveDraftLength(initial_k=4)
+    assert adapt.next_k() == 4
     adapt.observe_round(accepted=4, drafted=4, draft_s=0.02, verify_s=0.03)
-    assert adapt.next_gamma() == 4  # RTT still unknown
+    assert adapt.next_k() == 4  # RTT still unknown
     adapt.observe_round(accepted=4, drafted=4, rtt_s=0.05)
     expected = best_draft_length(
         alpha=adapt.acceptance.alpha,
@@ -443,27 +433,27 @@ def test_adaptive_starts_at_initial_gamma_until_times_are_known() -> None:
         t_verify_s=0.03,
         rtt_s=0.05,
     )
-    assert adapt.next_gamma() == expected
-    assert AdaptiveDraftLength(initial_gamma=0).next_gamma() == 1
-    assert AdaptiveDraftLength(initial_gamma=40, max_gamma=8).next_gamma() == 8
+    assert adapt.next_k() == expected
+    assert AdaptiveDraftLength(initial_k=0).next_k() == 1
+    assert AdaptiveDraftLength(initial_k=40, max_k=8).next_k() == 8
 
 
 def run_session(seed: int, alpha: float, rtt: float, rounds: int = 200) -> list[int]:
     rng = random.Random(seed)
     adapt = AdaptiveDraftLength(t_draft_s=0.005, t_verify_s=0.03, rtt_s=rtt)
-    gammas = []
+    ks = []
     for _ in range(rounds):
-        gamma = adapt.next_gamma()
-        gammas.append(gamma)
-        accepted = bernoulli_round(rng, alpha, gamma)
+        k = adapt.next_k()
+        ks.append(k)
+        accepted = bernoulli_round(rng, alpha, k)
         adapt.observe_round(
             accepted=accepted,
-            drafted=gamma,
-            draft_s=gamma * 0.005 * (1 + 0.1 * rng.random()),
+            drafted=k,
+            draft_s=k * 0.005 * (1 + 0.1 * rng.random()),
             verify_s=0.03 * (1 + 0.1 * rng.random()),
             rtt_s=rtt * (1 + 0.1 * rng.random()),
         )
-    return gammas
+    return ks
 
 
 def test_adaptive_is_deterministic_and_bounded() -> None:
@@ -495,14 +485,14 @@ def test_a_pipelined_session_goes_deep_on_a_long_link_and_shallow_on_loopback() 
     assert far.depth > near.depth >= 1
     assert far == best_plan(
         alpha=session.acceptance.alpha, t_draft_s=0.002, t_verify_s=0.003, rtt_s=0.1,
-        max_gamma=16,
+        max_k=16,
     )  # fmt: skip
     # A fixed draft length stays fixed (0 too); only the depth adapts.
-    fixed = _pipelined_session(0.1, initial_gamma=3, fixed_gamma=True).next_plan()
-    assert fixed.gamma == 3 and fixed.depth > 1
-    assert AdaptiveDraftLength(initial_gamma=0, fixed_gamma=True).next_plan().gamma == 0
-    synchronous = _pipelined_session(0.1, initial_gamma=0, fixed_gamma=True, max_depth=1)
-    assert (synchronous.next_plan().gamma, synchronous.next_plan().depth) == (0, 1)
+    fixed = _pipelined_session(0.1, initial_k=3, fixed_k=True).next_plan()
+    assert fixed.k == 3 and fixed.depth > 1
+    assert AdaptiveDraftLength(initial_k=0, fixed_k=True).next_plan().k == 0
+    synchronous = _pipelined_session(0.1, initial_k=0, fixed_k=True, max_depth=1)
+    assert (synchronous.next_plan().k, synchronous.next_plan().depth) == (0, 1)
 
 
 # -- matching: drafters ------------------------------------------------------------------
@@ -621,7 +611,7 @@ T_D, T_V = 0.005, 0.05
 
 
 def expected_score(alpha: float, rtt: float, load: int, capacity: int, t_v: float = T_V) -> float:
-    """The documented score: the best rate over γ in 1..16 with t_verify·(1 + load/capacity)."""
+    """The documented score: the best rate over k in 1..16 with t_verify·(1 + load/capacity)."""
     t_eff = t_v * (1 + load / capacity)
     return max(sync_rate(alpha, g, T_D, t_eff, rtt) for g in range(1, 17))
 
@@ -759,7 +749,7 @@ def test_decision_is_one_json_event() -> None:
     assert event["event"] == "choose_verifier"
     assert event["chosen"] == "a"
     assert event["candidates"]["a"]["rtt_s"] == 0.02
-    assert event["candidates"]["a"]["gamma"] >= 1
+    assert event["candidates"]["a"]["k"] >= 1
     assert event["candidates"]["c"]["excluded"] == "incompatible_tokenizer"
 
 
@@ -847,12 +837,12 @@ def test_never_picks_an_excluded_incompatible_or_full_candidate(
 
 
 def test_branched_rate_by_hand() -> None:
-    # α = 0.5, γ = 1, h = 1, threshold 0.2: a block's branches are its miss at 0 (0.5)
+    # α = 0.5, k = 1, h = 1, threshold 0.2: a block's branches are its miss at 0 (0.5)
     # and that branch's own miss at 0 (0.25); the hit (0.25) continues the main chain.
     # Per cycle the verifier takes 1 / (1 − 0.25) chain blocks, plus 0.75 of branches on
     # the first (on the second, 0.25·0.5 < 0.2): B = 4/3 + 0.75. E = 1.5; L = 0.1,
     # s = max(0.03, 0.05, (0.1 + 0.03) / 2) = 0.065, w = 0.005.
-    args = {"alpha": 0.5, "gamma": 1, "t_draft_s": 0.01, "t_verify_s": 0.05, "rtt_s": 0.04}
+    args = {"alpha": 0.5, "k": 1, "t_draft_s": 0.01, "t_verify_s": 0.05, "rtt_s": 0.04}
     got = predicted_tokens_per_second(
         t_send_s=0.01, pipelined=True, depth=2, runner_up=1.0, threshold=0.2, **args
     )  # type: ignore[arg-type]
@@ -899,14 +889,14 @@ def test_a_draft_ends_where_one_more_token_no_longer_pays_for_its_time() -> None
     assert not enough_drafted(0.9**3, **go_on)  # 0.55 ≥ 0.3
     assert enough_drafted(0.9 * 0.3, **go_on)  # an unsure token: 0.2 < 0.3
     assert not enough_drafted(0.0, alpha=0.75, tokens_per_s=math.nan, t_draft_s=0.001)
-    # With every chance α it ends at the fixed optimum's margin: α^(γ+1) vs rate·t_draft.
+    # With every chance α it ends at the fixed optimum's margin: α^(k+1) vs rate·t_draft.
     alpha, rate, t_draft = 0.7, 300.0, 0.001
-    gamma = next(
+    k = next(
         g
         for g in range(1, 20)
         if enough_drafted(alpha**g, alpha=alpha, tokens_per_s=rate, t_draft_s=t_draft)
     )
-    assert alpha**gamma >= rate * t_draft > alpha ** (gamma + 1)
+    assert alpha**k >= rate * t_draft > alpha ** (k + 1)
 
 
 # -- k = 0: the verifier decodes alone where drafting does not pay ----------------------
@@ -932,28 +922,28 @@ def _planner(curve: list[float], *, alpha: float, solo: bool = True) -> Adaptive
 
 def test_a_steep_cost_curve_makes_the_verifier_decode_alone() -> None:
     plan = _planner(STEEP, alpha=0.69).next_plan()
-    assert plan.solo and plan.gamma == 0
+    assert plan.solo and plan.k == 0
     assert plan.tokens_per_s == pytest.approx(1 / 0.045)
 
 
 def test_a_flat_cost_curve_drafts_and_beats_the_verifier_alone() -> None:
     planner = _planner(FLAT, alpha=0.69)
     plan = planner.next_plan()
-    assert not plan.solo and plan.gamma >= 2
+    assert not plan.solo and plan.k >= 2
     assert plan.tokens_per_s > SOLO_MARGIN * planner.solo_rate()
 
 
 def test_rounds_are_priced_by_the_curve_at_their_length() -> None:
-    """best_plan with a curve: a round of γ tokens costs the pass over γ + 1."""
+    """best_plan with a curve: a round of k tokens costs the pass over k + 1."""
     flat = best_plan(alpha=0.8, t_draft_s=0.01, t_verify_s=0.05, rtt_s=0.0, max_depth=1)
     steep = best_plan(
         alpha=0.8, t_draft_s=0.01, t_verify_s=[0.05 * n for n in range(1, 17)], rtt_s=0.0,
         max_depth=1,
     )  # fmt: skip
-    assert steep.gamma < flat.gamma
+    assert steep.k < flat.k
     assert steep.tokens_per_s == pytest.approx(
         predicted_tokens_per_second(
-            alpha=0.8, gamma=steep.gamma, t_draft_s=0.01, t_verify_s=0.05 * (steep.gamma + 1),
+            alpha=0.8, k=steep.k, t_draft_s=0.01, t_verify_s=0.05 * (steep.k + 1),
             rtt_s=0.0,
         )
     )  # fmt: skip
@@ -989,9 +979,7 @@ def test_without_solo_or_a_curve_a_session_always_drafts() -> None:
     assert not _planner(STEEP, alpha=0.69, solo=False).next_plan().solo
     no_curve = AdaptiveDraftLength(t_draft_s=0.02, t_verify_s=0.05, rtt_s=0.0, solo=True)
     assert not no_curve.next_plan().solo and no_curve.solo_rate() == -math.inf
-    fixed_zero = AdaptiveDraftLength(
-        initial_gamma=0, fixed_gamma=True, verify_costs_s=STEEP, solo=True
-    )
+    fixed_zero = AdaptiveDraftLength(initial_k=0, fixed_k=True, verify_costs_s=STEEP, solo=True)
     assert fixed_zero.next_plan().solo  # k = 0 asked for: decoding alone, whatever α is
 
 

@@ -518,15 +518,15 @@ def generate(
     *,
     n_tokens: int,
     seed: int,
-    gamma: Callable[[int], int],
+    k_of: Callable[[int], int],
     accept_rule: AcceptRule = leviathan_accept,
 ) -> list[int]:
-    """Speculative generation with the Markov pair; `gamma(round)` is the draft length."""
+    """Speculative generation with the Markov pair; `k_of(round)` is the draft length."""
     tokens: list[int] = []
     last = MARKOV_START
     round_index = 0
     while len(tokens) < n_tokens:
-        k = gamma(round_index)
+        k = k_of(round_index)
         base = len(tokens)
         # Drafter: x_i ~ q(. | x_{i-1}) at absolute positions base..base+k-1, plus q_{k+1}.
         draft: list[int] = []
@@ -548,12 +548,12 @@ def generate(
     return tokens[:n_tokens]
 
 
-def fixed_gamma(k: int) -> Callable[[int], int]:
+def fixed_k(k: int) -> Callable[[int], int]:
     return lambda _round_index: k
 
 
-def cycling_gamma(*, offset: int) -> Callable[[int], int]:
-    """γ = 1..6, changing every round, starting at a different point per trial."""
+def cycling_k(*, offset: int) -> Callable[[int], int]:
+    """k = 1..6, changing every round, starting at a different point per trial."""
     return lambda round_index: 1 + (offset + round_index) % 6
 
 
@@ -569,7 +569,7 @@ def _pair_counts(accept_rule: AcceptRule) -> FloatArray:
             q_table,
             n_tokens=2,
             seed=seed,
-            gamma=cycling_gamma(offset=seed),
+            k_of=cycling_k(offset=seed),
             accept_rule=accept_rule,
         )
         counts[a, b] += 1
@@ -597,14 +597,13 @@ def test_sampled_output_does_not_depend_on_draft_length() -> None:
     p_table, q_table = _markov_tables()
     for seed in (1, 2, 3):
         runs = [
-            generate(p_table, q_table, n_tokens=30, seed=seed, gamma=fixed_gamma(k))
-            for k in range(1, 7)
+            generate(p_table, q_table, n_tokens=30, seed=seed, k_of=fixed_k(k)) for k in range(1, 7)
         ]
-        # A γ that changes every round (0 included) gives the same tokens too.
-        runs.append(generate(p_table, q_table, n_tokens=30, seed=seed, gamma=lambda r: r % 7))
+        # A k that changes every round (0 included) gives the same tokens too.
+        runs.append(generate(p_table, q_table, n_tokens=30, seed=seed, k_of=lambda r: r % 7))
         assert all(run == runs[0] for run in runs), seed
     outputs = {
-        tuple(generate(p_table, q_table, n_tokens=30, seed=seed, gamma=fixed_gamma(4)))
+        tuple(generate(p_table, q_table, n_tokens=30, seed=seed, k_of=fixed_k(4)))
         for seed in range(10)
     }
     assert len(outputs) == 10  # different seeds, different sequences
@@ -618,8 +617,8 @@ def test_sampled_output_does_not_depend_on_which_drafter_peer_drafted() -> None:
         assert ours_q.probs is not theirs_q.probs
         np.testing.assert_array_equal(ours_q.probs, theirs_q.probs)
     for seed in (4, 5):
-        ours = generate(p_table, q_table, n_tokens=30, seed=seed, gamma=fixed_gamma(3))
-        theirs = generate(p_table, other_peer, n_tokens=30, seed=seed, gamma=fixed_gamma(5))
+        ours = generate(p_table, q_table, n_tokens=30, seed=seed, k_of=fixed_k(3))
+        theirs = generate(p_table, other_peer, n_tokens=30, seed=seed, k_of=fixed_k(5))
         assert ours == theirs
 
 
@@ -669,10 +668,10 @@ def test_verify_rejection_only_commits_tokens_p_can_emit(case: Round) -> None:
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.8, 0.99, 1.0])
-@pytest.mark.parametrize("gamma", [0, 1, 4, 10])
-def test_expected_tokens_per_round_is_a_geometric_sum(alpha: float, gamma: int) -> None:
-    exact = sum(Fraction(alpha) ** i for i in range(gamma + 1))
-    assert expected_tokens_per_round(alpha, gamma) == pytest.approx(float(exact), rel=1e-12)
+@pytest.mark.parametrize("k", [0, 1, 4, 10])
+def test_expected_tokens_per_round_is_a_geometric_sum(alpha: float, k: int) -> None:
+    exact = sum(Fraction(alpha) ** i for i in range(k + 1))
+    assert expected_tokens_per_round(alpha, k) == pytest.approx(float(exact), rel=1e-12)
 
 
 def test_expected_tokens_per_round_is_accurate_next_to_one() -> None:
@@ -682,7 +681,7 @@ def test_expected_tokens_per_round_is_accurate_next_to_one() -> None:
 
 
 def test_speedup_matches_leviathan_et_al() -> None:
-    # α = 0.8, γ = 4, c = 0.1: E = (1 - 0.8^5) / 0.2 = 3.3616, speedup = 3.3616 / 1.4.
+    # α = 0.8, k = 4, c = 0.1: E = (1 - 0.8^5) / 0.2 = 3.3616, speedup = 3.3616 / 1.4.
     assert speedup(0.8, 4, 0.1) == pytest.approx(3.3616 / 1.4)
     assert speedup(1.0, 3, 0.0) == 4.0
     assert speedup(0.0, 3, 0.5) == pytest.approx(1 / 2.5)  # drafting that never pays

@@ -222,19 +222,19 @@ def tree_reaches(
     *,
     alpha: float,
     runner_up: float,
-    gamma: int,
+    k: int,
     threshold: float,
     max_blocks: int,
 ) -> list[float]:
     """The chances of reaching the branch blocks a drafter drafts for one block (misses
     and their subtrees, best first, each at least ``threshold``, at most ``max_blocks``):
     the blocks :meth:`DraftTree.candidates` offers off the main chain, in a model where
-    every block drafts ``gamma`` tokens and acceptances are independent. For the cost
+    every block drafts ``k`` tokens and acceptances are independent. For the cost
     model (p2pspec.core.policy)."""
-    if gamma < 1 or max_blocks < 1:
+    if k < 1 or max_blocks < 1:
         return []
-    miss = [alpha**i * (1 - alpha) * runner_up for i in range(gamma)]
-    hit = alpha ** (gamma + 1)
+    miss = [alpha**i * (1 - alpha) * runner_up for i in range(k)]
+    hit = alpha ** (k + 1)
     order = itertools.count()
     heap = [(-p, next(order)) for p in miss]
     heapq.heapify(heap)

@@ -3,12 +3,12 @@
 Notation as in research.md and Leviathan et al. 2023 (arXiv 2211.17192):
 
 * ``α`` (``alpha``): per-token acceptance rate of a drafter / verifier pair.
-* ``γ`` (``gamma``): drafted tokens per round.
-* ``E(α, γ) = (1 − α^(γ+1)) / (1 − α)``: expected tokens committed per round
+* ``k`` (``k``): drafted tokens per round.
+* ``E(α, k) = (1 − α^(k+1)) / (1 − α)``: expected tokens committed per round
   (:func:`p2pspec.core.speculative.expected_tokens_per_round`).
 * ``t_draft``: seconds per drafted token on the drafter.
 * ``t_verify``: seconds of one verifier forward pass (one round), assumed independent of
-  ``γ`` for the small ``γ`` used here (a pass over ``γ + 1`` tokens is memory-bound).
+  ``k`` for the small ``k`` used here (a pass over ``k + 1`` tokens is memory-bound).
 * ``t_send``: seconds to put a draft on the wire (serialisation and bandwidth).
 * ``RTT``: network round trip between drafter and verifier.
 * ``L = t_send + RTT + t_verify``: the verification latency of one round as the drafter
@@ -24,7 +24,7 @@ pipelined and with branches),
 :class:`AcceptanceEstimate` and :class:`EWMA` (online estimates of its inputs),
 :func:`choose_drafter` and :func:`choose_verifier` (matching, each returning a
 :class:`Decision` that records every candidate's inputs, score and exclusion reason, to be
-logged as one structured event), and :class:`AdaptiveDraftLength` (per-session ``γ`` and
+logged as one structured event), and :class:`AdaptiveDraftLength` (per-session ``k`` and
 blocks in flight).
 """
 
@@ -75,8 +75,8 @@ __all__ = [
 
 # A new drafter / verifier pair is assumed to accept this often until observed otherwise.
 DEFAULT_PRIOR_ALPHA = 0.6
-# The prior counts as this many tested draft positions (≈ 3.7 rounds at α = 0.6, γ = 4,
-# where a round tests (1 − α^γ) / (1 − α) ≈ 2.2 positions on average).
+# The prior counts as this many tested draft positions (≈ 3.7 rounds at α = 0.6, k = 4,
+# where a round tests (1 − α^k) / (1 − α) ≈ 2.2 positions on average).
 DEFAULT_PRIOR_TRIALS = 8.0
 # Observations lose half their weight after this many rounds (acceptance drifts with the
 # text being generated; twenty rounds is a few sentences).
@@ -115,30 +115,30 @@ def _check_seconds(name: str, value: float) -> None:
         raise ValueError(f"{name} must be finite and >= 0 seconds, got {value!r}")
 
 
-def pipeline_hit_probability(alpha: float, gamma: int) -> float:
-    """Probability ``α^(γ+1)`` that a block drafted ahead survives its predecessor's verdict.
+def pipeline_hit_probability(alpha: float, k: int) -> float:
+    """Probability ``α^(k+1)`` that a block drafted ahead survives its predecessor's verdict.
 
     The drafter drafts ahead on the assumption that the round in flight commits exactly its
-    own continuation: all ``γ`` drafted tokens accepted *and* the verifier's extra token
-    equal to the drafter's next token. Under independent acceptance that is ``γ + 1``
+    own continuation: all ``k`` drafted tokens accepted *and* the verifier's extra token
+    equal to the drafter's next token. Under independent acceptance that is ``k + 1``
     successes in a row. (In :func:`p2pspec.core.speculative.verify_rejection` the extra token is
-    the drafter's own ``x_{γ+1}`` accepted by the same test, so this is exact there; in
+    the drafter's own ``x_{k+1}`` accepted by the same test, so this is exact there; in
     greedy mode it is the chance that the two argmaxes agree, which is again ``α``.)
     """
     _check_alpha(alpha)
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-    return math.pow(alpha, gamma + 1)
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return math.pow(alpha, k + 1)
 
 
 def pipeline_block_seconds(
-    *, gamma: int, t_draft_s: float, t_send_s: float, t_receive_s: float = 0.0
+    *, k: int, t_draft_s: float, t_send_s: float, t_receive_s: float = 0.0
 ) -> float:
-    """The drafter's work per block sent ahead: its ``γ`` tokens and the guess of the
-    previous block's extra token, ``(γ+1)·t_draft``, plus ``t_send``, the per-request
+    """The drafter's work per block sent ahead: its ``k`` tokens and the guess of the
+    previous block's extra token, ``(k+1)·t_draft``, plus ``t_send``, the per-request
     work (framing, sealing, the verdict's check) that one block costs however short, plus
     ``t_receive`` (:func:`predicted_tokens_per_second`)."""
-    return (gamma + 1) * t_draft_s + t_send_s + t_receive_s
+    return (k + 1) * t_draft_s + t_send_s + t_receive_s
 
 
 def pipeline_send_interval(
@@ -168,7 +168,7 @@ def branch_threshold(*, block_s: float, latency_s: float) -> float:
 
 
 def _reached_blocks(
-    *, alpha: float, gamma: int, hit: float, runner_up: float, threshold: float
+    *, alpha: float, k: int, hit: float, runner_up: float, threshold: float
 ) -> float:
     """Per cycle (see below), the expected number of blocks the verifier takes: the main
     chain's (``1 / (1 − a)``) and, with branches, those of every branch drafted on them,
@@ -182,7 +182,7 @@ def _reached_blocks(
     branches = tree_reaches(
         alpha=alpha,
         runner_up=runner_up,
-        gamma=gamma,
+        k=k,
         threshold=threshold,
         max_blocks=MAX_TREE_BLOCKS - 1,
     )
@@ -196,7 +196,7 @@ def _reached_blocks(
 def predicted_tokens_per_second(
     *,
     alpha: float,
-    gamma: int,
+    k: int,
     t_draft_s: float,
     t_verify_s: float,
     rtt_s: float,
@@ -211,11 +211,11 @@ def predicted_tokens_per_second(
 
     Synchronous (draft, send, wait for the verdict, repeat)::
 
-        rate = E(α, γ) / (γ·t_draft + t_send + RTT + t_verify)
+        rate = E(α, k) / (k·t_draft + t_send + RTT + t_verify)
 
-    Pipelined (peers/drafter.py): the drafter keeps drafting blocks of ``γ`` tokens while
+    Pipelined (peers/drafter.py): the drafter keeps drafting blocks of ``k`` tokens while
     verdicts travel, up to ``depth`` blocks in flight, each assuming its predecessors are
-    committed whole (a *hit*, probability ``a = α^(γ+1)``,
+    committed whole (a *hit*, probability ``a = α^(k+1)``,
     :func:`pipeline_hit_probability`). The verifier takes a session's blocks in order and
     skips one whose assumption failed (free in this model; :func:`best_plan`'s margin
     covers what it really costs). Assumptions, to be checked against
@@ -226,18 +226,18 @@ def predicted_tokens_per_second(
     misses (block ``J``, ``P(J = j) = a^(j−1)·(1 − a)``). It commits every token up to
     and including the first rejection, ``E / (1 − a)`` on average (the same count as
     ``1 / (1 − a)`` synchronous rounds), and takes
-    ``γ·t_draft + L + w + (J − 1)·s``: the verdict that misses finds the drafter in the
+    ``k·t_draft + L + w + (J − 1)·s``: the verdict that misses finds the drafter in the
     middle of drafting a block ahead, which the miss kills; the drafter stops it at its
     next token (``Drafter.propose``'s ``stop``), so the verdict waits ``w = t_draft/2`` on
     average. On average::
 
-        rate = (E / (1 − a)) / (γ·t_draft + L + w + s·a / (1 − a))
+        rate = (E / (1 − a)) / (k·t_draft + L + w + s·a / (1 − a))
 
-    against ``γ·t_draft + L`` per round synchronously: pipelining pays ``s`` instead of a
+    against ``k·t_draft + L`` per round synchronously: pipelining pays ``s`` instead of a
     whole round for every hit, and ``w`` per miss. So it wins when hits are likely and
     the link is long; at large RTT pipelined approaches ``1 / (1 − α)`` tokens per round
     trip against ``E`` for synchronous. ``α = 0`` (no hits) loses the ``w`` per round;
-    ``α = 1`` gives ``(γ + 1) / s``. :func:`best_plan` weighs both.
+    ``α = 1`` gives ``(k + 1) / s``. :func:`best_plan` weighs both.
 
     ``t_receive``: what each block ahead costs the pipeline beyond that model (reading and
     opening its verdict, scheduling), measured by the drafter from the gaps between the
@@ -253,11 +253,11 @@ def predicted_tokens_per_second(
     ``s`` (it was drafted ahead), so with ``B`` reached blocks a cycle (``1 / (1 − a)``
     without branches)::
 
-        rate = E·B / (γ·t_draft + L + w + s·(B − 1))
+        rate = E·B / (k·t_draft + L + w + s·(B − 1))
     """
     _check_alpha(alpha)
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
     for name, value in (
         ("t_draft_s", t_draft_s),
         ("t_verify_s", t_verify_s),
@@ -266,36 +266,34 @@ def predicted_tokens_per_second(
         ("t_receive_s", t_receive_s),
     ):
         _check_seconds(name, value)
-    drafting = gamma * t_draft_s
+    drafting = k * t_draft_s
     latency = t_send_s + rtt_s + t_verify_s
     synchronous = drafting + latency
     if synchronous <= 0.0:
         raise ValueError("a round must take some time: all of the times are zero")
-    expected = expected_tokens_per_round(alpha, gamma)
+    expected = expected_tokens_per_round(alpha, k)
     if not pipelined:
         return expected / synchronous
     block = pipeline_block_seconds(
-        gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s, t_receive_s=t_receive_s
+        k=k, t_draft_s=t_draft_s, t_send_s=t_send_s, t_receive_s=t_receive_s
     )
     send = pipeline_send_interval(
         block_s=block, t_verify_s=t_verify_s, latency_s=latency, depth=depth
     )
-    hit = pipeline_hit_probability(alpha, gamma)
+    hit = pipeline_hit_probability(alpha, k)
     if hit >= 1.0:
-        return (gamma + 1) / send
-    blocks = _reached_blocks(
-        alpha=alpha, gamma=gamma, hit=hit, runner_up=runner_up, threshold=threshold
-    )
+        return (k + 1) / send
+    blocks = _reached_blocks(alpha=alpha, k=k, hit=hit, runner_up=runner_up, threshold=threshold)
     wait = t_draft_s / 2  # for the drafting that a miss stops
     return expected * blocks / (synchronous + wait + send * (blocks - 1.0))
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How a session drafts next: ``gamma`` tokens a block, up to ``depth`` blocks in
+    """How a session drafts next: ``k`` tokens a block, up to ``depth`` blocks in
     flight (1: synchronous), and the rate the cost model predicts for it."""
 
-    gamma: int
+    k: int
     depth: int
     tokens_per_s: float
     # Branches are drafted when their chance of being verified is at least this
@@ -337,36 +335,36 @@ def best_plan(
     t_verify_s: float | Sequence[float],
     rtt_s: float,
     t_send_s: float = 0.0,
-    max_gamma: int = MAX_DRAFT_TOKENS,
+    max_k: int = MAX_DRAFT_TOKENS,
     max_depth: int = MAX_PIPELINE_DEPTH,
-    min_gamma: int = 1,
+    min_k: int = 1,
     t_receive_s: float = 0.0,
     margin: float = PIPELINE_MARGIN,
     runner_up: float = 0.0,
 ) -> Plan:
-    """The best :class:`Plan`: every ``γ`` in ``min_gamma..max_gamma``, synchronous or
+    """The best :class:`Plan`: every ``k`` in ``min_k..max_k``, synchronous or
     pipelined at :func:`pipeline_depth` (when ``max_depth ≥ 2``), with branches too when
     ``runner_up > 0`` (:func:`branch_threshold`), by predicted tokens per second;
-    on ties the smaller ``γ``. Pipelined only when it beats the best synchronous plan by
+    on ties the smaller ``k``. Pipelined only when it beats the best synchronous plan by
     ``margin``: every block drafted ahead also costs what the model leaves out (the
     verifier reads and skips the ones a miss discards; they take the drafter's core from
     the block that replaces them), which measured 5 to 30 % on loopback with tiny models.
 
     ``t_verify_s`` may be the verifier's cost curve (:func:`verify_seconds`): a round of
-    ``γ`` drafted tokens then costs its pass over ``γ + 1`` tokens (the base token and the
+    ``k`` drafted tokens then costs its pass over ``k + 1`` tokens (the base token and the
     draft), so where verifying grows with ``n`` (a quantized model on a CPU) long drafts
     are priced as what they cost."""
-    if not 0 <= min_gamma <= max_gamma:
-        raise ValueError(f"need 0 <= min_gamma <= max_gamma, got {min_gamma}, {max_gamma}")
+    if not 0 <= min_k <= max_k:
+        raise ValueError(f"need 0 <= min_k <= max_k, got {min_k}, {max_k}")
     if max_depth < 1:
         raise ValueError(f"max_depth must be >= 1, got {max_depth}")
     curve = t_verify_s
-    best = {1: Plan(min_gamma, 1, -math.inf), 2: Plan(min_gamma, 2, -math.inf)}
-    for gamma in range(min_gamma, max_gamma + 1):
-        t_verify_s = verify_seconds(curve, gamma + 1)
+    best = {1: Plan(min_k, 1, -math.inf), 2: Plan(min_k, 2, -math.inf)}
+    for k in range(min_k, max_k + 1):
+        t_verify_s = verify_seconds(curve, k + 1)
         latency = t_send_s + rtt_s + t_verify_s
         block = pipeline_block_seconds(
-            gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s, t_receive_s=t_receive_s
+            k=k, t_draft_s=t_draft_s, t_send_s=t_send_s, t_receive_s=t_receive_s
         )
         plans = [(1, math.inf)]
         if max_depth >= 2:
@@ -375,16 +373,14 @@ def best_plan(
             )
             plans.append((depth, math.inf))
             if runner_up > 0.0:
-                drafting = pipeline_block_seconds(
-                    gamma=gamma, t_draft_s=t_draft_s, t_send_s=t_send_s
-                )
+                drafting = pipeline_block_seconds(k=k, t_draft_s=t_draft_s, t_send_s=t_send_s)
                 threshold = branch_threshold(block_s=drafting, latency_s=latency)
                 if threshold < 1.0:  # else no branch is ever worth drafting
                     plans.append((depth, threshold))
         for depth, threshold in plans:
             rate = predicted_tokens_per_second(
                 alpha=alpha,
-                gamma=gamma,
+                k=k,
                 t_draft_s=t_draft_s,
                 t_verify_s=t_verify_s,
                 rtt_s=rtt_s,
@@ -397,7 +393,7 @@ def best_plan(
             )
             kind = min(depth, 2)  # synchronous or pipelined
             if rate > best[kind].tokens_per_s * (1 + 1e-12):
-                best[kind] = Plan(gamma, depth, rate, threshold)
+                best[kind] = Plan(k, depth, rate, threshold)
     synchronous, pipelined = best[1], best[2]
     return pipelined if pipelined.tokens_per_s > margin * synchronous.tokens_per_s else synchronous
 
@@ -409,15 +405,15 @@ def best_draft_length(
     t_verify_s: float,
     rtt_s: float,
     t_send_s: float = 0.0,
-    max_gamma: int = MAX_DRAFT_TOKENS,
+    max_k: int = MAX_DRAFT_TOKENS,
     pipelined: bool = False,
 ) -> int:
-    """The ``γ`` in ``1..max_gamma`` that maximises :func:`predicted_tokens_per_second`
-    (pipelined: the best :class:`Plan`'s); the smallest such ``γ`` on ties (less work
+    """The ``k`` in ``1..max_k`` that maximises :func:`predicted_tokens_per_second`
+    (pipelined: the best :class:`Plan`'s); the smallest such ``k`` on ties (less work
     wasted on a rejection).
 
-    Synchronous, for ``L = t_send + RTT + t_verify ≫ γ·t_draft`` the optimum satisfies
-    ``α^(γ+1) ≈ t_draft / (L·ln(1/α))``, i.e. ``γ* + 1 ≈ ln(L·ln(1/α) / t_draft) / ln(1/α)``:
+    Synchronous, for ``L = t_send + RTT + t_verify ≫ k·t_draft`` the optimum satisfies
+    ``α^(k+1) ≈ t_draft / (L·ln(1/α))``, i.e. ``k* + 1 ≈ ln(L·ln(1/α) / t_draft) / ln(1/α)``:
     it grows only logarithmically with the round trip (each tenfold RTT adds about
     ``ln 10 / ln(1/α)`` tokens), falls as ``α`` falls, and is 1 at ``α = 0`` (every
     drafted token beyond the first costs time and yields nothing).
@@ -428,9 +424,9 @@ def best_draft_length(
         t_verify_s=t_verify_s,
         rtt_s=rtt_s,
         t_send_s=t_send_s,
-        max_gamma=max_gamma,
+        max_k=max_k,
         max_depth=MAX_PIPELINE_DEPTH if pipelined else 1,
-    ).gamma
+    ).k
 
 
 def effective_verify_time(t_verify_s: float, *, load: int, capacity: int) -> float:
@@ -462,11 +458,11 @@ def _decay(half_life: float) -> float:
 class AcceptanceEstimate:
     """Online, exponentially weighted estimate of a pair's acceptance rate ``α``.
 
-    A round that drafts ``γ`` tokens and accepts ``n`` of them tested ``n + 1`` positions
-    when ``n < γ`` (the last one rejected) and ``γ`` positions when all were accepted. Under
+    A round that drafts ``k`` tokens and accepts ``n`` of them tested ``n + 1`` positions
+    when ``n < k`` (the last one rejected) and ``k`` positions when all were accepted. Under
     independent acceptance the maximum-likelihood estimate over many rounds is::
 
-        α̂ = Σ accepted / Σ (accepted + rejections),   rejections = 1 if n < γ else 0
+        α̂ = Σ accepted / Σ (accepted + rejections),   rejections = 1 if n < k else 0
 
     (the ratio of expectations is exactly ``α``). Each sum is exponentially weighted: on
     every observed round both decay by ``2^(−1/half_life_rounds)``, so a round's weight
@@ -615,7 +611,7 @@ def enough_drafted(
     committed token only if every token so far is kept (chance ``kept_so_far``, from
     :class:`ConfidenceCalibration`) and it is too (``α`` on average): worth it while
     ``kept_so_far·α ≥ rate·t_draft``, the session's rate being what its time earns now.
-    The same margin gives the fixed optimum ``γ*`` when every chance is ``α``; here a
+    The same margin gives the fixed optimum ``k*`` when every chance is ``α``; here a
     draft runs on while the drafter is sure and ends where it starts guessing."""
     _check_alpha(alpha)
     _check_seconds("t_draft_s", t_draft_s)
@@ -625,19 +621,19 @@ def enough_drafted(
 
 
 class AdaptiveDraftLength:
-    """Per-session choice of ``γ`` for the next round, from what the session has observed.
+    """Per-session choice of ``k`` for the next round, from what the session has observed.
 
     Feeds :func:`best_plan` with the session's :class:`AcceptanceEstimate` and
     EWMAs of ``t_draft`` (per drafted token), ``t_verify`` (the verifier's compute per
     round, e.g. ``Verdict.compute_seconds``) and ``RTT`` (the verify round trip seen by the
     drafter minus the verifier's compute, so it includes ``t_send``). Until each of the
     three times has a value (observed, or given as a starting estimate) it returns
-    ``initial_gamma``. Always in ``1..max_gamma``; deterministic: the same observations in
-    the same order give the same ``γ``.
+    ``initial_k``. Always in ``1..max_k``; deterministic: the same observations in
+    the same order give the same ``k``.
 
     With the verifier's measured cost curve (``verify_costs_s``: seconds of its pass over
-    ``n`` = 1, 2, ... tokens, from its record) a round of ``γ`` tokens is priced at its pass
-    over ``γ + 1``, the curve scaled by how the observed passes compare with it (load,
+    ``n`` = 1, 2, ... tokens, from its record) a round of ``k`` tokens is priced at its pass
+    over ``k + 1``, the curve scaled by how the observed passes compare with it (load,
     batching, a busier machine); and with ``solo`` (the verifier can decode alone) the
     plan may be ``k = 0``: nothing drafted, the verifier's own speed, ``1 / (t_verify(1) +
     per-token overhead)``, chosen unless drafting is predicted ``SOLO_MARGIN`` faster. So a
@@ -649,10 +645,10 @@ class AdaptiveDraftLength:
     def __init__(
         self,
         *,
-        max_gamma: int = MAX_DRAFT_TOKENS,
-        initial_gamma: int = 4,
+        max_k: int = MAX_DRAFT_TOKENS,
+        initial_k: int = 4,
         pipelined: bool = False,
-        fixed_gamma: bool = False,
+        fixed_k: bool = False,
         max_depth: int = MAX_PIPELINE_DEPTH,
         acceptance: AcceptanceEstimate | None = None,
         half_life_samples: float = DEFAULT_HALF_LIFE_SAMPLES,
@@ -662,13 +658,13 @@ class AdaptiveDraftLength:
         verify_costs_s: Sequence[float] | None = None,
         solo: bool = False,
     ) -> None:
-        if max_gamma < 1:
-            raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
-        self.max_gamma = max_gamma
-        self.initial_gamma = min(max(initial_gamma, 1), max_gamma)
+        if max_k < 1:
+            raise ValueError(f"max_k must be >= 1, got {max_k}")
+        self.max_k = max_k
+        self.initial_k = min(max(initial_k, 1), max_k)
         self.pipelined = pipelined
-        # Fixed: γ stays `initial_gamma` (0 allowed) and only the depth adapts.
-        self.fixed_gamma = initial_gamma if fixed_gamma else None
+        # Fixed: k stays `initial_k` (0 allowed) and only the depth adapts.
+        self.fixed_k = initial_k if fixed_k else None
         self.max_depth = max(max_depth, 1)
         self.acceptance = acceptance if acceptance is not None else AcceptanceEstimate()
         self.t_draft = EWMA(half_life_samples=half_life_samples, initial=t_draft_s)
@@ -762,16 +758,16 @@ class AdaptiveDraftLength:
         return 1.0 / max(curve[0] + (self.solo_overhead.value or 0.0), 1e-9)
 
     def next_plan(self) -> Plan:
-        """``γ`` and blocks in flight for the next round (``depth`` 1 unless pipelined;
+        """``k`` and blocks in flight for the next round (``depth`` 1 unless pipelined;
         pipelined sessions still go synchronous where the model says pipelining loses);
         ``solo`` where the verifier decoding alone is predicted at least as fast."""
-        if self.solo and self.fixed_gamma == 0:
+        if self.solo and self.fixed_k == 0:
             return Plan(0, 1, self.solo_rate(), solo=True)
         curve = self.verify_curve()
         t_draft, rtt = self.t_draft.value, self.rtt.value
         t_verify: float | list[float] | None = curve if curve is not None else self.t_verify.value
         depth = self.max_depth if self.pipelined else 1
-        first = self.initial_gamma if self.fixed_gamma is None else self.fixed_gamma
+        first = self.initial_k if self.fixed_k is None else self.fixed_k
         if rtt is None and curve is not None:
             rtt = 0.0  # unmeasured: the case most in drafting's favour, corrected in a round
         if t_draft is None or t_verify is None or rtt is None:
@@ -785,19 +781,19 @@ class AdaptiveDraftLength:
             rtt_s=rtt,
             t_send_s=self.t_send.value or 0.0,
             t_receive_s=self.t_receive.value or 0.0,
-            min_gamma=1 if self.fixed_gamma is None else self.fixed_gamma,
-            max_gamma=self.max_gamma if self.fixed_gamma is None else self.fixed_gamma,
+            min_k=1 if self.fixed_k is None else self.fixed_k,
+            max_k=self.max_k if self.fixed_k is None else self.fixed_k,
             max_depth=depth,
             runner_up=self.runner_up.alpha if self.pipelined else 0.0,
         )
         solo = self.solo_rate()
-        if self.solo and self.fixed_gamma is None and drafting.tokens_per_s < SOLO_MARGIN * solo:
+        if self.solo and self.fixed_k is None and drafting.tokens_per_s < SOLO_MARGIN * solo:
             return Plan(0, 1, solo, solo=True)
         return drafting
 
-    def next_gamma(self) -> int:
-        """``γ`` for the next round."""
-        return self.next_plan().gamma
+    def next_k(self) -> int:
+        """``k`` for the next round."""
+        return self.next_plan().k
 
 
 # -- matching ---------------------------------------------------------------------------
@@ -999,7 +995,7 @@ def assess_verifiers(
     tokenizer_fingerprint: str | None,
     t_draft_s: float,
     t_verify_s_default: float,
-    gamma_max: int = MAX_DRAFT_TOKENS,
+    k_max: int = MAX_DRAFT_TOKENS,
     exclude: Collection[str] = (),
     alpha_prior: float = DEFAULT_PRIOR_ALPHA,
     pipelined: bool = False,
@@ -1008,10 +1004,10 @@ def assess_verifiers(
     """Every candidate, screened and scored as a verifier, best first (excluded last).
 
     Eligible as for drafters, with role verifier. The score of an eligible verifier is the
-    predicted tokens per second of this session on it, at its best ``γ`` in
-    ``1..gamma_max`` (the session adapts ``γ``)::
+    predicted tokens per second of this session on it, at its best ``k`` in
+    ``1..k_max`` (the session adapts ``k``)::
 
-        score = max_γ predicted_tokens_per_second(α_pair, γ, t_draft, t_verify_eff, RTT)
+        score = max_k predicted_tokens_per_second(α_pair, k, t_draft, t_verify_eff, RTT)
 
     with ``α_pair`` the pair's observed acceptance (``alpha_prior`` if never paired) and
     ``t_verify_eff = effective_verify_time(t_verify, load, capacity)`` (the queueing
@@ -1045,10 +1041,10 @@ def assess_verifiers(
             t_draft_s=t_draft_s,
             t_verify_s=t_verify_eff,
             rtt_s=rtt if rtt is not None else 0.0,
-            max_gamma=gamma_max,
+            max_k=k_max,
             max_depth=MAX_PIPELINE_DEPTH if pipelined else 1,
         )
-        gamma, rate = plan.gamma, plan.tokens_per_s
+        k, rate = plan.k, plan.tokens_per_s
         inputs.update(
             alpha=alpha,
             alpha_observed=c.alpha is not None,
@@ -1056,7 +1052,7 @@ def assess_verifiers(
             t_verify_s=t_verify,
             t_verify_eff_s=t_verify_eff,
             rtt_assumed_s=rtt,
-            gamma=gamma,
+            k=k,
             depth=plan.depth,
             pipelined=pipelined,
         )
@@ -1072,7 +1068,7 @@ def choose_verifier(
     tokenizer_fingerprint: str | None,
     t_draft_s: float,
     t_verify_s_default: float,
-    gamma_max: int = MAX_DRAFT_TOKENS,
+    k_max: int = MAX_DRAFT_TOKENS,
     exclude: Collection[str] = (),
     alpha_prior: float = DEFAULT_PRIOR_ALPHA,
     pipelined: bool = False,
@@ -1085,7 +1081,7 @@ def choose_verifier(
         tokenizer_fingerprint=tokenizer_fingerprint,
         t_draft_s=t_draft_s,
         t_verify_s_default=t_verify_s_default,
-        gamma_max=gamma_max,
+        k_max=k_max,
         exclude=exclude,
         alpha_prior=alpha_prior,
         pipelined=pipelined,

@@ -7,7 +7,7 @@ Notation, as in the paper (transformers uses the same; gpt-fast swaps the letter
 
 * ``p`` is the **verifier** (target) distribution, ``M_p`` in the paper.
 * ``q`` is the **drafter** distribution, ``M_q`` in the paper.
-* ``γ`` (``k`` in code) is the number of drafted tokens ``x_1..x_k`` in a round.
+* ``k`` (``k`` in code) is the number of drafted tokens ``x_1..x_k`` in a round.
 * ``α`` is the per-token acceptance rate, ``E[min(1, p(x)/q(x))]``.
 
 Positions are absolute: ``n`` is a token's fixed index in the sequence, on which drafter
@@ -489,24 +489,24 @@ def _check_verifier_distribution(p_i: FloatArray, vocab_size: int, i: int) -> No
         raise ValueError(f"p[{i}] must sum to 1 (probabilities, not logits)")
 
 
-def expected_tokens_per_round(alpha: float, gamma: int) -> float:
-    """Leviathan et al. eq. (1): ``E = (1 - α^(γ+1)) / (1 - α)`` tokens per round
-    (``γ + 1`` at ``α = 1``), for per-token acceptance rate ``α`` and ``γ`` drafted tokens."""
+def expected_tokens_per_round(alpha: float, k: int) -> float:
+    """Leviathan et al. eq. (1): ``E = (1 - α^(k+1)) / (1 - α)`` tokens per round
+    (``k + 1`` at ``α = 1``), for per-token acceptance rate ``α`` and ``k`` drafted tokens."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
     if alpha == 1.0:
-        return float(gamma + 1)
+        return float(k + 1)
     if alpha == 0.0:
         return 1.0
-    # 1 - α^(γ+1) as -expm1((γ+1) ln α): no cancellation when α is close to 1.
-    return -math.expm1((gamma + 1) * math.log(alpha)) / (1.0 - alpha)
+    # 1 - α^(k+1) as -expm1((k+1) ln α): no cancellation when α is close to 1.
+    return -math.expm1((k + 1) * math.log(alpha)) / (1.0 - alpha)
 
 
-def speedup(alpha: float, gamma: int, c: float) -> float:
-    """Leviathan et al. Theorem 3.8: expected wall-time speedup ``E / (γc + 1)``, where ``c``
+def speedup(alpha: float, k: int, c: float) -> float:
+    """Leviathan et al. Theorem 3.8: expected wall-time speedup ``E / (kc + 1)``, where ``c``
     is the cost of one drafter step relative to one verifier step."""
     if not (math.isfinite(c) and c >= 0.0):
         raise ValueError(f"c must be finite and >= 0, got {c!r}")
-    return expected_tokens_per_round(alpha, gamma) / (gamma * c + 1.0)
+    return expected_tokens_per_round(alpha, k) / (k * c + 1.0)

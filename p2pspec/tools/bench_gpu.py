@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             for rtt in RTTS_S:
                 plan = best_plan(alpha=alpha, t_draft_s=td, t_verify_s=curve, rtt_s=rtt)
                 plans.append({
-                    "drafter": where, "alpha": alpha, "rtt_ms": 1000 * rtt, "k": plan.gamma,
+                    "drafter": where, "alpha": alpha, "rtt_ms": 1000 * rtt, "k": plan.k,
                     "depth": plan.depth, "predicted_tokens_per_s": plan.tokens_per_s,
                     "over_plain": plan.tokens_per_s / plain,
                 })  # fmt: skip

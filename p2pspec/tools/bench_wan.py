@@ -58,7 +58,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         "raw": True,
         "max_new_tokens": 64,
         "prompts": ["hello mesh", "speculative decoding", "peer to peer", "a b c d e f"],
-        "sync_gammas": [1, 2, 4, 6, 8],
+        "sync_ks": [1, 2, 4, 6, 8],
         "repeats": 3,
         "scaling": [1, 2, 4, 8, 16],
     },
@@ -71,7 +71,7 @@ SETUPS: dict[str, dict[str, Any]] = {
             "Write a Python function that checks whether a string is a palindrome.",
             "Explain what a hash map is in two sentences.",
         ],
-        "sync_gammas": [2, 4, 6],
+        "sync_ks": [2, 4, 6],
         "repeats": 2,
         "scaling": [],
     },
@@ -103,7 +103,7 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
     ):  # fmt: skip
         totals[key] = sum(r.stats[key] for r in results)
     lengths = [k for r in results for k in r.stats["draft_lengths"]]
-    gamma = round(statistics.mean(lengths)) if lengths else 0
+    k = round(statistics.mean(lengths)) if lengths else 0
     depth = max(r.stats["max_in_flight"] for r in results)
     alpha = _alpha(totals)
     t_draft = totals["draft_seconds"] / max(totals["drafted"], 1)
@@ -123,12 +123,12 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
     threshold = math.inf  # no branches
     if totals["branch_blocks"]:
         threshold = branch_threshold(
-            block_s=pipeline_block_seconds(gamma=gamma, t_draft_s=t_draft, t_send_s=t_send),
+            block_s=pipeline_block_seconds(k=k, t_draft_s=t_draft, t_send_s=t_send),
             latency_s=t_send + rtt_s + t_verify,
         )
     rate = predicted_tokens_per_second(
         alpha=alpha,
-        gamma=gamma,
+        k=k,
         t_draft_s=t_draft,
         t_verify_s=t_verify,
         rtt_s=rtt_s,
@@ -151,7 +151,7 @@ def _summarise(results: list[Result], seconds: float, rtt_s: float) -> dict[str,
         "model_tokens_per_second": rate,  # the arithmetic's rate, prefill and setup aside
         "gap": measured / predicted - 1.0,
         "alpha": alpha,
-        "gamma_mean": statistics.mean(lengths) if lengths else 0.0,
+        "k_mean": statistics.mean(lengths) if lengths else 0.0,
         "max_in_flight": depth,
         "t_draft_ms": 1000 * t_draft,
         "t_verify_ms": 1000 * t_verify,
@@ -223,7 +223,7 @@ async def _mesh_runs(setup: dict[str, Any], workdir: Path, cores: list[int]) -> 
             peers.append(d)
             async with Client([v.address]) as client:
                 await client.generate(setup["prompts"][0], max_new_tokens=4, raw=setup["raw"])
-                gammas = setup["sync_gammas"]
+                ks = setup["sync_ks"]
                 for rtt_ms in RTTS_MS:
                     proxy.delay_s = rtt_ms / 2000
                     rtts = await _measure_rtt(client, v.address)
@@ -240,7 +240,7 @@ async def _mesh_runs(setup: dict[str, Any], workdir: Path, cores: list[int]) -> 
                     runs: dict[str, tuple[list[Result], float]] = {}
                     rounds: dict[str, list[float]] = {}  # tokens/s of each turn
                     methods: list[tuple[str, dict[str, Any]]] = [
-                        *((str(g), {"draft_tokens": g, "pipelined": False}) for g in gammas),
+                        *((str(g), {"draft_tokens": g, "pipelined": False}) for g in ks),
                         ("pipelined", {"pipelined": True}),
                     ]
                     for _ in range(setup["repeats"]):
@@ -250,9 +250,9 @@ async def _mesh_runs(setup: dict[str, Any], workdir: Path, cores: list[int]) -> 
                             runs[name] = (done + results, total + secs)
                             tokens = sum(len(r.token_ids) for r in results)
                             rounds.setdefault(name, []).append(tokens / secs)
-                    for gamma in gammas:
-                        row["synchronous"][str(gamma)] = _summarise(*runs[str(gamma)], rtt_s)
-                        row["synchronous"][str(gamma)]["rounds"] = rounds[str(gamma)]
+                    for k in ks:
+                        row["synchronous"][str(k)] = _summarise(*runs[str(k)], rtt_s)
+                        row["synchronous"][str(k)]["rounds"] = rounds[str(k)]
                     row["pipelined_adaptive"] = _summarise(*runs["pipelined"], rtt_s)
                     row["pipelined_adaptive"]["rounds"] = rounds["pipelined"]
                     out["by_rtt"].append(row)

@@ -20,8 +20,8 @@ GAP_LIMIT = 0.20  # a measured speed this far from the prediction is called out
 
 def best_synchronous(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The fixed draft length that was fastest at this RTT."""
-    gamma, best = max(row["synchronous"].items(), key=lambda kv: kv[1]["tokens_per_second"])
-    return gamma, best
+    k, best = max(row["synchronous"].items(), key=lambda kv: kv[1]["tokens_per_second"])
+    return k, best
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -105,15 +105,15 @@ def table(report: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["by_rtt"]:
-        gamma, best = best_synchronous(row)
+        k, best = best_synchronous(row)
         four = row["synchronous"].get("4")
         pipe = row["pipelined_adaptive"]
         lines.append(
             f"| {row['rtt_ms']} ({row['rtt_ms_measured_median']:.1f}) "
             f"| {row['cloud_only']['tokens_per_second']:.1f} "
             f"| {_cell(four) if four else '-'} "
-            f"| {_cell(best)}, k = {gamma} "
-            f"| {_cell(pipe)}, k ≈ {pipe['gamma_mean']:.1f}, in flight ≤ {pipe['max_in_flight']} "
+            f"| {_cell(best)}, k = {k} "
+            f"| {_cell(pipe)}, k ≈ {pipe['k_mean']:.1f}, in flight ≤ {pipe['max_in_flight']} "
             f"| {pipe['tokens_per_second'] / best['tokens_per_second']:.2f}x "
             f"| {pipe['tokens_per_second'] / four['tokens_per_second']:.2f}x "
             f"| {pipe.get('branches_taken', 0)} / {pipe.get('branch_blocks', 0)} "
