@@ -7,7 +7,7 @@ Notation, as in the paper (transformers uses the same; gpt-fast swaps the letter
 
 * ``p`` is the **verifier** (target) distribution, ``M_p`` in the paper.
 * ``q`` is the **drafter** distribution, ``M_q`` in the paper.
-* ``k`` (``k`` in code) is the number of drafted tokens ``x_1..x_k`` in a round.
+* ``k`` is the number of drafted tokens ``x_1..x_k`` in a round.
 * ``α`` is the per-token acceptance rate, ``E[min(1, p(x)/q(x))]``.
 
 Positions are absolute: ``n`` is a token's fixed index in the sequence, on which drafter
