@@ -1,4 +1,5 @@
-"""The libp2p adapter: the one module of p2pspec that imports libp2p.
+"""The libp2p adapter (with streams.py, addrs.py and inbound.py, the only modules of
+p2pspec that import libp2p).
 
 A `Node` owns a py-libp2p host (TCP + Noise + yamux, nothing else) for the length of
 `Node.run`, and gives the rest of p2pspec a small surface: framed streams (`NodeStream`),
@@ -18,7 +19,7 @@ one place:
   (`stream.muxed_conn.peer_id`), never a key read from the Noise session;
 - Noise encrypts a frame (advancing its nonce) before the socket write: a write
   cancelled in between puts the session out of step and the peer drops the whole
-  connection, every stream on it. `_UntornYamux` makes each muxer frame write whole.
+  connection, every stream on it. `UntornYamux` makes each muxer frame write whole.
 
 Peer ids and keys are `p2pspec.crypto` strings and bytes; no libp2p type leaves here.
 """
@@ -27,37 +28,28 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO
 
 import structlog
 import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
-from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
-from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.exceptions import BaseLibp2pError, ParseError
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.identity.identify import identify as libp2p_identify
-from libp2p.io.exceptions import ConnectionClosedError
-from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.protocol_muxer.exceptions import MultiselectClientError
 from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer import muxer_multistream as libp2p_muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
-from libp2p.utils import encode_delim, read_delim
+from libp2p.utils import encode_delim
 from multiaddr import Multiaddr
-from multiaddr.exceptions import Error as MultiaddrError
-from multiaddr.utils import get_network_addrs
 
 from p2pspec import __version__
 from p2pspec.core import framing, wire
@@ -80,8 +72,20 @@ from p2pspec.core.membership import (
     check_proof,
     member_proof,
 )
-from p2pspec.crypto import Identity, InvalidPeerIdError, public_key_from_peer_id
+from p2pspec.crypto import Identity
+from p2pspec.net.addrs import (
+    interface_ips,
+    is_wildcard,
+    libp2p_key_pair,
+    parse_multiaddr,
+    parse_peer_id,
+    split_p2p,
+    tcp_parts,
+    unsupported_protocol,
+    usable,
+)
 from p2pspec.net.inbound import GatedTCP, NoAutoConnect, connection_config
+from p2pspec.net.streams import DEFAULT_CLOSE_TIMEOUT_S, NodeStream, StreamHandler, UntornYamux
 
 __all__ = [
     "AGENT_VERSION",
@@ -102,339 +106,11 @@ DEFAULT_LISTEN_ADDR = "/ip4/127.0.0.1/tcp/0"
 AGENT_VERSION = f"p2pspec/{__version__}"
 FRAME_CAPTURE_ENV = "P2PSPEC_FRAME_CAPTURE"  # a directory: see Node.__init__
 MEMBER_TIMEOUT_S = 5.0  # a peer proves its network key within this of asking
-DEFAULT_CLOSE_TIMEOUT_S = 1.0  # seconds to flush a close or reset before giving up on it
-# A muxer frame (at most yamux's 256 KiB window) that cannot reach the socket buffer in
-# this long means the connection is wedged; it is closed rather than written half.
-FRAME_WRITE_TIMEOUT_S = 10.0
 
 _log = structlog.get_logger("p2pspec.net.node")
 
 ConnectionGater = Callable[[str], bool]
 """Called with a remote peer id; False refuses the peer (its connection is closed)."""
-
-
-# -- connections --------------------------------------------------------------------------
-
-
-class _UntornYamux(Yamux):
-    """Yamux whose frame writes a cancellation cannot tear.
-
-    Every frame the muxer sends (data, window updates, resets, pings) goes through
-    `_write_frame`, which encrypts it and then writes it to the socket. A cancellation
-    at that write's checkpoint (a deadline, a session ended by its client) would drop
-    an encrypted frame whose nonce was spent, and the peer would then fail to decrypt
-    everything after it and close the connection. So the write is shielded: it finishes,
-    and the caller sees its cancellation at its next checkpoint. A write that cannot
-    finish in FRAME_WRITE_TIMEOUT_S closes the connection instead of tearing it.
-    """
-
-    async def _write_frame(self, data: bytes) -> None:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(FRAME_WRITE_TIMEOUT_S) as deadline:
-                await super()._write_frame(data)
-            if deadline.cancelled_caught:
-                with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
-                    await self.secured_conn.close()
-        if deadline.cancelled_caught:
-            raise ConnectionClosedError(
-                f"a frame write to {self.peer_id} took over {FRAME_WRITE_TIMEOUT_S} s: "
-                "the connection is wedged and was closed"
-            )
-
-
-# -- streams ------------------------------------------------------------------------------
-
-
-class _LibP2PByteStream:
-    """framing.ByteStream over a libp2p stream: EOF becomes b"", other failures
-    StreamResetError; counts the bytes of the frame in progress.
-
-    `unconfirmed`: the protocol id proposed on a lazily negotiated stream; the first read
-    takes multistream's two answers first (ProtocolNotSupportedError on "na")."""
-
-    def __init__(
-        self,
-        net_stream: INetStream,
-        capture: BinaryIO | None = None,
-        *,
-        unconfirmed: str | None = None,
-    ) -> None:
-        self._stream = net_stream
-        self._capture = capture
-        self._unconfirmed = unconfirmed
-        self._broken: str | None = None
-        self.frame_bytes_read = 0
-
-    async def _confirm(self) -> None:
-        protocol_id = self._unconfirmed
-        assert protocol_id is not None
-        if self._broken is not None:
-            raise StreamResetError(self._broken)
-        self._broken = "interrupted while confirming the protocol"
-        try:
-            answers = [await read_delim(self._stream) for _ in range(2)]
-        except (BaseLibp2pError, ParseError) as error:
-            raise StreamResetError(f"stream failed while negotiating: {error!r}") from error
-        if answers[0] != MULTISELECT_PROTOCOL_ID.encode():
-            raise StreamResetError(f"not a multistream answer: {answers[0][:64]!r}")
-        if answers[1] != protocol_id.encode():
-            peer = self._stream.muxed_conn.peer_id
-            raise ProtocolNotSupportedError(f"{peer} does not serve {protocol_id}")
-        self._broken = self._unconfirmed = None
-
-    async def read(self, n: int) -> bytes:
-        if self._unconfirmed is not None:
-            await self._confirm()
-        try:
-            data = await self._stream.read(n)
-        except StreamEOF:
-            return b""  # a reset by either side also surfaces here (libp2p-notes)
-        except BaseLibp2pError as error:
-            raise StreamResetError(f"stream failed while reading: {error!r}") from error
-        self.frame_bytes_read += len(data)
-        return data
-
-    async def write(self, data: bytes) -> None:
-        if self._capture is not None and not self._capture.closed:
-            self._capture.write(data)
-            self._capture.flush()
-        try:
-            await self._stream.write(data)
-        except BaseLibp2pError as error:
-            raise StreamResetError(f"stream failed while writing: {error!r}") from error
-
-
-class NodeStream:
-    """One libp2p stream that carries whole frames, each at most `max_frame_bytes` bytes.
-
-    Reads and writes each hold a lock, so concurrent readers (or writers) get whole
-    frames. A read interrupted after part of a frame, or any interrupted write (a
-    deadline firing, a failure), leaves the stream out of step: every later call then
-    raises StreamResetError, and the right move is `reset()` and a new stream. A read
-    cancelled while waiting for the first byte of a frame (an idle timeout) is harmless.
-
-    Usable as an async context manager: closed on normal exit, reset on an exception.
-    """
-
-    def __init__(
-        self,
-        net_stream: INetStream,
-        *,
-        max_frame_bytes: int,
-        capture: BinaryIO | None = None,
-        unconfirmed: bool = False,
-    ) -> None:
-        self._stream = net_stream
-        # The authenticated peer of the connection (Noise proved it holds this key).
-        self._remote_peer_id = str(net_stream.muxed_conn.peer_id)
-        protocol = net_stream.get_protocol()
-        self._protocol_id = str(protocol) if protocol is not None else ""
-        self._max_frame_bytes = max_frame_bytes
-        self._bytes = _LibP2PByteStream(
-            net_stream, capture, unconfirmed=self._protocol_id if unconfirmed else None
-        )
-        self._read_lock = trio.Lock()
-        self._write_lock = trio.Lock()
-        self._out_of_step: str | None = None
-
-    @property
-    def remote_peer_id(self) -> str:
-        """The peer id at the other end, as authenticated by the connection's handshake."""
-        return self._remote_peer_id
-
-    @property
-    def protocol_id(self) -> str:
-        """The protocol id negotiated for this stream."""
-        return self._protocol_id
-
-    @property
-    def max_frame_bytes(self) -> int:
-        """The default maximum frame size of this stream, in bytes."""
-        return self._max_frame_bytes
-
-    async def read(self, n: int) -> bytes:
-        """framing.ByteStream: up to `n` raw bytes, b"" at end of stream.
-
-        For a codec layered on framing over this stream (e.g. a typed channel). Raw reads
-        bypass the out-of-step tracking of `read_frame`; do not mix the two on one stream.
-        """
-        return await self._bytes.read(n)
-
-    async def write(self, data: bytes) -> None:
-        """framing.ByteStream: write raw bytes (see `read`)."""
-        await self._bytes.write(data)
-
-    def _check_in_step(self) -> None:
-        if self._out_of_step is not None:
-            raise StreamResetError(f"stream is out of step ({self._out_of_step}); reset it")
-
-    async def read_frame(self, *, max_size: int | None = None) -> bytes:
-        """Read one whole frame. Raises framing's errors (EndOfStreamError when the peer
-        closed cleanly between frames) or StreamResetError. Waits without limit: call it
-        under `trio.fail_after`."""
-        limit = self._max_frame_bytes if max_size is None else max_size
-        async with self._read_lock:
-            self._check_in_step()
-            self._bytes.frame_bytes_read = 0
-            try:
-                return await framing.read_frame(self._bytes, max_size=limit)
-            except BaseException as error:
-                # Cancelled or failed after part of a frame: the next read would start
-                # mid-frame. Before the first byte (an idle timeout) all is still well,
-                # and after a clean end of stream every later read ends the same way.
-                harmless = isinstance(error, trio.Cancelled | framing.EndOfStreamError)
-                if self._bytes.frame_bytes_read or not harmless:
-                    self._out_of_step = f"read interrupted by {type(error).__name__}"
-                raise
-
-    async def write_frame(self, payload: bytes, *, max_size: int | None = None) -> None:
-        """Write one frame; FrameTooLargeError (nothing sent) above the maximum size,
-        StreamResetError if the stream has failed. Call it under a deadline: a peer that
-        stops reading stalls writes once yamux's window is full."""
-        limit = self._max_frame_bytes if max_size is None else max_size
-        frame = framing.encode_frame(payload, max_size=limit)
-        async with self._write_lock:
-            self._check_in_step()
-            try:
-                await self._bytes.write(frame)
-            except BaseException as error:
-                self._out_of_step = f"write interrupted by {type(error).__name__}"
-                raise
-
-    async def close(self, *, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
-        """Close our side: the peer reads EndOfStreamError after the frames we sent.
-
-        Never raises a stream failure (there is nothing left to do about one); if the
-        close cannot be flushed within `timeout_s` seconds the stream is reset instead.
-        """
-        with trio.move_on_after(timeout_s) as scope:
-            try:
-                await self._stream.close()
-            except BaseLibp2pError as error:
-                _log.debug("stream_close_failed", peer_id=self._remote_peer_id, error=repr(error))
-        if scope.cancelled_caught:
-            await self.reset(timeout_s=timeout_s)
-
-    async def reset(self, *, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
-        """Abort the stream in both directions; unread and unsent data is dropped.
-
-        Never raises a stream failure; gives up after `timeout_s` seconds (the connection
-        is then wedged and libp2p will tear it down)."""
-        self._out_of_step = self._out_of_step or "reset"
-        with trio.move_on_after(timeout_s):
-            try:
-                await self._stream.reset()
-            except BaseLibp2pError as error:
-                _log.debug("stream_reset_failed", peer_id=self._remote_peer_id, error=repr(error))
-
-    async def __aenter__(self) -> NodeStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            await self.close()
-        else:
-            with trio.CancelScope(shield=True):  # reset even when we are being cancelled
-                await self.reset()
-
-
-StreamHandler = Callable[[NodeStream], Awaitable[None]]
-"""`async def handler(stream: NodeStream) -> None`; the stream is closed when it returns."""
-
-
-# -- addresses and ids --------------------------------------------------------------------
-
-
-def _parse_multiaddr(text: str) -> Multiaddr:
-    try:
-        return Multiaddr(text)
-    except (MultiaddrError, ValueError, TypeError) as error:
-        raise InvalidMultiaddrError(f"{text!r} is not a multiaddr: {error}") from error
-
-
-def _parse_peer_id(text: str) -> ID:
-    try:
-        public_key_from_peer_id(text)  # p2pspec peers have Ed25519 ids, nothing else
-    except InvalidPeerIdError as error:
-        raise InvalidMultiaddrError(f"{text!r} is not an Ed25519 peer id: {error}") from error
-    return ID.from_base58(text)
-
-
-def _split_p2p(maddr: Multiaddr) -> tuple[Multiaddr, str | None]:
-    """(transport part, peer id or None) of a multiaddr ending in /p2p/<id> or not."""
-    protocols = [protocol.name for protocol in maddr.protocols()]
-    if "p2p" not in protocols:
-        return maddr, None
-    if protocols.count("p2p") > 1 or protocols[-1] != "p2p":
-        raise InvalidMultiaddrError(f"{maddr} has /p2p/ somewhere other than at its end")
-    peer_id = maddr.get_peer_id()
-    if peer_id is None:
-        raise InvalidMultiaddrError(f"{maddr} has an empty /p2p/ component")
-    return maddr.decapsulate_code(maddr.protocols()[-1].code), str(peer_id)
-
-
-def _tcp_parts(maddr: Multiaddr) -> tuple[str, str, int]:
-    """(ip4|ip6, ip, port) of an /ip4|ip6/<ip>/tcp/<port> multiaddr, else InvalidMultiaddrError."""
-    protocols = [protocol.name for protocol in maddr.protocols()]
-    if len(protocols) != 2 or protocols[0] not in ("ip4", "ip6") or protocols[1] != "tcp":
-        raise InvalidMultiaddrError(
-            f"{maddr} is not /ip4/<ip>/tcp/<port> or /ip6/<ip>/tcp/<port> (TCP is the only "
-            "transport)"
-        )
-    ip = str(maddr.value_for_protocol(protocols[0]))
-    return protocols[0], ip, int(maddr.value_for_protocol("tcp"))
-
-
-def _is_wildcard(ip: str) -> bool:
-    return ip in ("0.0.0.0", "::")
-
-
-def _interface_ips(family: str) -> list[str]:
-    """This machine's addresses of one family, real interfaces first, loopback last.
-
-    For a node listening on 0.0.0.0 or ::, whose bound address no peer can dial.
-    """
-    version = 4 if family == "ip4" else 6
-    loopback = "127.0.0.1" if version == 4 else "::1"
-    ips = [ip for ip in get_network_addrs(version) if ip != loopback]
-    return [*ips, loopback]
-
-
-def _libp2p_key_pair(identity: Identity) -> KeyPair:
-    private_key = Libp2pEd25519PrivateKey.from_bytes(identity.private_key_bytes())
-    key_pair = KeyPair(private_key, private_key.get_public_key())
-    # Both derivations must agree, or peers would see a different id than we print.
-    if str(ID.from_pubkey(key_pair.public_key)) != identity.peer_id:
-        raise RuntimeError("libp2p derived a different peer id from our identity key")
-    return key_pair
-
-
-def _unsupported_protocol(error: BaseException) -> bool:
-    """Whether a failed new_stream was the peer answering 'na' to our protocol id.
-
-    py-libp2p folds ProtocolNotSupportedError into a MultiselectClientError message, so
-    the message is all there is to go on (tests/test_node.py pins this behaviour).
-    """
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, MultiselectClientError) and "not supported" in str(cause):
-            return True
-        cause = cause.__cause__
-    return False
-
-
-def _usable(conn: INetConn) -> bool:
-    """Whether a connection can still carry new streams (not closed, not shutting down)."""
-    muxed = conn.muxed_conn
-    shutting_down = getattr(muxed, "event_shutting_down", None)
-    return not (
-        conn.is_closed or muxed.is_closed or (shutting_down is not None and shutting_down.is_set())
-    )
 
 
 # -- the node -----------------------------------------------------------------------------
@@ -499,8 +175,8 @@ class Node:
         self._network_key = network_key
         self._members: set[str] = set()  # peers that proved the network key
         self._peer_id: str = identity.peer_id
-        self._listen_maddr = _parse_multiaddr(listen)
-        _tcp_parts(self._listen_maddr)
+        self._listen_maddr = parse_multiaddr(listen)
+        tcp_parts(self._listen_maddr)
         if isinstance(announce, str):
             announce = [announce]
         self._announce = None if announce is None else [self._check_announce(a) for a in announce]
@@ -518,13 +194,13 @@ class Node:
         libp2p_identify.AGENT_VERSION = AGENT_VERSION
         # py-libp2p 0.8.1 builds every yamux connection with the module's `Yamux`, not
         # the class in muxer_opt: the same process-wide setting, for the same reason.
-        libp2p_muxer_multistream.Yamux = _UntornYamux  # type: ignore[attr-defined, misc, unused-ignore]
+        libp2p_muxer_multistream.Yamux = UntornYamux  # type: ignore[attr-defined, misc, unused-ignore]
 
         self.limits = limits or Limits()
         self.admission = Admission(self.limits, clock=trio.current_time)
         self.streams = StreamQuota(self.limits, clock=trio.current_time)
         self._tcp = GatedTCP(self.admission, on_refused=self._log_refusals, dial_from=dial_from)
-        key_pair = _libp2p_key_pair(identity)
+        key_pair = libp2p_key_pair(identity)
         self._host: IHost = new_host(
             key_pair=key_pair,
             # Noise only: the default also offers /plaintext/2.0.0, secio and TLS.
@@ -533,7 +209,7 @@ class Node:
                     key_pair, noise_privkey=new_x25519_key_pair().private_key
                 )
             },
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): _UntornYamux},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): UntornYamux},
             transports=[self._tcp],
             addrs_factory=self._advertised_transport_addrs,
             connection_config=connection_config(self.limits),
@@ -547,9 +223,9 @@ class Node:
 
     @staticmethod
     def _check_announce(text: str) -> Multiaddr:
-        transport, peer_id = _split_p2p(_parse_multiaddr(text))
-        _, ip, port = _tcp_parts(transport)
-        if _is_wildcard(ip) or port == 0:
+        transport, peer_id = split_p2p(parse_multiaddr(text))
+        _, ip, port = tcp_parts(transport)
+        if is_wildcard(ip) or port == 0:
             raise InvalidMultiaddrError(f"announce address {text} is not dialable")
         if peer_id is not None:
             raise InvalidMultiaddrError(f"announce address {text} must not name a peer id")
@@ -640,8 +316,8 @@ class Node:
             return []
         addrs: list[Multiaddr] = []
         for bound in host.get_transport_addrs():
-            family, ip, port = _tcp_parts(bound)
-            ips = _interface_ips(family) if _is_wildcard(ip) else [ip]
+            family, ip, port = tcp_parts(bound)
+            ips = interface_ips(family) if is_wildcard(ip) else [ip]
             addrs.extend(Multiaddr(f"/{family}/{each}/tcp/{port}") for each in ips)
         return addrs
 
@@ -696,7 +372,7 @@ class Node:
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to `peer_id` (its streams end; a later dial reconnects)."""
         self._require_running()
-        for conn in self._host.get_network().get_connections(_parse_peer_id(peer_id)):
+        for conn in self._host.get_network().get_connections(parse_peer_id(peer_id)):
             await self._close_connection(conn)
 
     # -- inbound ----------------------------------------------------------------------
@@ -826,7 +502,7 @@ class Node:
             answer = await stream.read_frame()
             await stream.close()
         except (BaseLibp2pError, OSError, P2PSpecError) as error:
-            if _unsupported_protocol(error):
+            if unsupported_protocol(error):
                 reason = "the peer is not in a private mesh (it has no network key)"
             else:
                 reason = f"membership exchange failed: {error!r}"
@@ -851,11 +527,11 @@ class Node:
         already connected; return its peer id. PeerUnreachableError if that does not
         succeed within `timeout_s` seconds."""
         self._require_running()
-        transport, peer_id = _split_p2p(_parse_multiaddr(multiaddr))
+        transport, peer_id = split_p2p(parse_multiaddr(multiaddr))
         if peer_id is None:
             raise InvalidMultiaddrError(f"{multiaddr} must end in /p2p/<peer id>")
-        _tcp_parts(transport)
-        libp2p_peer_id = _parse_peer_id(peer_id)
+        tcp_parts(transport)
+        libp2p_peer_id = parse_peer_id(peer_id)
         try:
             with trio.fail_after(timeout_s):
                 await self._connect(libp2p_peer_id, transport)
@@ -873,7 +549,7 @@ class Node:
             raise PeerRefusedError(f"the connection gater refuses {peer_id}")
         network = self._host.get_network()
         connections = network.get_connections(peer_id)
-        if any(_usable(conn) for conn in connections):
+        if any(usable(conn) for conn in connections):
             if self._network_key is not None and str(peer_id) not in self._members:
                 await self._prove_membership(peer_id)
             return False
@@ -919,14 +595,14 @@ class Node:
         """
         self._require_running()
         if peer.startswith("/"):
-            transport, peer_id_text = _split_p2p(_parse_multiaddr(peer))
+            transport, peer_id_text = split_p2p(parse_multiaddr(peer))
             if peer_id_text is None:
                 raise InvalidMultiaddrError(f"{peer} must end in /p2p/<peer id>")
-            _tcp_parts(transport)
+            tcp_parts(transport)
             target: Multiaddr | None = transport
         else:
             peer_id_text, target = peer, None
-        peer_id = _parse_peer_id(peer_id_text)
+        peer_id = parse_peer_id(peer_id_text)
         if not self._gater_allows(peer_id_text):
             raise PeerRefusedError(f"the connection gater refuses {peer_id_text}")
         try:
@@ -941,7 +617,7 @@ class Node:
                     try:
                         net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
                     except (BaseLibp2pError, OSError) as error:
-                        if _unsupported_protocol(error):
+                        if unsupported_protocol(error):
                             raise
                         # The connection reused was dead though not yet seen closed (its
                         # peer stopped, or restarted elsewhere): drop it and dial, once.
@@ -954,7 +630,7 @@ class Node:
                 f"no {protocol_id} stream to {peer} within {timeout_s} s"
             ) from None
         except (BaseLibp2pError, OSError) as error:
-            if _unsupported_protocol(error):
+            if unsupported_protocol(error):
                 raise ProtocolNotSupportedError(
                     f"{peer_id_text} does not serve {protocol_id}"
                 ) from error

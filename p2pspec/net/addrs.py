@@ -1,0 +1,111 @@
+"""Multiaddrs, peer ids and keys as the libp2p adapter (node.py) parses and converts
+them: p2pspec's strings in, libp2p's types out, a clear InvalidMultiaddrError for
+what cannot be used."""
+
+from __future__ import annotations
+
+from libp2p.abc import INetConn
+from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
+from libp2p.protocol_muxer.exceptions import MultiselectClientError
+from multiaddr import Multiaddr
+from multiaddr.exceptions import Error as MultiaddrError
+from multiaddr.utils import get_network_addrs
+
+from p2pspec.core.errors import InvalidMultiaddrError as InvalidMultiaddrError
+from p2pspec.core.errors import ListenError as ListenError
+from p2pspec.core.errors import PeerRefusedError as PeerRefusedError
+from p2pspec.core.errors import PeerUnreachableError as PeerUnreachableError
+from p2pspec.core.errors import ProtocolNotSupportedError as ProtocolNotSupportedError
+from p2pspec.core.errors import StreamResetError as StreamResetError
+from p2pspec.crypto import Identity, InvalidPeerIdError, public_key_from_peer_id
+
+# -- addresses and ids --------------------------------------------------------------------
+
+
+def parse_multiaddr(text: str) -> Multiaddr:
+    try:
+        return Multiaddr(text)
+    except (MultiaddrError, ValueError, TypeError) as error:
+        raise InvalidMultiaddrError(f"{text!r} is not a multiaddr: {error}") from error
+
+
+def parse_peer_id(text: str) -> ID:
+    try:
+        public_key_from_peer_id(text)  # p2pspec peers have Ed25519 ids, nothing else
+    except InvalidPeerIdError as error:
+        raise InvalidMultiaddrError(f"{text!r} is not an Ed25519 peer id: {error}") from error
+    return ID.from_base58(text)
+
+
+def split_p2p(maddr: Multiaddr) -> tuple[Multiaddr, str | None]:
+    """(transport part, peer id or None) of a multiaddr ending in /p2p/<id> or not."""
+    protocols = [protocol.name for protocol in maddr.protocols()]
+    if "p2p" not in protocols:
+        return maddr, None
+    if protocols.count("p2p") > 1 or protocols[-1] != "p2p":
+        raise InvalidMultiaddrError(f"{maddr} has /p2p/ somewhere other than at its end")
+    peer_id = maddr.get_peer_id()
+    if peer_id is None:
+        raise InvalidMultiaddrError(f"{maddr} has an empty /p2p/ component")
+    return maddr.decapsulate_code(maddr.protocols()[-1].code), str(peer_id)
+
+
+def tcp_parts(maddr: Multiaddr) -> tuple[str, str, int]:
+    """(ip4|ip6, ip, port) of an /ip4|ip6/<ip>/tcp/<port> multiaddr, else InvalidMultiaddrError."""
+    protocols = [protocol.name for protocol in maddr.protocols()]
+    if len(protocols) != 2 or protocols[0] not in ("ip4", "ip6") or protocols[1] != "tcp":
+        raise InvalidMultiaddrError(
+            f"{maddr} is not /ip4/<ip>/tcp/<port> or /ip6/<ip>/tcp/<port> (TCP is the only "
+            "transport)"
+        )
+    ip = str(maddr.value_for_protocol(protocols[0]))
+    return protocols[0], ip, int(maddr.value_for_protocol("tcp"))
+
+
+def is_wildcard(ip: str) -> bool:
+    return ip in ("0.0.0.0", "::")
+
+
+def interface_ips(family: str) -> list[str]:
+    """This machine's addresses of one family, real interfaces first, loopback last.
+
+    For a node listening on 0.0.0.0 or ::, whose bound address no peer can dial.
+    """
+    version = 4 if family == "ip4" else 6
+    loopback = "127.0.0.1" if version == 4 else "::1"
+    ips = [ip for ip in get_network_addrs(version) if ip != loopback]
+    return [*ips, loopback]
+
+
+def libp2p_key_pair(identity: Identity) -> KeyPair:
+    private_key = Libp2pEd25519PrivateKey.from_bytes(identity.private_key_bytes())
+    key_pair = KeyPair(private_key, private_key.get_public_key())
+    # Both derivations must agree, or peers would see a different id than we print.
+    if str(ID.from_pubkey(key_pair.public_key)) != identity.peer_id:
+        raise RuntimeError("libp2p derived a different peer id from our identity key")
+    return key_pair
+
+
+def unsupported_protocol(error: BaseException) -> bool:
+    """Whether a failed new_stream was the peer answering 'na' to our protocol id.
+
+    py-libp2p folds ProtocolNotSupportedError into a MultiselectClientError message, so
+    the message is all there is to go on (tests/test_node.py pins this behaviour).
+    """
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, MultiselectClientError) and "not supported" in str(cause):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def usable(conn: INetConn) -> bool:
+    """Whether a connection can still carry new streams (not closed, not shutting down)."""
+    muxed = conn.muxed_conn
+    shutting_down = getattr(muxed, "event_shutting_down", None)
+    return not (
+        conn.is_closed or muxed.is_closed or (shutting_down is not None and shutting_down.is_set())
+    )
