@@ -20,6 +20,7 @@ import stat
 from pathlib import Path
 from typing import IO
 
+import base58
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -101,32 +102,20 @@ class InvalidPeerIdError(ValueError):
 
 # -- base58btc (the Bitcoin alphabet), as used for libp2p peer ids ----------------------
 
-_B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_B58_INDEX = {char: index for index, char in enumerate(_B58_ALPHABET)}
-
 
 def _b58encode(data: bytes) -> str:
     """Encode bytes as base58btc; each leading zero byte becomes a leading '1'."""
-    zeros = len(data) - len(data.lstrip(b"\x00"))
-    number = int.from_bytes(data, "big")
-    digits = []
-    while number:
-        number, remainder = divmod(number, 58)
-        digits.append(_B58_ALPHABET[remainder])
-    return "1" * zeros + "".join(reversed(digits))
+    encoded: bytes = base58.b58encode(data)
+    return encoded.decode("ascii")
 
 
 def _b58decode(text: str) -> bytes:
     """Decode base58btc; raises InvalidPeerIdError on a character outside the alphabet."""
-    number = 0
-    for char in text:
-        digit = _B58_INDEX.get(char)
-        if digit is None:
-            raise InvalidPeerIdError(f"{char!r} is not a base58btc character")
-        number = number * 58 + digit
-    zeros = len(text) - len(text.lstrip("1"))
-    body = number.to_bytes((number.bit_length() + 7) // 8, "big")
-    return b"\x00" * zeros + body
+    try:
+        decoded: bytes = base58.b58decode(text)
+    except ValueError as error:  # a character outside the alphabet
+        raise InvalidPeerIdError(f"{text!r} is not base58btc: {error}") from None
+    return decoded
 
 
 # -- peer ids -----------------------------------------------------------------------------

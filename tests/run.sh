@@ -19,4 +19,4 @@ if [ "$(id -u)" = 0 ] && ! { command -v nft && command -v ip; } >/dev/null 2>&1 
     || echo "could not install nftables: the namespace tests will be skipped" >&2
 fi
 echo "== pytest" >&2
-python -m pytest "$@"
+python -m pytest --durations=30 "$@"
