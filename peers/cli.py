@@ -112,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate an answer to a prompt")
     gen.add_argument("prompt", metavar="PROMPT")
     gen.add_argument("--local", action="store_true", help="run drafter and verifier here")
-    gen.add_argument("--drafter", default=DEFAULT_DRAFTER, metavar="MODEL", help="with --local")
-    gen.add_argument("--verifier", default=DEFAULT_VERIFIER, metavar="MODEL", help="with --local")
+    gen.add_argument("--drafter", metavar="MODEL", help=f"with --local (default {DEFAULT_DRAFTER})")
+    gen.add_argument(
+        "--verifier", metavar="MODEL", help=f"with --local (default {DEFAULT_VERIFIER})"
+    )
     gen.add_argument(
         "--draft-tokens",
         type=_draft_tokens,
@@ -282,9 +284,9 @@ def _generate_local(args: argparse.Namespace) -> int:
             settings=args.llama_settings,
         )
 
-    verifier = load(args.verifier)
+    verifier = load(args.verifier or DEFAULT_VERIFIER)
     # --draft-tokens 0: the verifier decodes alone, the reference every mode must equal.
-    drafter = load(args.drafter) if k else verifier
+    drafter = load(args.drafter or DEFAULT_DRAFTER) if k else verifier
     check_compatible(drafter, verifier)
     engine = LocalEngine(drafter, verifier, draft_tokens=k)
     prompt_ids = _prompt_ids(verifier, args.prompt, args.raw)
@@ -386,6 +388,32 @@ def _raise_file_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def _check_addresses(flag: str, values: Sequence[str], check: Any, form: str) -> None:
+    """Every value of `flag` passes `check` (p2pspec.net.addrs), else a UserError naming
+    the flag and the form it takes."""
+    from p2pspec.core.errors import InvalidMultiaddrError
+
+    for value in values:
+        try:
+            check(value)
+        except InvalidMultiaddrError as e:
+            raise UserError(f"{flag} {value!r}: {e}; expected {form}") from None
+
+
+PEER_ADDRESS = "/ip4/<ip>/tcp/<port>/p2p/<peer id> (as a peer prints it)"
+LISTEN_ADDRESS = "/ip4/<ip>/tcp/<port> (port 0: any free one)"
+# Options of `generate` that only --local uses, with their defaults.
+LOCAL_ONLY = {
+    "--drafter": ("drafter", None),
+    "--verifier": ("verifier", None),
+    "--engine": ("engine", "auto"),
+    "--threads": ("threads", 0),
+    "--device": ("device", "auto"),
+    "--dtype": ("dtype", None),
+    "--llama-settings": ("llama_settings", "lossless"),
+}
+
+
 def _default_key_path(role: str) -> str:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return os.path.join(base, "p2pspec", f"{role}.key")
@@ -427,6 +455,13 @@ def _peer(args: argparse.Namespace) -> int:
     )
     if config.role is None or config.model is None:
         raise UserError("a peer needs --role drafter|verifier and --model MODEL")
+    from p2pspec.net import addrs
+
+    _check_addresses("--bootstrap", config.bootstrap, addrs.check_peer_address, PEER_ADDRESS)
+    _check_addresses("--listen", [config.listen], addrs.check_listen_address, LISTEN_ADDRESS)
+    if config.announce is not None:
+        dialable = "/ip4/<ip>/tcp/<port>, an address and port others can dial"
+        _check_addresses("--announce", [config.announce], addrs.check_announce_address, dialable)
     key_path = config.key_file or _default_key_path(config.role)
     try:
         identity = Identity.load_or_create(key_path)
@@ -464,9 +499,14 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
     from p2pspec.core import transcript
     from p2pspec.core.config import PeerConfig
+    from p2pspec.net.addrs import check_peer_address
     from p2pspec.runtime import logs
     from p2pspec.runtime.client import Client, ClientError
 
+    _check_addresses("--bootstrap", args.bootstrap, check_peer_address, PEER_ADDRESS)
+    for flag, (name, default) in LOCAL_ONLY.items():
+        if getattr(args, name) != default:
+            raise UserError(f"{flag} applies to --local only: the mesh's peers run their models")
     logs.configure(level="warning")
 
     async def run() -> int:

@@ -152,3 +152,54 @@ def test_every_help_text_gives_the_options_default() -> None:
                 assert f"{action.option_strings[-1]}" in text
                 helped = command._get_formatter()._get_help_string(action) or ""
                 assert "default" in helped, (name, action.option_strings)
+
+
+PEER_ID = "12D3KooWJptnN1AkCj3D5jftQa8LZp1bBdy6a1Y63J45gG48d3FC"
+MESH = ["generate", "hi", "--bootstrap", f"/ip4/127.0.0.1/tcp/1/p2p/{PEER_ID}"]
+PEER = ["peer", "--role", "verifier", "--model", "tiny-random:11"]
+# Invalid flag values, each refused at start (before any model loads or dial) with exit
+# code 2 and a message that names the flag or what is wrong.
+INVALID_FLAGS = [
+    (["generate", "hi"], "--local"),
+    (["generate", "hi", "--local", "--bootstrap", MESH[3]], "--local"),
+    (["generate", "hi", "--bootstrap", "garbage"], "--bootstrap"),
+    (["generate", "hi", "--bootstrap", "/ip4/127.0.0.1/tcp/5"], "/p2p/"),
+    (["generate", "hi", "--bootstrap", f"/ip4/127.0.0.1/tcp/99999/p2p/{PEER_ID}"], "--bootstrap"),
+    (["generate", "hi", "--bootstrap", "/ip4/127.0.0.1/tcp/5/p2p/QmNotAnEd25519Id"], "peer id"),
+    (["generate", "hi", "--bootstrap", f"/ip4/0.0.0.0/tcp/0/p2p/{PEER_ID}"], "dialable"),
+    ([*MESH, "--dtype", "float32"], "--dtype"),
+    ([*MESH, "--drafter", "tiny-random:11"], "--drafter"),
+    ([*MESH, "--verifier", "tiny-random:11"], "--verifier"),
+    ([*MESH, "--engine", "llama.cpp"], "--engine"),
+    ([*MESH, "--threads", "3"], "--threads"),
+    ([*MESH, "--max-new-tokens", "0"], "max-new-tokens"),
+    (["generate", "  ", "--local"], "prompt"),
+    (["generate", "hi", "--local", "--threads", "many"], "--threads"),
+    (["generate", "hi", "--local", "--draft-tokens", "lots"], "--draft-tokens"),
+    (["generate", "hi", "--local", "--engine", "vllm"], "--engine"),
+    (["peer", "--model", "tiny-random:11"], "--role"),
+    (["peer", "--role", "judge", "--model", "tiny-random:11"], "--role"),
+    ([*PEER, "--bootstrap", "garbage"], "--bootstrap"),
+    ([*PEER, "--bootstrap", "/ip4/127.0.0.1/tcp/5"], "--bootstrap"),
+    ([*PEER, "--listen", "127.0.0.1:4001"], "--listen"),
+    ([*PEER, "--listen", f"/ip4/127.0.0.1/tcp/0/p2p/{PEER_ID}"], "--listen"),
+    ([*PEER, "--listen", "/ip4/127.0.0.1/udp/4001"], "--listen"),
+    ([*PEER, "--announce", "/ip4/0.0.0.0/tcp/4001"], "--announce"),
+    ([*PEER, "--capacity", "lots"], "--capacity"),
+    ([*PEER, "--config", "/nonexistent/p2pspec-peer.toml"], "config"),
+    (["bench", "--prompts", "x"], "--prompts"),
+]
+
+
+@pytest.mark.parametrize(("argv", "needle"), INVALID_FLAGS)
+def test_invalid_flag_values_are_refused_at_start_with_exit_code_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], needle: str
+) -> None:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code  # type: ignore[assignment]
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle.lower() in err.lower(), err
+    assert "Traceback" not in err

@@ -64,6 +64,37 @@ def tcp_parts(maddr: Multiaddr) -> tuple[str, str, int]:
     return protocols[0], ip, int(maddr.value_for_protocol("tcp"))
 
 
+def check_peer_address(text: str) -> str:
+    """`text` if it is a dialable peer address, /ip4|ip6/<ip>/tcp/<port>/p2p/<peer id>;
+    InvalidMultiaddrError saying what is wrong otherwise."""
+    transport, peer_id = split_p2p(parse_multiaddr(text))
+    if peer_id is None:
+        raise InvalidMultiaddrError(f"{text} must end in /p2p/<peer id>")
+    _, ip, port = tcp_parts(transport)
+    if is_wildcard(ip) or port == 0:
+        raise InvalidMultiaddrError(f"{text} is not dialable (a wildcard IP or port 0)")
+    parse_peer_id(peer_id)
+    return text
+
+
+def check_listen_address(text: str) -> str:
+    """`text` if a node can listen on it, /ip4|ip6/<ip>/tcp/<port> (port 0: any free one);
+    InvalidMultiaddrError otherwise."""
+    transport, peer_id = split_p2p(parse_multiaddr(text))
+    if peer_id is not None:
+        raise InvalidMultiaddrError(f"{text} must not name a peer id: it is where to listen")
+    tcp_parts(transport)
+    return text
+
+
+def check_announce_address(text: str) -> str:
+    """`text` if peers can dial it: /ip4|ip6/<ip>/tcp/<port>, no wildcard IP, no port 0."""
+    _, ip, port = tcp_parts(parse_multiaddr(check_listen_address(text)))
+    if is_wildcard(ip) or port == 0:
+        raise InvalidMultiaddrError(f"{text} is not dialable (a wildcard IP or port 0)")
+    return text
+
+
 def is_wildcard(ip: str) -> bool:
     return ip in ("0.0.0.0", "::")
 
