@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning"], help="log detail"
     )
+    peer.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default="auto",
+        help="log lines on stderr: JSON lines, or for a person; auto: console on a terminal",
+    )
 
     check = sub.add_parser(
         "verify-transcript", help="check a saved transcript's signatures and chain, offline"
@@ -430,7 +436,9 @@ def _peer(args: argparse.Namespace) -> int:
     from p2pspec.peers.run import Peer, run_until_signalled
     from p2pspec.runtime import logs
 
-    logs.configure(level=args.log_level)
+    logs.configure(
+        level=args.log_level, json=None if args.log_format == "auto" else args.log_format == "json"
+    )
     config = load_toml(args.config, PeerConfig) if args.config else PeerConfig()
     config = merge(
         config,

@@ -203,3 +203,24 @@ def test_invalid_flag_values_are_refused_at_start_with_exit_code_2(
     assert code == 2, err
     assert needle.lower() in err.lower(), err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_peers_log_format_is_chosen_by_flag(tmp_path: Path, log_format: str) -> None:
+    """A peer logs `model_loading` before it finds the model missing (exit 2): as a JSON
+    line, or as a line for a person, whatever stderr is (here a pipe)."""
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "p2pspec.peers.cli", "peer", "--role", "verifier",
+            "--model", "no-such-model", "--key", str(tmp_path / "v.key"),
+            "--log-format", log_format,
+        ],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    line = next(x for x in proc.stderr.splitlines() if "model_loading" in x)
+    if log_format == "json":
+        assert json.loads(line)["event"] == "model_loading"
+    else:
+        assert not line.startswith("{") and "no-such-model" in line
