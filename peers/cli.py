@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from p2pspec import __version__
@@ -110,7 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate an answer to a prompt")
-    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument(
+        "prompt",
+        metavar="PROMPT",
+        nargs="?",
+        default="",
+        help="the user's message (after --messages' conversation, if given)",
+    )
+    gen.add_argument(
+        "--system", metavar="TEXT", help="a system message to open the conversation with"
+    )
+    gen.add_argument(
+        "--messages",
+        metavar="FILE",
+        help='a conversation as JSON: [{"role": "system"|"user"|"assistant", "content": ...}]',
+    )
     gen.add_argument("--local", action="store_true", help="run drafter and verifier here")
     gen.add_argument("--drafter", metavar="MODEL", help=f"with --local (default {DEFAULT_DRAFTER})")
     gen.add_argument(
@@ -251,9 +266,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prompt_ids(lm: Any, prompt: str, raw: bool) -> list[int]:
-    if not prompt.strip():
-        raise InvalidRequestError("the prompt is empty: give some text to answer")
+def _conversation(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The messages of --system, --messages and PROMPT, in that order; [] when PROMPT alone
+    is the prompt (so that --raw still applies to it)."""
+    if not args.system and not args.messages:
+        if not args.prompt.strip():
+            raise InvalidRequestError("the prompt is empty: give some text to answer")
+        return []
+    if args.raw:
+        raise UserError("--raw does not apply to a conversation (--system, --messages)")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.messages:
+        try:
+            loaded = json.loads(Path(args.messages).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"--messages {args.messages}: {e}") from None
+        if not isinstance(loaded, list) or not all(isinstance(m, dict) for m in loaded):
+            raise UserError(f"--messages {args.messages}: expected a JSON list of messages")
+        messages += loaded
+    if args.prompt.strip():
+        messages.append({"role": "user", "content": args.prompt})
+    from p2pspec.models.chat import check_messages
+
+    return check_messages(messages)
+
+
+def _prompt_ids(lm: Any, prompt: str, raw: bool, messages: list[dict[str, str]]) -> list[int]:
+    if messages:
+        if not lm.tokenizer.has_chat_template:
+            raise InvalidRequestError("this model has no chat template for a conversation")
+        return list(lm.tokenizer.apply_chat_template(messages))
     if not raw and lm.tokenizer.has_chat_template:
         return list(lm.tokenizer.apply_chat_template(prompt))
     return list(lm.tokenizer.encode(prompt))
@@ -276,8 +318,7 @@ def _generate_local(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--draft-tokens must be >= 0, got {k}")
     if args.max_new_tokens <= 0:
         raise InvalidRequestError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if not args.prompt.strip():
-        raise InvalidRequestError("the prompt is empty: give some text to answer")
+    messages = _conversation(args)
 
     def load(spec: str) -> Any:
         return load_engine(
@@ -295,7 +336,7 @@ def _generate_local(args: argparse.Namespace) -> int:
     drafter = load(args.drafter or DEFAULT_DRAFTER) if k else verifier
     check_compatible(drafter, verifier)
     engine = LocalEngine(drafter, verifier, draft_tokens=k)
-    prompt_ids = _prompt_ids(verifier, args.prompt, args.raw)
+    prompt_ids = _prompt_ids(verifier, args.prompt, args.raw, messages)
     stats = GenerationStats()
     checker = StopChecker(verifier, args.stop, args.max_new_tokens)
     tokens: list[int] = []
@@ -515,6 +556,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
     for flag, (name, default) in LOCAL_ONLY.items():
         if getattr(args, name) != default:
             raise UserError(f"{flag} applies to --local only: the mesh's peers run their models")
+    messages = _conversation(args)
     logs.configure(level="warning")
 
     async def run() -> int:
@@ -523,7 +565,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
                 config = PeerConfig(network_key_file=args.network_key)
                 async with Client(args.bootstrap, config=config) as client:
                     stream = client.stream(
-                        args.prompt,
+                        "" if messages else args.prompt,
+                        messages=messages,
                         max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature,
                         top_k=args.top_k,
@@ -610,8 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "give either --local (drafter and verifier here) or --bootstrap MULTIADDR "
                     "(the mesh serves the prompt)"
                 )
-            if not args.prompt.strip():
-                raise InvalidRequestError("the prompt is empty: give some text to answer")
+            _conversation(args)  # checked before anything loads or dials
             if args.max_new_tokens <= 0:
                 raise InvalidRequestError(
                     f"--max-new-tokens must be positive, got {args.max_new_tokens}"

@@ -256,9 +256,16 @@ class DrafterService:
             self.sessions.discard(sid)
 
     def _prompt_ids(self, request: wire.GenerateRequest) -> list[int]:
+        tok = self.lm.tokenizer
+        if request.messages:
+            if request.prompt or request.raw:
+                raise UserError("a conversation (messages) comes alone: no prompt, no raw")
+            if not tok.has_chat_template:
+                raise UserError("this model has no chat template: send a raw prompt instead")
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            return list(tok.apply_chat_template(messages))
         if not request.prompt.strip():
             raise UserError("the prompt is empty: give some text to answer")
-        tok = self.lm.tokenizer
         if not request.raw and tok.has_chat_template:
             return list(tok.apply_chat_template(request.prompt))
         return list(tok.encode(request.prompt))

@@ -188,6 +188,10 @@ INVALID_FLAGS = [
     ([*PEER, "--capacity", "lots"], "--capacity"),
     ([*PEER, "--config", "/nonexistent/p2pspec-peer.toml"], "config"),
     (["bench", "--prompts", "x"], "--prompts"),
+    ([*MESH, "--system", "be brief", "--raw"], "--raw"),
+    ([*MESH, "--messages", "/nonexistent/conversation.json"], "--messages"),
+    ([*MESH, "--messages", "/dev/null"], "--messages"),
+    (["generate", "--local", "--system", "   "], "empty"),
 ]
 
 
@@ -224,3 +228,16 @@ def test_a_peers_log_format_is_chosen_by_flag(tmp_path: Path, log_format: str) -
         assert json.loads(line)["event"] == "model_loading"
     else:
         assert not line.startswith("{") and "no-such-model" in line
+
+
+def test_a_conversation_needs_a_model_with_a_chat_template(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    conversation = tmp_path / "c.json"
+    conversation.write_text(json.dumps([{"role": "user", "content": "hi"}]))
+    code, _, err = _run(capsys, "generate", "--local", *TINY[:4], "--messages", str(conversation))
+    assert code == 2 and "chat template" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"role": "robot", "content": "beep"}]))
+    code, _, err = _run(capsys, "generate", "--local", *TINY[:4], "--messages", str(bad))
+    assert code == 2 and "role" in err

@@ -1,6 +1,6 @@
 """End-to-end: the real Qwen pair (embedded GGUF files) on llama.cpp, through a real mesh of
 peer processes, greedy: every answer is exactly the verifier engine's own token-by-token
-greedy decoding, at an adaptive k and at fixed k."""
+greedy decoding, at an adaptive k and at fixed k, for prompts and for a conversation."""
 
 from __future__ import annotations
 
@@ -45,6 +45,18 @@ async def test_qwen_pair_through_a_mesh_answers_exactly_the_verifiers_own(tmp_pa
                 if k != "auto":
                     accepted += result.stats["accepted"]
                     drafted += result.stats["drafted"]
+            # A conversation: rendered with the chat template, answered as the verifier
+            # itself would answer that rendering.
+            conversation = [
+                {"role": "system", "content": "You answer in one short sentence."},
+                {"role": "user", "content": "Name a sorting algorithm."},
+                {"role": "assistant", "content": "Merge sort."},
+                {"role": "user", "content": "Another one?"},
+            ]
+            result = await client.generate(messages=conversation, max_new_tokens=TOKENS)
+            assert result.prompt_token_ids == reference.tokenizer.apply_chat_template(conversation)
+            expected = greedy_decode(reference, result.prompt_token_ids, TOKENS)
+            assert result.token_ids == expected
         # models.md measured about 0.7 on this pair: a collapse would mean a broken drafter.
         assert drafted > 0 and accepted / drafted > 0.4
     finally:

@@ -16,7 +16,7 @@ from support import local_tokens
 
 from p2pspec.core import wire
 from p2pspec.core.speculative import SamplingParams
-from p2pspec.runtime.client import Client, Stream
+from p2pspec.runtime.client import Client, ClientError, Stream
 from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 
 VERIFIER = "tiny-random:11"
@@ -175,3 +175,24 @@ async def test_a_drafter_gone_after_the_last_token_but_before_finishing_leaves_a
     assert (stream.result.token_ids, stream.result.text) == ([5, 6, 7], "five six seven")
     assert stream.result.finish_reason == "length"
     assert stream.result.stats["drafter_failovers"] == 1
+
+
+def test_a_conversation_is_checked_before_any_session_opens() -> None:
+    client = Client(
+        ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJptnN1AkCj3D5jftQa8LZp1bBdy6a1Y63J45gG48d3FC"]
+    )
+    chat = [{"role": "system", "content": "brief"}, {"role": "user", "content": "hi"}]
+    stream = client.stream(messages=chat, max_new_tokens=4)
+    assert stream._request.prompt == ""
+    assert [(m.role, m.content) for m in stream._request.messages] == [
+        ("system", "brief"),
+        ("user", "hi"),
+    ]
+    for bad in (
+        {"prompt": "hi", "messages": chat},  # both
+        {},  # neither
+        {"messages": [{"role": "robot", "content": "beep"}]},
+        {"messages": [{"role": "user"}]},
+    ):
+        with pytest.raises(ClientError, match="invalid_request"):
+            client.stream(max_new_tokens=4, **bad)  # type: ignore[arg-type]

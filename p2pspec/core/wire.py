@@ -91,8 +91,19 @@ class DirectorySync(Base, tag="directory_sync"):
 # -- client <-> drafter sessions ---------------------------------------------------------
 
 
+MAX_MESSAGES = 1024  # messages in one conversation
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=False):
+    """One message of a conversation (GenerateRequest.messages)."""
+
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Meta(max_length=400_000)]
+
+
 class GenerateRequest(Base, tag="generate"):
     session_id: SessionId
+    # The prompt: text (one user message, or raw text with `raw`), or else `messages`.
     prompt: Annotated[str, Meta(max_length=400_000)]
     max_new_tokens: Annotated[int, Meta(gt=0, le=MAX_PROMPT_TOKENS)]
     temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
@@ -115,6 +126,10 @@ class GenerateRequest(Base, tag="generate"):
     # Failover: tokens already committed by an earlier drafter; generation resumes after
     # them and the output is the same as without the failure.
     resume: Annotated[list[TokenId], Meta(max_length=MAX_PROMPT_TOKENS)] = []
+    # A conversation (system, user and assistant turns), rendered with the models' chat
+    # template, in place of `prompt`, which is then empty (a drafter from before this
+    # field refuses the empty prompt rather than answer something else).
+    messages: Annotated[list[ChatMessage], Meta(max_length=MAX_MESSAGES)] = []
 
 
 class SessionStarted(Base, tag="session_started"):

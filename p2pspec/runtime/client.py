@@ -19,7 +19,7 @@ import contextlib
 import random
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -528,8 +528,9 @@ class Client:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str = "",
         *,
+        messages: Sequence[Mapping[str, str]] = (),
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -544,6 +545,10 @@ class Client:
         verifier: str = "",
     ) -> Stream:
         """A session's chunks as they are committed.
+
+        The prompt is `prompt` (one user message, or raw text with `raw`), or `messages`:
+        a conversation of {"role": "system" | "user" | "assistant", "content": text}
+        dicts, rendered with the models' chat template.
 
         `draft_tokens`: k per round, or "auto" (the default) for the drafter to adapt k to
         the observed acceptance, compute times and round trip; outputs are the same either way.
@@ -564,10 +569,15 @@ class Client:
         """
         if wait_s < 0:
             raise ClientError("invalid_request", f"wait_s must be >= 0, got {wait_s}")
+        if bool(prompt) == bool(messages):
+            raise ClientError("invalid_request", "give a prompt or messages (one of them)")
         try:
             request = wire.GenerateRequest(
                 session_id=secrets.token_hex(16),
                 prompt=prompt,
+                messages=[
+                    msgspec.convert(dict(m), wire.ChatMessage, strict=True) for m in messages
+                ],
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 top_k=top_k,
@@ -586,7 +596,7 @@ class Client:
             raise ClientError("invalid_request", str(e)) from None
         return Stream(self, request, wait_s)
 
-    async def generate(self, prompt: str, **kwargs: Any) -> Result:
+    async def generate(self, prompt: str = "", **kwargs: Any) -> Result:
         async with self.stream(prompt, **kwargs) as chunks:
             async for _ in chunks:
                 pass
@@ -594,7 +604,7 @@ class Client:
         return chunks.result
 
 
-def generate_blocking(bootstrap: Sequence[str], prompt: str, **kwargs: Any) -> Result:
+def generate_blocking(bootstrap: Sequence[str], prompt: str = "", **kwargs: Any) -> Result:
     """`Client.generate` for synchronous code (scripts, notebooks): one call, one answer."""
 
     async def main() -> Result:
