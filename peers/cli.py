@@ -253,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
         "so that the first peer start does not; prints each file's path",
     )
 
+    status = sub.add_parser("status", help="show the mesh: every peer, its load, RTT, acceptance")
+    status.add_argument(
+        "--bootstrap",
+        action="append",
+        required=True,
+        metavar="MULTIADDR",
+        help="a mesh peer to ask (repeatable)",
+    )
+    status.add_argument("--json", action="store_true", help="print a JSON list, for scripts")
+    status.add_argument(
+        "--network-key", metavar="FILE", help="the private mesh's shared secret key file"
+    )
+
     bench = sub.add_parser("bench", help="benchmark p2pspec's engine against the baselines")
     bench.add_argument("--drafter", default=DEFAULT_DRAFTER, metavar="MODEL", help="model")
     bench.add_argument("--verifier", default=DEFAULT_VERIFIER, metavar="MODEL", help="model")
@@ -406,6 +419,38 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     for name, entry in EMBEDDED_MODELS.items():
         print(f"{name}\t{entry.description}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import trio
+
+    from p2pspec.core.config import PeerConfig
+    from p2pspec.net.addrs import check_peer_address
+    from p2pspec.runtime import logs
+    from p2pspec.runtime.client import Client, ClientError
+    from p2pspec.runtime.status import mesh_status, table
+
+    _check_addresses("--bootstrap", args.bootstrap, check_peer_address, PEER_ADDRESS)
+    logs.configure(level="warning")
+
+    async def run() -> list[Any]:
+        config = PeerConfig(network_key_file=args.network_key)
+        async with Client(args.bootstrap, config=config) as client:
+            return await mesh_status(client)
+
+    try:
+        rows = trio.run(run)
+    except ClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+    else:
+        from rich.console import Console
+
+        # A pipe or file gets the whole table rather than rich's 80 squeezed columns.
+        Console(width=None if sys.stdout.isatty() else 200).print(table(rows))
     return 0
 
 
@@ -667,6 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _verify_transcript(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "status":
+            return _status(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -173,6 +173,7 @@ class DrafterService:
         self.rtt_s = rtt_s
         self.sessions: set[str] = set()
         self.served = 0
+        self.drafted = self.accepted = 0  # drafted tokens, and accepted, since start
         self.draft_worker = DraftWorker(compute, mailbox=config.capacity_sessions)
         # By (verifier, greedy): how often it keeps a token, by the drafter's confidence
         # in it; shared by the sessions (each would learn it too slowly on its own).
@@ -764,6 +765,8 @@ class DrafterService:
             calibration.observe(block.confidences, verdict.accepted)
             stats.drafted += k
             stats.accepted += verdict.accepted
+            self.drafted += k
+            self.accepted += verdict.accepted
             stats.draft_seconds += block.draft_s
             stats.verify_seconds += round_trip
             stats.verifier_compute_seconds += verdict.compute_seconds

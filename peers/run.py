@@ -122,6 +122,8 @@ class Peer:
             costs_ms=[round(1000 * c, 3) for c in self.costs_s[: wire.MAX_COST_POINTS]],
             capacity=self.config.capacity_sessions,
             load=self.service.load,
+            drafted=self.service.drafted,
+            accepted=self.service.accepted,
             protocol_version=wire.PROTOCOL_VERSION,
             issued_at_ms=issued_at_ms,
             ttl_ms=int(self.config.record_ttl_s * 1000),

@@ -159,6 +159,7 @@ class VerifierService:
         self.refused = 0
         self.served = 0
         self.skipped = 0  # pipelined requests whose assumed base a verdict contradicted
+        self.drafted = self.accepted = 0  # drafted tokens judged, and accepted, since start
         self.worker = VerifierWorker(
             compute,
             max_batch=config.batch_max_sessions,
@@ -400,6 +401,8 @@ class VerifierService:
             return False
         elapsed = time.perf_counter() - started
         committed.extend([*draft.tokens[: verdict.accepted], verdict.token])
+        self.drafted += len(draft.tokens)
+        self.accepted += verdict.accepted
         session.stopped = verdict.token in session.stop_tokens
         signed = sign_verdict(
             self.identity,

@@ -242,6 +242,40 @@ def test_peer_config_defaults_keep_the_vanish_bound() -> None:
     assert cfg.record_ttl_s + cfg.advert_interval_s <= 10.0
 
 
+async def test_status_shows_every_peer_with_its_load_rtt_and_acceptance(mesh: Mesh) -> None:
+    """`p2pspec status --json` against a verifier and a drafter that served a session."""
+    v = await mesh.start("v", "verifier", VERIFIER)
+    d = await mesh.start("d", "drafter", DRAFTER, bootstrap=v.address)
+    async with Client([v.address]) as client:
+        await client.generate("status", max_new_tokens=16, raw=True, draft_tokens=4)
+    # The records are re-issued every advert interval: the counters show in the next one.
+    with trio.fail_after(30):
+        while True:
+            done = await trio.run_process(
+                [sys.executable, "-m", "p2pspec.peers.cli", "status", "--json",
+                 "--bootstrap", v.address],
+                capture_stdout=True, capture_stderr=True,
+            )  # fmt: skip
+            rows = {row["peer_id"]: row for row in json.loads(done.stdout)}
+            if len(rows) == 2 and all(row["drafted"] for row in rows.values()):
+                break
+            await trio.sleep(0.5)  # polling the peers' next adverts, not a readiness wait
+    assert [rows[v.peer_id]["role"], rows[d.peer_id]["role"]] == ["verifier", "drafter"]
+    for row in rows.values():
+        assert row["model"] in (VERIFIER, DRAFTER)
+        assert (row["load"], row["capacity"]) == (0, 8)
+        assert row["rtt_ms"] is not None and row["rtt_ms"] >= 0
+        assert 0 <= row["acceptance"] <= 1
+        assert row["version"] == wire.PROTOCOL_VERSION
+    # Both judged the same drafted tokens: the drafter drafted them, the verifier judged.
+    assert rows[v.peer_id]["drafted"] == rows[d.peer_id]["drafted"]
+    table = await trio.run_process(
+        [sys.executable, "-m", "p2pspec.peers.cli", "status", "--bootstrap", v.address],
+        capture_stdout=True,
+    )
+    assert v.peer_id[-10:] in table.stdout.decode() and "drafter" in table.stdout.decode()
+
+
 async def test_a_request_with_no_drafter_in_the_mesh_is_refused_clearly(mesh: Mesh) -> None:
     v = await mesh.start("v", "verifier", VERIFIER)
     async with Client([v.address]) as client:

@@ -75,6 +75,10 @@ class PeerRecord(Base, tag="peer_record"):
     costs_ms: Annotated[
         list[Annotated[float, Meta(ge=0.0, le=1e7)]], Meta(max_length=MAX_COST_POINTS)
     ] = []
+    # Drafted tokens this peer has drafted (a drafter) or judged (a verifier) since it
+    # started, and how many of them were accepted: its observed acceptance, for status.
+    drafted: NonNegative = 0
+    accepted: NonNegative = 0
 
 
 class SignedRecord(Base, tag="signed_record"):
