@@ -227,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["debug", "info", "warning"], help="log detail"
     )
     peer.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/ (default: none)",
+    )
+    peer.add_argument(
         "--log-format",
         choices=["auto", "json", "console"],
         default="auto",
@@ -581,9 +586,15 @@ def _peer(args: argparse.Namespace) -> int:
     def ready(address: str) -> None:
         print(address, flush=True)  # the ready line: alone on stdout
 
+    peer = Peer(config, engine, identity, costs_s=costs)
+    if args.metrics:
+        from p2pspec.runtime import metrics
+
+        host, port = metrics.serve(args.metrics, peer)
+        log.info("metrics_listening", url=f"http://{host}:{port}/metrics")
     # Ctrl-C before the signal handler is installed: nothing was serving yet.
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run_until_signalled, Peer(config, engine, identity, costs_s=costs), ready)
+        trio.run(run_until_signalled, peer, ready)
     key_lock.close()
     return 0
 

@@ -58,6 +58,7 @@ from p2pspec.net.channel import (
     receive_opening,
 )
 from p2pspec.peers.solo import RUNS_IN_FLIGHT, Shadow, SoloRuns, run_length
+from p2pspec.runtime import metrics
 from p2pspec.runtime.scheduler import Scheduler
 
 log = structlog.get_logger("p2pspec.drafter")
@@ -174,6 +175,8 @@ class DrafterService:
         self.sessions: set[str] = set()
         self.served = 0
         self.drafted = self.accepted = 0  # drafted tokens, and accepted, since start
+        self.rounds = self.committed = 0  # verdicts received, tokens they committed
+        self.queued = 0  # no queue of requests here (the verifier's side has one)
         self.draft_worker = DraftWorker(compute, mailbox=config.capacity_sessions)
         # By (verifier, greedy): how often it keeps a token, by the drafter's confidence
         # in it; shared by the sessions (each would learn it too slowly on its own).
@@ -248,6 +251,7 @@ class DrafterService:
             await channel.refuse("invalid_request", str(e), sid)
             return
         self.sessions.add(sid)
+        self.served += 1
         try:
             await self._serve(channel, request, prompt_ids, params)
         except Exception as e:  # supervision: a bug ends this session, clearly, not the peer
@@ -755,6 +759,8 @@ class DrafterService:
             if random.random() < self.config.audit_fraction:
                 await self._audit(state, proof, q=block.wire_q)
             stats.rounds += 1
+            self.rounds += 1
+            metrics.ROUND_TRIP_SECONDS.observe(round_trip)
             stats.rejections += verdict.accepted < k
             stats.branches_taken += block.branch
             if verdict.accepted < k and block.alternatives[verdict.accepted] >= 0:
@@ -780,6 +786,7 @@ class DrafterService:
             # pass reported longer than the round trip (timer grain) is no overhead.
             stats.round_overhead_ms.append(1000 * max(round_trip - verdict.compute_seconds, 0))
             stats.draft_lengths.append(k)
+            metrics.DRAFT_LENGTH.observe(k)
             # A block sent behind others waited for them at the verifier: only a block
             # that was alone on the link measures it.
             link_s = round_trip if block.alone else None
@@ -814,6 +821,7 @@ class DrafterService:
                 assert isinstance(dead, _Block)
                 stats.blocks_discarded += 1
                 stats.drafted_discarded += dead.drafted
+            self.committed += len(fresh)
             if fresh:
                 await self._to_client(
                     channel,
@@ -870,11 +878,13 @@ class DrafterService:
             await self._audit(state, proof, q=[])
         stats = state.stats
         stats.rounds += 1
+        self.rounds += 1
         stats.solo_tokens += 1
         stats.verifier_forward_passes += 1
         stats.verifier_compute_seconds += verdict.compute_seconds
         stats.max_batch_size = max(stats.max_batch_size, verdict.batch_size)
         stats.draft_lengths.append(0)
+        metrics.DRAFT_LENGTH.observe(0)
         if first:
             stats.first_compute_seconds += verdict.compute_seconds
         else:
@@ -885,6 +895,7 @@ class DrafterService:
         runs.last_at, runs.busy_since_last = received, runs.pending > 0
         shadow.committed_token(verdict.base_len, verdict.token)
         fresh, reason = state.commit([verdict.token])
+        self.committed += len(fresh)
         if fresh:
             await self._to_client(
                 channel,

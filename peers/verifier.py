@@ -37,6 +37,7 @@ from p2pspec.net.channel import (
     ProtocolError,
     receive_opening,
 )
+from p2pspec.runtime import metrics
 
 log = structlog.get_logger("p2pspec.verifier")
 
@@ -160,6 +161,7 @@ class VerifierService:
         self.served = 0
         self.skipped = 0  # pipelined requests whose assumed base a verdict contradicted
         self.drafted = self.accepted = 0  # drafted tokens judged, and accepted, since start
+        self.rounds = self.committed = 0  # verdicts signed, tokens they committed
         self.worker = VerifierWorker(
             compute,
             max_batch=config.batch_max_sessions,
@@ -171,6 +173,11 @@ class VerifierService:
     @property
     def load(self) -> int:
         return len(self.sessions)
+
+    @property
+    def queued(self) -> int:
+        """Verify requests waiting in the worker's mailbox for a pass."""
+        return int(self.worker.statistics()["queued"])
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run this role's actor, the VerifierWorker, supervised, until cancelled."""
@@ -403,6 +410,9 @@ class VerifierService:
         committed.extend([*draft.tokens[: verdict.accepted], verdict.token])
         self.drafted += len(draft.tokens)
         self.accepted += verdict.accepted
+        self.rounds += 1
+        self.committed += verdict.accepted + 1
+        metrics.VERIFY_PASS_SECONDS.observe(elapsed)
         session.stopped = verdict.token in session.stop_tokens
         signed = sign_verdict(
             self.identity,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,52 @@ async def test_status_shows_every_peer_with_its_load_rtt_and_acceptance(mesh: Me
         capture_stdout=True,
     )
     assert v.peer_id[-10:] in table.stdout.decode() and "drafter" in table.stdout.decode()
+
+
+def _metrics_url(peer: PeerProcess) -> str:
+    """Where the peer serves its metrics: its log says so before its ready line."""
+    for line in peer.log_path.read_text().splitlines():
+        if line.startswith("{") and json.loads(line).get("event") == "metrics_listening":
+            return str(json.loads(line)["url"])
+    raise AssertionError(f"no metrics_listening in the log of {peer.name}")
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Prometheus text format: {'name{labels}': value} (comments skipped)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+async def test_peers_serve_prometheus_metrics_of_what_they_did(mesh: Mesh) -> None:
+    metrics = ["--metrics", "127.0.0.1:0"]
+    v = await mesh.start("v", "verifier", VERIFIER, args=[*FAST, *metrics])
+    d = await mesh.start("d", "drafter", DRAFTER, bootstrap=v.address, args=[*FAST, *metrics])
+    async with Client([v.address]) as client:
+        result = await client.generate("metrics", max_new_tokens=24, raw=True, draft_tokens=4)
+        with pytest.raises(ClientError):
+            await client.generate("x", max_new_tokens=5000, raw=True)  # past the context
+    seen = {p.role: await trio.to_thread.run_sync(_scrape, _metrics_url(p)) for p in (v, d)}
+    for role, m in seen.items():
+        assert m[f'p2pspec_sessions_capacity{{role="{role}"}}'] == 8
+        assert m[f'p2pspec_sessions_active{{role="{role}"}}'] == 0
+        assert m[f'p2pspec_rounds_total{{role="{role}"}}'] == result.stats["rounds"]
+        assert m[f'p2pspec_drafted_tokens_total{{role="{role}"}}'] == result.stats["drafted"]
+        assert m[f'p2pspec_accepted_tokens_total{{role="{role}"}}'] == result.stats["accepted"]
+        assert m['p2pspec_wire_bytes_total{direction="sent"}'] > 0
+    drafter, verifier = seen["drafter"], seen["verifier"]
+    assert drafter['p2pspec_tokens_committed_total{role="drafter"}'] == 24
+    assert verifier["p2pspec_verify_pass_seconds_count"] == result.stats["rounds"]
+    assert drafter["p2pspec_verify_round_trip_seconds_count"] == result.stats["rounds"]
+    assert drafter["p2pspec_draft_length_tokens_count"] == result.stats["rounds"]
+    assert drafter['p2pspec_refusals_total{code="invalid_request"}'] == 1
+    assert drafter[f'p2pspec_rtt_seconds{{peer="{v.peer_id}"}}'] >= 0
+    assert drafter['p2pspec_sessions_total{role="drafter"}'] == 1  # the refused one is not
 
 
 async def test_a_request_with_no_drafter_in_the_mesh_is_refused_clearly(mesh: Mesh) -> None:

@@ -15,6 +15,7 @@ does not open (a flipped bit, a replay, another session's key), is a `ProtocolEr
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TypeVar
 
 import trio
@@ -41,6 +42,19 @@ M = TypeVar("M", bound=wire.Message)
 
 MAX_ERROR_CODE = 256  # characters of ErrorMessage.code the wire accepts
 MAX_ERROR_MESSAGE = 2048  # ... and of ErrorMessage.message
+
+
+class WireCounts:
+    """This process's channel traffic, for its metrics (p2pspec/runtime/metrics.py): bytes
+    sent and received in frames, and refusals sent by code."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.refused: Counter[str] = Counter()
+
+
+TRAFFIC = WireCounts()
 
 
 class TrioByteStream:
@@ -92,6 +106,7 @@ class Channel:
             if self._e2e is not None:  # sealed under the lock: sequence numbers stay in order
                 payload = wire.encode(wire.Sealed(envelope=self._e2e.seal(payload)))
             self.bytes_sent += len(payload)
+            TRAFFIC.bytes_sent += len(payload)
             await self._write(payload)
 
     # -- end-to-end encryption ----------------------------------------------------------
@@ -193,6 +208,7 @@ class Channel:
         except P2PSpecError as e:  # the stream broke under us (a reset, a dead peer)
             raise PeerClosedError(str(e)) from None
         self.bytes_received += len(frame)
+        TRAFFIC.bytes_received += len(frame)
         self.last_heard = trio.current_time()
         try:
             message = wire.decode(frame)
@@ -231,6 +247,7 @@ class Channel:
 
         The message is cut to what the peer's decoder accepts: it may quote the peer's own
         input (a decode error names the bad value), which can be as long as a frame."""
+        TRAFFIC.refused[code[:MAX_ERROR_CODE]] += 1
         try:
             with trio.move_on_after(2.0):
                 await self.send(
