@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -258,6 +259,29 @@ def build_parser() -> argparse.ArgumentParser:
         "so that the first peer start does not; prints each file's path",
     )
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP gateway to the mesh")
+    serve.add_argument(
+        "--bootstrap",
+        action="append",
+        required=True,
+        metavar="MULTIADDR",
+        help="a mesh peer to join through (repeatable)",
+    )
+    serve.add_argument(
+        "--listen",
+        default="127.0.0.1:8000",
+        metavar="HOST:PORT",
+        help="where to serve HTTP (loopback unless told otherwise)",
+    )
+    serve.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require Authorization: Bearer KEY on every request (default: none)",
+    )
+    serve.add_argument(
+        "--network-key", metavar="FILE", help="the private mesh's shared secret key file"
+    )
+
     status = sub.add_parser("status", help="show the mesh: every peer, its load, RTT, acceptance")
     status.add_argument(
         "--bootstrap",
@@ -424,6 +448,42 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     for name, entry in EMBEDDED_MODELS.items():
         print(f"{name}\t{entry.description}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+
+    import trio
+
+    from p2pspec.core.config import PeerConfig
+    from p2pspec.net.addrs import check_peer_address
+    from p2pspec.runtime import gateway, logs
+    from p2pspec.runtime.client import Client
+
+    _check_addresses("--bootstrap", args.bootstrap, check_peer_address, PEER_ADDRESS)
+    host, sep, port = args.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UserError(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    logs.configure(level="info")
+
+    async def run() -> None:
+        config = PeerConfig(network_key_file=args.network_key)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with Client(args.bootstrap, config=config) as client, trio.open_nursery() as n:
+                serve = functools.partial(
+                    gateway.serve, client, listen=args.listen, api_key=args.api_key
+                )
+                urls = await n.start(serve)
+                print(urls[0], flush=True)  # the ready line: alone on stdout
+                async for _ in signals:
+                    n.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(run)
+    except OSError as e:
+        raise UserError(f"--listen {args.listen}: cannot serve there: {e}") from None
     return 0
 
 
@@ -725,6 +785,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "serve":
+            return _serve(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -1,0 +1,290 @@
+"""An OpenAI-compatible HTTP gateway to the mesh (`p2pspec serve`).
+
+Starlette on hypercorn's trio worker, in the same trio run as one mesh `Client`: every
+request is one mesh session. Served:
+
+- `POST /v1/chat/completions`: messages (system, user, assistant), `max_tokens`,
+  `temperature`, `top_p`, `seed`, `stop`, `stream` (server-sent events in OpenAI's chunk
+  format, ending `data: [DONE]`), `usage` with token counts;
+- `POST /v1/completions`: a raw text `prompt`, the same options;
+- `GET /v1/models`: the models the mesh's verifiers serve.
+
+Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the
+HTTP status a client expects: 400 a bad request, 401 a wrong API key, 404 an unknown
+model, 413 a prompt too long for the context, 429 every drafter or verifier busy, 503 no
+peer to serve it, 502 a mesh failure. A client that disconnects mid-stream ends its
+session on every peer. With `api_key`, requests need `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from p2pspec.runtime.client import Chunk, Client, ClientError, Stream
+
+__all__ = ["HTTP_STATUS", "app", "serve"]
+
+# A ClientError's code (docs/errors.md) as an HTTP status.
+HTTP_STATUS = {
+    "invalid_request": 400,
+    "bad_request": 400,
+    "context_overflow": 413,
+    "overloaded": 429,
+    "no_drafter": 503,
+    "no_verifier": 503,
+    "bootstrap_unreachable": 503,
+}
+DEFAULT_MAX_TOKENS = 256
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str = ""):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code or "invalid_request_error"
+
+
+def _error(status: int, message: str, *, param: str | None = None, code: str = "") -> Response:
+    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code or None}}
+    return JSONResponse(body, status_code=status)
+
+
+def _client_error(e: ClientError) -> Response:
+    status = HTTP_STATUS.get(e.code, 502)
+    if e.code == "invalid_request" and "context" in str(e):
+        status = 413  # the prompt and max_tokens do not fit the models' context
+    return _error(status, str(e), code=e.code)
+
+
+def _number(body: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _BadRequest(400, f"'{key}' must be a {kind.__name__}", param=key)
+    return value
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    """The session options an OpenAI request asks for."""
+    if _number(body, "n", int, 1) != 1:
+        raise _BadRequest(400, "only n = 1 is served", param="n")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _BadRequest(400, "'stop' must be a string or a list of strings", param="stop")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    return {
+        "max_new_tokens": _number({"max_tokens": max_tokens}, "max_tokens", int, 0)
+        or DEFAULT_MAX_TOKENS,
+        "temperature": _number(body, "temperature", float, 1.0),
+        "top_p": _number(body, "top_p", float, 1.0),
+        "seed": _number(body, "seed", int, 0),
+        "stop": stop,
+    }
+
+
+def app(client: Client, *, api_key: str | None = None) -> Starlette:
+    """The gateway's ASGI app, over `client` (running, in the same trio run)."""
+
+    def served_models() -> list[str]:
+        return sorted({r.model_id for r in client.peers("verifier")})
+
+    async def parse(request: Request) -> dict[str, Any]:
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                raise _BadRequest(401, "a wrong or missing API key", code="invalid_api_key")
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise _BadRequest(400, "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise _BadRequest(400, "the body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise _BadRequest(400, "'model' is required", param="model")
+        if not client.peers("verifier"):
+            await client.refresh()
+        if model not in served_models():
+            raise _BadRequest(
+                404,
+                f"the model {model!r} is served by no verifier of this mesh; "
+                f"served: {', '.join(served_models()) or 'none'}",
+                param="model",
+                code="model_not_found",
+            )
+        return body
+
+    async def complete(request: Request, *, chat: bool) -> Response:
+        try:
+            body = await parse(request)
+            options = _options(body)
+            if chat:
+                messages = body.get("messages")
+                if not isinstance(messages, list) or not messages:
+                    raise _BadRequest(400, "'messages' must be a non-empty list", param="messages")
+                stream = client.stream(messages=messages, **options)
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str) or not prompt:
+                    raise _BadRequest(400, "'prompt' must be a non-empty string", param="prompt")
+                stream = client.stream(prompt, raw=True, **options)
+            await stream.__aenter__()  # refusals (busy, no peer, too long) answer here
+        except _BadRequest as e:
+            return _error(e.status, str(e), param=e.param, code=e.code)
+        except ClientError as e:
+            return _client_error(e)
+        reply = _Reply(body["model"], chat=chat)
+        if body.get("stream"):
+            return StreamingResponse(reply.events(stream), media_type="text/event-stream")
+        try:
+            async for chunk in stream:
+                reply.add(chunk)
+        except ClientError as e:
+            return _client_error(e)
+        finally:
+            await stream.__aexit__(None, None, None)
+        return JSONResponse(reply.whole(stream))
+
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await complete(request, chat=False)
+
+    async def models(request: Request) -> Response:
+        if not client.peers("verifier"):
+            await client.refresh()
+        data = [{"id": m, "object": "model", "owned_by": "p2pspec"} for m in served_models()]
+        return JSONResponse({"object": "list", "data": data})
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+        ]
+    )
+
+
+class _Reply:
+    """One request's answer, in OpenAI's shapes."""
+
+    def __init__(self, model: str, *, chat: bool) -> None:
+        self.model, self.chat = model, chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.text: list[str] = []
+        self.tokens = 0
+
+    def add(self, chunk: Chunk) -> None:
+        if chunk.correction is not None:  # an audit caught the verifier: text redone
+            self.text = ["".join(self.text)[: chunk.correction.keep_text]]
+        self.text.append(chunk.text)
+        self.tokens += len(chunk.tokens)
+
+    def _object(self, *, delta: bool) -> str:
+        if self.chat:
+            return "chat.completion.chunk" if delta else "chat.completion"
+        return "text_completion"
+
+    def _choice(self, text: str, finish: str | None, *, delta: bool) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        key = "delta" if delta else "message"
+        content: dict[str, Any] = {"content": text} if text or not delta else {}
+        if not delta or not self.tokens:
+            content["role"] = "assistant"
+        return {"index": 0, key: content, "finish_reason": finish}
+
+    def _envelope(self, choice: dict[str, Any], *, delta: bool) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": self._object(delta=delta),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+
+    def whole(self, stream: Stream) -> dict[str, Any]:
+        result = stream.result
+        assert result is not None
+        out = self._envelope(
+            self._choice(result.text, _finish(result.finish_reason), delta=False), delta=False
+        )
+        out["usage"] = _usage(len(result.prompt_token_ids), len(result.token_ids))
+        return out
+
+    async def events(self, stream: Stream) -> AsyncIterator[str]:
+        """Server-sent events, one per committed chunk, then the finish and [DONE]. If the
+        HTTP client goes, this generator is closed and the session is cancelled."""
+        try:
+            async for chunk in stream:
+                if chunk.correction is not None:
+                    continue  # a stream cannot take text back: corrections are rare, skipped
+                event = self._envelope(self._choice(chunk.text, None, delta=True), delta=True)
+                self.tokens += len(chunk.tokens)
+                self.text.append(chunk.text)
+                yield f"data: {json.dumps(event)}\n\n"
+            result = stream.result
+            assert result is not None
+            # The answer's end that no chunk carried: a character cut between tokens, held
+            # back until the session finished.
+            sent = "".join(self.text)
+            rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
+            last = self._envelope(
+                self._choice(rest, _finish(result.finish_reason), delta=True), delta=True
+            )
+            last["usage"] = _usage(len(result.prompt_token_ids), len(result.token_ids))
+            yield f"data: {json.dumps(last)}\n\n"
+        except ClientError as e:
+            error = {"error": {"message": str(e), "type": "server_error", "code": e.code}}
+            yield f"data: {json.dumps(error)}\n\n"
+        finally:
+            await stream.__aexit__(None, None, None)
+        yield "data: [DONE]\n\n"
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+async def serve(
+    client: Client,
+    *,
+    listen: str = "127.0.0.1:8000",
+    api_key: str | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined, unused-ignore]
+) -> None:
+    """Serve the gateway at `listen` (HOST:PORT; port 0: any free one) until cancelled;
+    `task_status.started` gets the bound URLs."""
+    config = Config()
+    config.bind = [listen]
+    config.accesslog = None
+    config.graceful_timeout = 1.0
+    asgi: Any = app(client, api_key=api_key)  # an ASGI app, which hypercorn's types miss
+    await hypercorn_serve(asgi, config, task_status=task_status)

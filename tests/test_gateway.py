@@ -1,0 +1,248 @@
+"""The OpenAI-compatible gateway (p2pspec/runtime/gateway.py) against a real mesh: a verifier
+and a drafter on tiny random models in their own processes; the gateway in this trio run;
+the official `openai` client and raw HTTP (httpx) in worker threads."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import openai
+import pytest
+import trio
+
+from p2pspec.net.discovery import now_ms
+from p2pspec.runtime.client import Client
+from p2pspec.runtime.gateway import serve
+from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
+
+VERIFIER = "tiny-random:11"
+DRAFTER = "tiny-random:11:noise=0.007"
+FAST = ["--threads", "1", "--advert-interval", "0.5"]
+T = TypeVar("T")
+
+
+@pytest.fixture
+async def peers(tmp_path: Path) -> AsyncIterator[list[PeerProcess]]:
+    started: list[PeerProcess] = []
+    try:
+        v = await start_peer("v", "verifier", VERIFIER, workdir=tmp_path, extra_args=FAST)
+        started.append(v)
+        d = await start_peer(
+            "d", "drafter", DRAFTER, workdir=tmp_path, bootstrap=[v.address], extra_args=FAST
+        )
+        started.append(d)
+        yield started
+    finally:
+        await stop_all(started)
+
+
+@asynccontextmanager
+async def gateway(bootstrap: str, **kwargs: Any) -> AsyncIterator[tuple[str, Client]]:
+    async with Client([bootstrap]) as client, trio.open_nursery() as nursery:
+        urls = await nursery.start(functools.partial(serve, client, listen="127.0.0.1:0", **kwargs))
+        yield urls[0], client
+        nursery.cancel_scope.cancel()
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+def _openai(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+async def test_the_openai_client_gets_the_meshs_own_answer_streamed_or_not(
+    peers: list[PeerProcess],
+) -> None:
+    async with gateway(peers[0].address) as (url, client):
+        direct = await client.generate("hello gateway", raw=True, max_new_tokens=24, seed=3)
+        api = _openai(url)
+        whole = await in_thread(
+            api.completions.create,
+            model=VERIFIER, prompt="hello gateway", max_tokens=24, temperature=0, seed=3,
+        )  # fmt: skip
+        assert whole.choices[0].text == direct.text
+        assert whole.choices[0].finish_reason == "length"
+        assert whole.usage is not None
+        assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (
+            len(direct.prompt_token_ids),
+            24,
+        )
+
+        def streamed() -> list[Any]:
+            return list(
+                api.completions.create(
+                    model=VERIFIER,
+                    prompt="hello gateway",
+                    max_tokens=24,
+                    temperature=0,
+                    seed=3,
+                    stream=True,
+                )
+            )
+
+        events = await in_thread(streamed)
+        assert "".join(e.choices[0].text for e in events if e.choices) == direct.text
+        assert len(events) > 2  # chunks as they are committed, then the finish
+        assert events[-1].choices[0].finish_reason == "length"
+        listed = await in_thread(api.models.list)
+        assert [m.id for m in listed.data] == [VERIFIER]
+
+
+async def test_errors_come_in_openais_shape_with_the_right_status(
+    peers: list[PeerProcess],
+) -> None:
+    async with gateway(peers[0].address) as (url, _client):
+
+        def post(path: str, body: Any) -> httpx.Response:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            return httpx.post(f"{url}{path}", content=content, timeout=60)
+
+        ok = {"model": VERIFIER, "prompt": "x", "max_tokens": 4}
+        cases = [
+            ("/v1/completions", b"{not json", 400, None),
+            ("/v1/completions", {"prompt": "x"}, 400, "model"),
+            ("/v1/completions", {**ok, "model": "gpt-9"}, 404, "model"),
+            ("/v1/completions", {**ok, "n": 2}, 400, "n"),
+            ("/v1/completions", {**ok, "temperature": "hot"}, 400, "temperature"),
+            ("/v1/completions", {**ok, "prompt": ""}, 400, "prompt"),
+            ("/v1/completions", {**ok, "max_tokens": 3000}, 413, None),  # past the context
+            # tiny random models have no chat template: a conversation is a bad request
+            (
+                "/v1/chat/completions",
+                {"model": VERIFIER, "messages": [{"role": "user", "content": "hi"}]},
+                400,
+                None,
+            ),
+            ("/v1/chat/completions", {"model": VERIFIER, "messages": []}, 400, "messages"),
+        ]
+        for path, body, status, param in cases:
+            response = await in_thread(post, path, body)
+            assert response.status_code == status, (body, response.text)
+            error = response.json()["error"]
+            assert error["message"] and error["type"]
+            assert error["param"] == param, (body, error)
+    async with gateway(peers[0].address, api_key="s3cret") as (url, _client):
+        with pytest.raises(openai.AuthenticationError):
+            await in_thread(_openai(url, "wrong").completions.create, **ok)
+        allowed = await in_thread(_openai(url, "s3cret").completions.create, **ok)
+        assert allowed.choices[0].text is not None
+
+
+async def test_a_mesh_without_a_drafter_is_a_503(tmp_path: Path) -> None:
+    v = await start_peer("v", "verifier", VERIFIER, workdir=tmp_path, extra_args=FAST)
+    try:
+        async with gateway(v.address) as (url, _client):
+            with pytest.raises(openai.InternalServerError) as e:
+                await in_thread(
+                    _openai(url).completions.create, model=VERIFIER, prompt="x", max_tokens=4
+                )
+            assert e.value.status_code == 503
+    finally:
+        await stop_all([v])
+
+
+async def test_16_concurrent_streams_all_complete_or_are_refused_and_none_hangs(
+    peers: list[PeerProcess],
+) -> None:
+    outcomes: list[str] = []
+    async with gateway(peers[0].address) as (url, _client):
+        api = _openai(url)
+
+        def one(i: int) -> str:
+            try:
+                events = list(
+                    api.completions.create(
+                        model=VERIFIER,
+                        prompt=f"request {i}",
+                        max_tokens=32,
+                        temperature=0,
+                        stream=True,
+                    )
+                )
+            except (openai.RateLimitError, openai.InternalServerError) as e:
+                return f"refused {e.status_code}"
+            return "done" if events[-1].choices[0].finish_reason else "cut"
+
+        async def run(i: int) -> None:
+            outcomes.append(await in_thread(one, i))
+
+        with trio.fail_after(240):
+            async with trio.open_nursery() as nursery:
+                for i in range(16):
+                    nursery.start_soon(run, i)
+    assert len(outcomes) == 16
+    assert set(outcomes) <= {"done", "refused 429", "refused 503"}, outcomes
+    assert outcomes.count("done") >= 8  # the drafter's capacity
+
+
+async def test_a_client_that_disconnects_mid_stream_ends_its_session(
+    peers: list[PeerProcess],
+) -> None:
+    async with gateway(peers[0].address) as (url, client):
+
+        def read_two_events_and_leave() -> int:
+            body = {"model": VERIFIER, "prompt": "long", "max_tokens": 2000, "stream": True}
+            with (
+                httpx.Client(timeout=60) as http,
+                http.stream("POST", f"{url}/v1/completions", json=body) as response,
+            ):
+                lines = response.iter_lines()
+                seen = 0
+                for line in lines:
+                    seen += line.startswith("data: ")
+                    if seen == 2:
+                        return response.status_code
+            return -1
+
+        assert await in_thread(read_two_events_and_leave) == 200
+        left_ms = now_ms()
+        # 2,000 tokens take the drafter several seconds more; its first record signed
+        # after the client left already shows it idle: the session was cancelled.
+        with trio.fail_after(3):
+            while True:
+                await client.refresh()
+                drafter = client.peers("drafter")[0]
+                if drafter.issued_at_ms > left_ms:
+                    assert drafter.load == 0
+                    break
+                await trio.sleep(0.1)  # the next advert, every 0.5 s
+
+
+async def test_p2pspec_serve_prints_its_url_and_serves_until_sigterm(
+    peers: list[PeerProcess],
+) -> None:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "p2pspec.peers.cli", "serve", "--bootstrap", peers[0].address,
+         "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = b""
+        with trio.fail_after(60):
+            while not line.endswith(b"\n"):
+                data = await process.stdout.receive_some(1024)
+                assert data, "serve exited before its ready line"
+                line += data
+        url = line.decode().strip()
+        assert url.startswith("http://127.0.0.1:")
+        listed = await in_thread(httpx.get, f"{url}/v1/models", timeout=30)
+        assert [m["id"] for m in listed.json()["data"]] == [VERIFIER]
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
