@@ -97,6 +97,12 @@ async def test_the_openai_client_gets_the_meshs_own_answer_streamed_or_not(
         assert events[-1].choices[0].finish_reason == "length"
         listed = await in_thread(api.models.list)
         assert [m.id for m in listed.data] == [VERIFIER]
+        scraped = (await in_thread(httpx.get, f"{url}/metrics", timeout=30)).text
+        assert 'p2pspec_gateway_requests_total{route="/v1/completions",status="200"} 2.0' in (
+            scraped
+        )
+        assert "p2pspec_gateway_completion_tokens_total 48.0" in scraped
+        assert "p2pspec_gateway_time_to_first_token_seconds_count 2.0" in scraped
 
 
 async def test_errors_come_in_openais_shape_with_the_right_status(

@@ -7,7 +7,9 @@ request is one mesh session. Served:
   `temperature`, `top_p`, `seed`, `stop`, `stream` (server-sent events in OpenAI's chunk
   format, ending `data: [DONE]`), `usage` with token counts;
 - `POST /v1/completions`: a raw text `prompt`, the same options;
-- `GET /v1/models`: the models the mesh's verifiers serve.
+- `GET /v1/models`: the models the mesh's verifiers serve;
+- `GET /metrics`: Prometheus metrics of the gateway (requests by route and status, tokens
+  streamed, time to first token).
 
 Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the
 HTTP status a client expects: 400 a bad request, 401 a wrong API key, 404 an unknown
@@ -27,6 +29,13 @@ from typing import Any
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -47,6 +56,28 @@ HTTP_STATUS = {
     "bootstrap_unreachable": 503,
 }
 DEFAULT_MAX_TOKENS = 256
+
+
+class GatewayMetrics:
+    """The gateway's own Prometheus metrics (one registry per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "p2pspec_gateway_requests",
+            "HTTP requests answered, by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "p2pspec_gateway_completion_tokens", "Tokens sent to clients", registry=self.registry
+        )
+        self.first_token = Histogram(
+            "p2pspec_gateway_time_to_first_token_seconds",
+            "From a request's arrival to its first committed chunk",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
 
 
 class _BadRequest(Exception):
@@ -101,6 +132,7 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
 
 def app(client: Client, *, api_key: str | None = None) -> Starlette:
     """The gateway's ASGI app, over `client` (running, in the same trio run)."""
+    metrics = GatewayMetrics()
 
     def served_models() -> list[str]:
         return sorted({r.model_id for r in client.peers("verifier")})
@@ -132,6 +164,12 @@ def app(client: Client, *, api_key: str | None = None) -> Starlette:
         return body
 
     async def complete(request: Request, *, chat: bool) -> Response:
+        response = await _complete(request, chat=chat)
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    async def _complete(request: Request, *, chat: bool) -> Response:
+        arrived = time.perf_counter()
         try:
             body = await parse(request)
             options = _options(body)
@@ -150,7 +188,7 @@ def app(client: Client, *, api_key: str | None = None) -> Starlette:
             return _error(e.status, str(e), param=e.param, code=e.code)
         except ClientError as e:
             return _client_error(e)
-        reply = _Reply(body["model"], chat=chat)
+        reply = _Reply(body["model"], chat=chat, metrics=metrics, arrived=arrived)
         if body.get("stream"):
             return StreamingResponse(reply.events(stream), media_type="text/event-stream")
         try:
@@ -174,11 +212,15 @@ def app(client: Client, *, api_key: str | None = None) -> Starlette:
         data = [{"id": m, "object": "model", "owned_by": "p2pspec"} for m in served_models()]
         return JSONResponse({"object": "list", "data": data})
 
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
         ]
     )
 
@@ -186,14 +228,21 @@ def app(client: Client, *, api_key: str | None = None) -> Starlette:
 class _Reply:
     """One request's answer, in OpenAI's shapes."""
 
-    def __init__(self, model: str, *, chat: bool) -> None:
+    def __init__(self, model: str, *, chat: bool, metrics: GatewayMetrics, arrived: float) -> None:
         self.model, self.chat = model, chat
+        self.metrics, self.arrived = metrics, arrived
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.text: list[str] = []
         self.tokens = 0
 
+    def _count(self, chunk: Chunk) -> None:
+        if not self.tokens and chunk.tokens:
+            self.metrics.first_token.observe(time.perf_counter() - self.arrived)
+        self.metrics.tokens.inc(len(chunk.tokens))
+
     def add(self, chunk: Chunk) -> None:
+        self._count(chunk)
         if chunk.correction is not None:  # an audit caught the verifier: text redone
             self.text = ["".join(self.text)[: chunk.correction.keep_text]]
         self.text.append(chunk.text)
@@ -239,6 +288,7 @@ class _Reply:
                 if chunk.correction is not None:
                     continue  # a stream cannot take text back: corrections are rare, skipped
                 event = self._envelope(self._choice(chunk.text, None, delta=True), delta=True)
+                self._count(chunk)
                 self.tokens += len(chunk.tokens)
                 self.text.append(chunk.text)
                 yield f"data: {json.dumps(event)}\n\n"
