@@ -252,3 +252,17 @@ async def test_p2pspec_serve_prints_its_url_and_serves_until_sigterm(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_the_status_page_and_its_data_show_every_peer(peers: list[PeerProcess]) -> None:
+    """The page is static HTML that polls /status.json (tested here through HTTP; a headless
+    browser run of the page is not part of the suite)."""
+    async with gateway(peers[0].address) as (url, _client):
+        page = await in_thread(httpx.get, f"{url}/", timeout=30)
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert "status.json" in page.text and "<canvas" in page.text
+        data = (await in_thread(httpx.get, f"{url}/status.json", timeout=30)).json()
+        assert {p["peer_id"] for p in data["peers"]} == {p.peer_id for p in peers}
+        assert {p["role"] for p in data["peers"]} == {"verifier", "drafter"}
+        assert all(p["rtt_ms"] is not None for p in data["peers"])
+        assert data["gateway_tokens"] == 0

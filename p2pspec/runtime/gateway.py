@@ -9,7 +9,10 @@ request is one mesh session. Served:
 - `POST /v1/completions`: a raw text `prompt`, the same options;
 - `GET /v1/models`: the models the mesh's verifiers serve;
 - `GET /metrics`: Prometheus metrics of the gateway (requests by route and status, tokens
-  streamed, time to first token).
+  streamed, time to first token);
+- `GET /`: the mesh as `p2pspec status` shows it, as a page that refreshes itself every
+  2 s, with plots of the gateway's tokens/s and the verifiers' acceptance over time
+  (`GET /status.json`: the same data).
 
 Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the
 HTTP status a client expects: 400 a bad request, 401 a wrong API key, 404 an unknown
@@ -24,6 +27,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -38,10 +42,11 @@ from prometheus_client import (
 )
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from p2pspec.runtime.client import Chunk, Client, ClientError, Stream
+from p2pspec.runtime.status import mesh_status
 
 __all__ = ["HTTP_STATUS", "app", "serve"]
 
@@ -56,6 +61,7 @@ HTTP_STATUS = {
     "bootstrap_unreachable": 503,
 }
 DEFAULT_MAX_TOKENS = 256
+STATUS_PAGE = Path(__file__).with_name("status_page.html")
 
 
 class GatewayMetrics:
@@ -72,6 +78,7 @@ class GatewayMetrics:
         self.tokens = Counter(
             "p2pspec_gateway_completion_tokens", "Tokens sent to clients", registry=self.registry
         )
+        self.tokens_sent = 0  # the same count, for the status page
         self.first_token = Histogram(
             "p2pspec_gateway_time_to_first_token_seconds",
             "From a request's arrival to its first committed chunk",
@@ -215,12 +222,28 @@ def app(client: Client, *, api_key: str | None = None) -> Starlette:
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def page(request: Request) -> Response:
+        return HTMLResponse(STATUS_PAGE.read_text(encoding="utf-8"))
+
+    async def status_json(request: Request) -> Response:
+        await client.refresh()
+        rows = await mesh_status(client)
+        return JSONResponse(
+            {
+                "time": time.time(),
+                "gateway_tokens": metrics.tokens_sent,
+                "peers": [row.as_dict() for row in rows],
+            }
+        )
+
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
+            Route("/", page, methods=["GET"]),
+            Route("/status.json", status_json, methods=["GET"]),
         ]
     )
 
@@ -240,6 +263,7 @@ class _Reply:
         if not self.tokens and chunk.tokens:
             self.metrics.first_token.observe(time.perf_counter() - self.arrived)
         self.metrics.tokens.inc(len(chunk.tokens))
+        self.metrics.tokens_sent += len(chunk.tokens)
 
     def add(self, chunk: Chunk) -> None:
         self._count(chunk)
