@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,7 @@ from p2pspec.core.config import TestnetPeers, Topology, load_toml
 from p2pspec.core.errors import P2PSpecError, UserError
 from p2pspec.net.node import Node
 from p2pspec.net.prober import ProbeError, directory_round_trip
-from p2pspec.runtime import logs
+from p2pspec.runtime import gateway, logs
 from p2pspec.runtime.client import Client, ClientError
 from p2pspec.tools.delayproxy import DelayProxy
 from p2pspec.tools.launch import (
@@ -438,6 +441,8 @@ async def main_async(args: argparse.Namespace) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(rep, indent=2) + "\n")
         ok = rep["completed"] == rep["sessions"]
+        if args.serve:
+            await serve_until_signalled(bootstrap, args.serve, log)
         return 0 if ok else 1
 
     namespaces = Namespaces() if topology.links == "netns" else None
@@ -459,6 +464,19 @@ async def main_async(args: argparse.Namespace) -> int:
     except BaseExceptionGroup as group:
         # The nursery wraps whatever the run raised: main() wants the error itself.
         raise _first_meaningful(group) from None
+
+
+async def serve_until_signalled(bootstrap: str, listen: str, log: Callable[[str], None]) -> None:
+    """Keep the mesh up behind an OpenAI-compatible gateway at `listen` until SIGINT or
+    SIGTERM; its URL goes to stdout, alone on its line."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with Client([bootstrap]) as client, trio.open_nursery() as nursery:
+            urls = await nursery.start(functools.partial(gateway.serve, client, listen=listen))
+            log(f"gateway at {urls[0]}; Ctrl-C stops it and the mesh")
+            print(urls[0], flush=True)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
 
 
 def _first_meaningful(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -501,6 +519,11 @@ def main() -> int:
     parser.add_argument("--stream", action="store_true", help="stream the first answer")
     parser.add_argument("--workdir", metavar="DIR", help="peer keys and logs (default: temp)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--serve",
+        metavar="HOST:PORT",
+        help="after the workload, keep the mesh up behind an OpenAI-compatible gateway here",
+    )
     args = parser.parse_args()
     try:
         return trio.run(main_async, args)

@@ -266,3 +266,34 @@ async def test_the_status_page_and_its_data_show_every_peer(peers: list[PeerProc
         assert {p["role"] for p in data["peers"]} == {"verifier", "drafter"}
         assert all(p["rtt_ms"] is not None for p in data["peers"])
         assert data["gateway_tokens"] == 0
+
+
+async def test_the_testnet_keeps_its_mesh_up_behind_a_gateway_with_serve() -> None:
+    root = Path(__file__).resolve().parent.parent
+    process = await trio.lowlevel.open_process(
+        [sys.executable, str(root / "testnet" / "testnet.py"), "--sessions", "2", "--quiet",
+         "--serve", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=root,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        out = b""
+        with trio.fail_after(180):  # the mesh starts and runs its 2 sessions first
+            while b"\nhttp://" not in b"\n" + out or not out.endswith(b"\n"):
+                data = await process.stdout.receive_some(4096)
+                assert data, f"the testnet exited before serving: {out.decode()}"
+                out += data
+        url = next(x for x in out.decode().splitlines() if x.startswith("http://"))
+        listed = await in_thread(httpx.get, f"{url}/v1/models", timeout=30)
+        assert [m["id"] for m in listed.json()["data"]] == ["tiny-random:11"]
+        answer = await in_thread(
+            _openai(url).completions.create, model="tiny-random:11", prompt="x", max_tokens=8
+        )
+        assert answer.usage is not None and answer.usage.completion_tokens == 8
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(60):
+            assert await process.wait() == 0  # the peers are stopped too
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
