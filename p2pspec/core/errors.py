@@ -242,6 +242,11 @@ CODES: dict[str, str] = {
     "too_many_streams": "A peer holds too many streams open at once on this one "
     "(max_streams_per_peer).",
     "rate_limited": "A peer opens streams faster than this one takes (streams_per_s).",
+    # The HTTP gateway (p2pspec serve), besides the codes above
+    "model_not_found": "The request names a model that no verifier of the mesh serves "
+    "(GET /v1/models lists those it does); HTTP 404.",
+    "invalid_api_key": "The gateway requires an API key (--api-key) and the request's "
+    "Authorization: Bearer header does not carry it; HTTP 401.",
 }
 
 

@@ -90,7 +90,7 @@ class GatewayMetrics:
 class _BadRequest(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str = ""):
         super().__init__(message)
-        self.status, self.param, self.code = status, param, code or "invalid_request_error"
+        self.status, self.param, self.code = status, param, code
 
 
 def _error(status: int, message: str, *, param: str | None = None, code: str = "") -> Response:
