@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a peer to join the mesh through (repeatable; default none: a new mesh)",
     )
     peer.add_argument(
+        "--mdns",
+        action="store_true",
+        default=None,
+        help="find (and be found by) peers on the local network by multicast DNS, with no "
+        "bootstrap address (default: off)",
+    )
+    peer.add_argument(
         "--key",
         metavar="FILE",
         help="Ed25519 identity key, created 0600 (default ~/.config/p2pspec/<role>.key)",
@@ -599,6 +606,7 @@ def _peer(args: argparse.Namespace) -> int:
             "listen": args.listen,
             "announce": args.announce,
             "bootstrap": args.bootstrap,
+            "mdns": args.mdns,
             "key_file": args.key,
             "network_key_file": args.network_key,
             "capacity_sessions": args.capacity,

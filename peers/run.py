@@ -61,6 +61,7 @@ class Peer:
             listen=config.listen,
             announce=config.announce,
             max_frame_bytes=config.max_frame_bytes,
+            mdns=config.mdns,
             network_key=load_network_key(config.network_key_file)
             if config.network_key_file
             else None,

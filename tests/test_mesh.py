@@ -323,6 +323,23 @@ async def test_peers_serve_prometheus_metrics_of_what_they_did(mesh: Mesh) -> No
     assert drafter['p2pspec_sessions_total{role="drafter"}'] == 1  # the refused one is not
 
 
+async def test_peers_with_mdns_find_each_other_without_a_bootstrap_address(mesh: Mesh) -> None:
+    """A verifier and a drafter started with --mdns and no --bootstrap on loopback: the
+    drafter learns the verifier (and pushes its record to it), so a client that knows only
+    the verifier is served. Other mDNS peers of this machine may join too: only ours are
+    asserted."""
+    v = await mesh.start("v", "verifier", VERIFIER, args=[*FAST, "--mdns"])
+    d = await mesh.start("d", "drafter", DRAFTER, args=[*FAST, "--mdns"])
+    async with Client([v.address]) as client:
+        with trio.fail_after(60):
+            while d.peer_id not in {r.peer_id for r in client.peers("drafter")}:
+                await trio.sleep(0.5)  # the drafter's first exchange after it hears of v
+                await client.refresh()
+        result = await client.generate("found by mdns", max_new_tokens=8, raw=True)
+    assert result.drafter_peer_id == d.peer_id
+    assert result.verifier_peer_id == v.peer_id
+
+
 async def test_a_request_with_no_drafter_in_the_mesh_is_refused_clearly(mesh: Mesh) -> None:
     v = await mesh.start("v", "verifier", VERIFIER)
     async with Client([v.address]) as client:

@@ -38,6 +38,7 @@ class PeerConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     listen: str = "/ip4/127.0.0.1/tcp/0"  # multiaddr to listen on (tcp/0: any free port)
     announce: str | None = None  # multiaddr others should dial instead of the bound one
     bootstrap: list[str] = []  # multiaddrs (with /p2p/<id>) of peers to join through
+    mdns: bool = False  # find and announce peers on the local network by multicast DNS
     key_file: str | None = None  # Ed25519 identity; created 0600 on first run
     capacity_sessions: Count = 8  # sessions served at once; more are refused
     advert_interval_s: Seconds = 2.0  # how often the peer re-signs and spreads its record

@@ -151,10 +151,11 @@ class Advertiser:
         self.directory.add(sign_record(self.identity, record), now_ms())
 
     def targets(self) -> list[str]:
-        """Bootstrap peers, then every live peer's first address (each peer once)."""
+        """Bootstrap peers, peers found by mDNS, then every live peer's first address (each
+        peer once)."""
         seen = {self.identity.peer_id}
         out: list[str] = []
-        for addr in self.config.bootstrap:
+        for addr in [*self.config.bootstrap, *self.node.discovered.values()]:
             pid = peer_id_of(addr)
             if pid not in seen:
                 seen.add(pid)

@@ -38,6 +38,7 @@ from libp2p import new_host
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.identity.identify import identify as libp2p_identify
 from libp2p.network.swarm import Swarm
@@ -157,6 +158,8 @@ class Node:
     handshakes' time (inbound.py), and the streams one peer may hold and open a second.
     `dial_from`: the local address outbound connections leave from (a multi-homed host;
     the flood benchmark's second source on loopback).
+    `mdns`: announce this node on the local network by multicast DNS (py-libp2p's mDNS)
+    and collect the peers announced there in `discovered` (peer id -> dialable address).
     """
 
     def __init__(
@@ -170,8 +173,11 @@ class Node:
         network_key: bytes | None = None,
         limits: Limits | None = None,
         dial_from: str | None = None,
+        mdns: bool = False,
     ) -> None:
         self._identity = identity
+        self.discovered: dict[str, str] = {}  # peers found by mDNS: peer id -> address
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         self._network_key = network_key
         self._members: set[str] = set()  # peers that proved the network key
         self._peer_id: str = identity.peer_id
@@ -213,7 +219,10 @@ class Node:
             transports=[self._tcp],
             addrs_factory=self._advertised_transport_addrs,
             connection_config=connection_config(self.limits),
+            enable_mDNS=mdns,
         )
+        if mdns:
+            peerDiscovery.register_peer_discovered_handler(self._on_discovered)
         network = self._host.get_network()
         assert isinstance(network, Swarm)  # what new_host builds
         network.auto_connector = NoAutoConnect(network)
@@ -241,6 +250,18 @@ class Node:
         """The default maximum frame size of this node's streams, in bytes."""
         return self._max_frame_bytes
 
+    def _on_discovered(self, info: PeerInfo) -> None:
+        """py-libp2p's mDNS found a peer (called from zeroconf's thread, for every node of
+        the process): remember its first TCP address, on the node's own trio thread."""
+        peer_id = str(info.peer_id)
+        tcp = [str(a) for a in info.addrs if "/tcp/" in str(a) and "/p2p/" not in str(a)]
+        token = self._trio_token
+        if peer_id == self._peer_id or not tcp or token is None or not self._listening:
+            return
+        address = f"{tcp[0]}/p2p/{peer_id}"
+        with contextlib.suppress(trio.RunFinishedError):  # the node's run has ended
+            token.run_sync_soon(self.discovered.__setitem__, peer_id, address)
+
     async def run(
         self,
         *,
@@ -257,6 +278,7 @@ class Node:
         if self._started:
             raise RuntimeError("a Node runs once; make a new one")
         self._started = True
+        self._trio_token = trio.lowlevel.current_trio_token()
         # Debugging and the privacy tests: every byte this node writes to a libp2p stream
         # (what Noise then encrypts hop by hop) is appended to <dir>/<peer id>.frames.
         capture_dir = os.environ.get(FRAME_CAPTURE_ENV)
