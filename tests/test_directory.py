@@ -134,6 +134,7 @@ class _DeadPeerNode:
     def __init__(self, *, hang: bool) -> None:
         self.hang = hang
         self.dials: list[float] = []
+        self.discovered: dict[str, str] = {}  # no mDNS
 
     async def open_stream(self, peer: str, protocol_id: str, *, timeout_s: float) -> NoReturn:
         self.dials.append(trio.current_time())
