@@ -18,5 +18,15 @@ if [ "$(id -u)" = 0 ] && ! { command -v nft && command -v ip; } >/dev/null 2>&1 
     || { apt-get update -qq && apt-get install -y -qq nftables iproute2 >/dev/null; }; } \
     || echo "could not install nftables: the namespace tests will be skipped" >&2
 fi
+# The status page's test drives Debian's chromium headless (through chromium-driver).
+if [ "$(id -u)" = 0 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1; then
+  echo "== chromium and chromium-driver (the status page's browser test)" >&2
+  browser=(chromium chromium-driver)
+  { apt-get install -y -qq --no-install-recommends "${browser[@]}" >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${browser[@]}" \
+      >/dev/null; }; } \
+    || echo "could not install chromium: the browser test will be skipped" >&2
+fi
 echo "== pytest" >&2
 python -m pytest --durations=30 "$@"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -297,3 +298,55 @@ async def test_the_testnet_keeps_its_mesh_up_behind_a_gateway_with_serve() -> No
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def _browser_or_skip() -> Any:
+    """Headless Chromium through selenium and Debian's chromium-driver (tests/run.sh installs
+    them when it runs as root); skipped where they are missing."""
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None or shutil.which("chromium") is None:
+        pytest.skip("no chromium / chromedriver here (Debian: chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    options.binary_location = shutil.which("chromium") or ""
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+async def test_the_status_page_in_a_headless_browser_shows_every_peer_of_a_4_peer_mesh(
+    peers: list[PeerProcess], tmp_path: Path
+) -> None:
+    browser = _browser_or_skip()
+    more = [
+        await start_peer(
+            name, role, model, workdir=tmp_path, bootstrap=[peers[0].address], extra_args=FAST
+        )
+        for name, role, model in (("v2", "verifier", VERIFIER), ("d2", "drafter", DRAFTER))
+    ]
+    try:
+        everyone = {p.peer_id for p in [*peers, *more]}
+        async with gateway(peers[0].address) as (url, client):
+            with trio.fail_after(30):
+                while {r.peer_id for r in client.peers()} != everyone:
+                    await client.refresh()
+                    await trio.sleep(0.25)  # the new peers' first adverts
+
+            def rows_shown() -> set[str]:
+                from selenium.webdriver.common.by import By
+                from selenium.webdriver.support.ui import WebDriverWait
+
+                browser.get(f"{url}/")
+                WebDriverWait(browser, 30).until(
+                    lambda b: len(b.find_elements(By.CSS_SELECTOR, "#peers tbody tr")) == 4
+                )
+                rows = browser.find_elements(By.CSS_SELECTOR, "#peers tbody tr")
+                assert "4 peers" in browser.find_element(By.ID, "summary").text
+                return {row.get_attribute("data-peer-id") or "" for row in rows}
+
+            assert await in_thread(rows_shown) == everyone
+    finally:
+        browser.quit()
+        await stop_all(more)
