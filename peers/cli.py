@@ -75,6 +75,21 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
 
+def _add_mesh_options(p: argparse.ArgumentParser) -> None:
+    """--bootstrap (required) and --network-key: how a command that talks to the mesh
+    (serve, status) joins it."""
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        required=True,
+        metavar="MULTIADDR",
+        help="a mesh peer to join through (repeatable)",
+    )
+    p.add_argument(
+        "--network-key", metavar="FILE", help="the private mesh's shared secret key file"
+    )
+
+
 def _draft_tokens(text: str) -> int | str:
     if text == "auto":
         return text
@@ -267,13 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP gateway to the mesh")
-    serve.add_argument(
-        "--bootstrap",
-        action="append",
-        required=True,
-        metavar="MULTIADDR",
-        help="a mesh peer to join through (repeatable)",
-    )
+    _add_mesh_options(serve)
     serve.add_argument(
         "--listen",
         default="127.0.0.1:8000",
@@ -285,22 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="require Authorization: Bearer KEY on every request (default: none)",
     )
-    serve.add_argument(
-        "--network-key", metavar="FILE", help="the private mesh's shared secret key file"
-    )
 
     status = sub.add_parser("status", help="show the mesh: every peer, its load, RTT, acceptance")
-    status.add_argument(
-        "--bootstrap",
-        action="append",
-        required=True,
-        metavar="MULTIADDR",
-        help="a mesh peer to ask (repeatable)",
-    )
+    _add_mesh_options(status)
     status.add_argument("--json", action="store_true", help="print a JSON list, for scripts")
-    status.add_argument(
-        "--network-key", metavar="FILE", help="the private mesh's shared secret key file"
-    )
 
     bench = sub.add_parser("bench", help="benchmark p2pspec's engine against the baselines")
     bench.add_argument("--drafter", default=DEFAULT_DRAFTER, metavar="MODEL", help="model")
