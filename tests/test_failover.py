@@ -16,7 +16,8 @@ from support import local_tokens
 
 from p2pspec.core import wire
 from p2pspec.core.speculative import SamplingParams
-from p2pspec.runtime.client import Client, ClientError, Stream
+from p2pspec.runtime.client import Client, ClientError
+from p2pspec.runtime.session import Stream
 from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 
 VERIFIER = "tiny-random:11"

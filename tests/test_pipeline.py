@@ -17,7 +17,8 @@ from scipy.stats import chisquare
 from p2pspec.core.speculative import SamplingParams, target_distribution
 from p2pspec.engines.decoding import greedy_decode
 from p2pspec.models import KVCacheRunner
-from p2pspec.runtime.client import Client, Result
+from p2pspec.runtime.client import Client
+from p2pspec.runtime.session import Result
 from p2pspec.tools.delayproxy import DelayProxy
 from p2pspec.tools.launch import Link, PeerProcess, start_peer, start_peer_behind_proxy, stop_all
 

@@ -45,7 +45,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from p2pspec.runtime.client import Chunk, Client, ClientError, Stream
+from p2pspec.runtime.client import Client, ClientError
+from p2pspec.runtime.session import Chunk, Stream
 from p2pspec.runtime.status import mesh_status
 
 __all__ = ["HTTP_STATUS", "app", "serve"]

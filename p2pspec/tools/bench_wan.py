@@ -47,7 +47,8 @@ from p2pspec.core.policy import (
 )
 from p2pspec.net.prober import directory_round_trip
 from p2pspec.runtime import logs
-from p2pspec.runtime.client import Client, Result
+from p2pspec.runtime.client import Client
+from p2pspec.runtime.session import Result
 from p2pspec.tools.launch import Link, start_peer, start_peer_behind_proxy, stop_all
 
 RTTS_MS = [0, 10, 40, 100]
