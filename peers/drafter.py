@@ -39,14 +39,8 @@ from p2pspec.core.transcript import round_tokens
 from p2pspec.core.verdicts import check_verdict
 from p2pspec.crypto import Identity
 from p2pspec.engines import Engine
-from p2pspec.engines.decoding import (
-    Draft,
-    Drafter,
-    StopChecker,
-    TextDeltas,
-    sampling_params,
-    validate_request,
-)
+from p2pspec.engines.decoding import Draft, Drafter
+from p2pspec.engines.local import StopChecker, TextDeltas, sampling_params, validate_request
 from p2pspec.net.actors import Mailbox, Reply, supervise
 from p2pspec.net.channel import (
     Channel,

@@ -64,7 +64,7 @@ def encode_prompt(lm: Any, prompt: str, raw: bool, messages: list[dict[str, str]
 def generate_local(args: argparse.Namespace) -> int:
     # Imported here so that `p2pspec --help` and argument errors stay fast.
     from p2pspec.engines import check_compatible, load_engine
-    from p2pspec.engines.decoding import (
+    from p2pspec.engines.local import (
         GenerationStats,
         LocalEngine,
         StopChecker,

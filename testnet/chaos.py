@@ -37,7 +37,7 @@ import trio
 
 from p2pspec.core.errors import P2PSpecError
 from p2pspec.engines import load_engine
-from p2pspec.engines.decoding import greedy_decode
+from p2pspec.engines.local import greedy_decode
 from p2pspec.runtime import logs
 from p2pspec.runtime.client import Client, ClientError
 from p2pspec.tools.delayproxy import DelayProxy

@@ -21,7 +21,7 @@ from pathlib import Path
 import trio
 
 from p2pspec.engines import load_engine
-from p2pspec.engines.decoding import greedy_decode
+from p2pspec.engines.local import greedy_decode
 from p2pspec.runtime.client import Client
 from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 

@@ -15,14 +15,8 @@ from support import model
 import p2pspec.engines.decoding as engine_module
 from p2pspec.core.errors import ContextOverflowError, IncompatibleModelsError, InvalidRequestError
 from p2pspec.core.speculative import SamplingParams, target_distribution, verify_rejection
-from p2pspec.engines.decoding import (
-    Drafter,
-    GenerationStats,
-    LocalEngine,
-    StopChecker,
-    Verifier,
-    greedy_decode,
-)
+from p2pspec.engines.decoding import Drafter, Verifier
+from p2pspec.engines.local import GenerationStats, LocalEngine, StopChecker, greedy_decode
 from p2pspec.models import KVCacheRunner
 
 TARGET = "tiny-random:11"

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from p2pspec.engines import load_engine
-from p2pspec.engines.decoding import greedy_decode
+from p2pspec.engines.local import greedy_decode
 from p2pspec.runtime.client import Client
 from p2pspec.runtime.gateway import serve
 from p2pspec.tools.bench import BENCH_PROMPTS

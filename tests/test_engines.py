@@ -179,7 +179,7 @@ def test_the_llama_cpp_path_imports_neither_torch_nor_transformers() -> None:
     code = (
         "import sys, json\n"
         "from p2pspec.engines import load_engine\n"
-        "from p2pspec.engines.decoding import greedy_decode\n"
+        "from p2pspec.engines.local import greedy_decode\n"
         f"e = load_engine({SMOL!r}, threads=1, progress=False)\n"
         "ids = e.tokenizer.apply_chat_template('Hi')\n"
         "out = greedy_decode(e, ids, 4)\n"

@@ -16,7 +16,7 @@ import trio
 from libp2p.utils import encode_delim
 
 from p2pspec.core.admission import Limits
-from p2pspec.engines.decoding import greedy_decode
+from p2pspec.engines.local import greedy_decode
 from p2pspec.runtime.client import Client
 from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 

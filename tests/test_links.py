@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import support
 
-from p2pspec.engines.decoding import greedy_decode
+from p2pspec.engines.local import greedy_decode
 from p2pspec.tools.netns import Namespaces, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent

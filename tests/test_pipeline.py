@@ -15,7 +15,7 @@ import trio
 from scipy.stats import chisquare
 
 from p2pspec.core.speculative import SamplingParams, target_distribution
-from p2pspec.engines.decoding import greedy_decode
+from p2pspec.engines.local import greedy_decode
 from p2pspec.models import KVCacheRunner
 from p2pspec.runtime.client import Client
 from p2pspec.runtime.session import Result

@@ -60,7 +60,7 @@ def _bench_dtype(
     max_new_tokens: int,
     draft_tokens: int,
 ) -> dict[str, Any]:
-    from p2pspec.engines.decoding import LocalEngine, greedy_decode
+    from p2pspec.engines.local import LocalEngine, greedy_decode
     from p2pspec.models import load_model
 
     verifier = load_model(verifier_spec, dtype=dtype)  # type: ignore[arg-type]

@@ -44,7 +44,8 @@ from typing import Any
 from p2pspec.core.errors import InvalidRequestError
 from p2pspec.core.speculative import SamplingParams
 from p2pspec.engines import Engine, load_engine
-from p2pspec.engines.decoding import Draft, Drafter, StopChecker, Verifier, verify_batch
+from p2pspec.engines.decoding import Draft, Drafter, Verifier, verify_batch
+from p2pspec.engines.local import StopChecker
 from p2pspec.tools.report import write_table
 
 __all__ = ["BATCH_PROMPTS", "run_batching_benchmark"]

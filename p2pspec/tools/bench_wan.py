@@ -350,7 +350,7 @@ def _ar_worker() -> None:
     """The verifier decoding alone: read a job on stdin, print its timing as JSON."""
     import torch
 
-    from p2pspec.engines.decoding import greedy_decode
+    from p2pspec.engines.local import greedy_decode
     from p2pspec.models import load_model
 
     torch.set_num_threads(1)
