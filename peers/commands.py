@@ -46,14 +46,12 @@ def serve(args: argparse.Namespace) -> int:
     import trio
 
     from p2pspec.core.config import PeerConfig
-    from p2pspec.net.addrs import check_peer_address
+    from p2pspec.net.addrs import check_peer_address, host_and_port
     from p2pspec.runtime import gateway, logs
     from p2pspec.runtime.client import Client
 
     check_addresses("--bootstrap", args.bootstrap, check_peer_address, PEER_ADDRESS)
-    host, sep, port = args.listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise UserError(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    host_and_port("--listen", args.listen, "127.0.0.1:8000")
     logs.configure(level="info")
 
     async def run() -> None:

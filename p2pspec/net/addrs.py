@@ -19,6 +19,7 @@ from p2pspec.core.errors import PeerRefusedError as PeerRefusedError
 from p2pspec.core.errors import PeerUnreachableError as PeerUnreachableError
 from p2pspec.core.errors import ProtocolNotSupportedError as ProtocolNotSupportedError
 from p2pspec.core.errors import StreamResetError as StreamResetError
+from p2pspec.core.errors import UserError
 from p2pspec.crypto import Identity, InvalidPeerIdError, public_key_from_peer_id
 
 # -- addresses and ids --------------------------------------------------------------------
@@ -88,11 +89,24 @@ def check_listen_address(text: str) -> str:
 
 
 def check_announce_address(text: str) -> str:
-    """`text` if peers can dial it: /ip4|ip6/<ip>/tcp/<port>, no wildcard IP, no port 0."""
-    _, ip, port = tcp_parts(parse_multiaddr(check_listen_address(text)))
+    """`text` if peers can dial it as this peer's own address: /ip4|ip6/<ip>/tcp/<port>,
+    no wildcard IP, no port 0, no peer id; InvalidMultiaddrError otherwise."""
+    transport, peer_id = split_p2p(parse_multiaddr(text))
+    if peer_id is not None:
+        raise InvalidMultiaddrError(f"announce address {text} must not name a peer id")
+    _, ip, port = tcp_parts(transport)
     if is_wildcard(ip) or port == 0:
-        raise InvalidMultiaddrError(f"{text} is not dialable (a wildcard IP or port 0)")
+        raise InvalidMultiaddrError(f"announce address {text} is not dialable")
     return text
+
+
+def host_and_port(flag: str, text: str, example: str) -> tuple[str, int]:
+    """HOST:PORT (port 0: any free one) of an HTTP server's flag; UserError naming the flag
+    otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UserError(f"{flag} {text!r}: expected HOST:PORT, e.g. {example}")
+    return host, int(port)
 
 
 def is_wildcard(ip: str) -> bool:

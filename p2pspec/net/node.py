@@ -75,6 +75,7 @@ from p2pspec.core.membership import (
 )
 from p2pspec.crypto import Identity
 from p2pspec.net.addrs import (
+    check_announce_address,
     interface_ips,
     is_wildcard,
     libp2p_key_pair,
@@ -232,13 +233,7 @@ class Node:
 
     @staticmethod
     def _check_announce(text: str) -> Multiaddr:
-        transport, peer_id = split_p2p(parse_multiaddr(text))
-        _, ip, port = tcp_parts(transport)
-        if is_wildcard(ip) or port == 0:
-            raise InvalidMultiaddrError(f"announce address {text} is not dialable")
-        if peer_id is not None:
-            raise InvalidMultiaddrError(f"announce address {text} must not name a peer id")
-        return transport
+        return parse_multiaddr(check_announce_address(text))
 
     @property
     def peer_id(self) -> str:

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from p2pspec.core.config import PeerConfig
 from p2pspec.core.directory import Directory
 from p2pspec.core.errors import UserError
+from p2pspec.net.addrs import host_and_port
 from p2pspec.net.channel import TRAFFIC
 from p2pspec.net.discovery import now_ms
 from p2pspec.net.prober import Prober
@@ -144,12 +145,10 @@ def _retried(read: Callable[[], T]) -> T:
 def serve(address: str, peer: Peer) -> tuple[str, int]:
     """Serve the peer's metrics at `address` (HOST:PORT, port 0: any free one) on a thread;
     the (host, port) bound. UserError for an address that cannot be used."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise UserError(f"--metrics {address!r}: expected HOST:PORT, e.g. 127.0.0.1:9100")
+    host, port = host_and_port("--metrics", address, "127.0.0.1:9100")
     REGISTRY.register(PeerCollector(peer))
     try:
-        server, _thread = start_http_server(int(port_text), addr=host, registry=REGISTRY)
+        server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
     except OSError as e:
         raise UserError(f"--metrics {address}: cannot listen there: {e}") from None
     bound_host, bound_port = server.server_address[:2]
