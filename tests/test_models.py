@@ -513,3 +513,17 @@ def test_two_processes_converting_at_once_share_one_copy(
     assert [p.returncode for p in procs] == [0, 0]
     assert outputs[0] == outputs[1] != ""
     assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1
+
+
+def test_a_vocabulary_fingerprint_is_the_canonical_hash_of_its_id_text_pairs() -> None:
+    """Taken token by token (no list of 150,000 pairs held), the fingerprint stays what
+    peers of earlier versions computed: fingerprint_of over [[id, text], ...], padding rows
+    ([PADn] at id n) left out. Otherwise old and new peers of one model would not pair."""
+    from p2pspec.models.tokenizer import fingerprint_of, vocab_fingerprint
+
+    tokens = ["a", 'é"\\x', "[PAD2]", "<|im_end|>", "\U0001f600", "[PAD9]", "\n\t", "[PAD7]"]
+    kept = [[i, t] for i, t in enumerate(tokens) if t not in ("[PAD2]", "[PAD7]")]
+    expected = fingerprint_of({"kind": "vocab", "tokens": kept})
+    assert vocab_fingerprint(tokens) == expected
+    assert vocab_fingerprint(iter(tokens)) == expected
+    assert vocab_fingerprint([]) == fingerprint_of({"kind": "vocab", "tokens": []})

@@ -34,12 +34,9 @@ class LlamaTokenizer:
         self._vocab = lib.llama_model_get_vocab(model)
         n = int(lib.llama_vocab_n_tokens(self._vocab))
         self._vocab_size = n
-        texts = [
-            lib.llama_vocab_get_text(self._vocab, i).decode("utf-8", errors="replace")
-            for i in range(n)
-        ]
-        self._fingerprint = vocab_fingerprint(texts)
-        ids = {texts.index(t) for t in extra_eos if t in texts}
+        self._fingerprint = vocab_fingerprint(self._text(i) for i in range(n))
+        wanted = set(extra_eos)
+        ids = {i for i in range(n) if wanted and self._text(i) in wanted}
         for token in (lib.llama_vocab_eos(self._vocab), lib.llama_vocab_eot(self._vocab)):
             if 0 <= token < n:
                 ids.add(int(token))
@@ -47,7 +44,7 @@ class LlamaTokenizer:
         template = lib.llama_model_chat_template(model, None)
         self._template = template.decode("utf-8") if template else None
         self._specials = {
-            name: texts[i]
+            name: self._text(i)
             for name, i in (
                 ("bos_token", lib.llama_vocab_bos(self._vocab)),
                 ("eos_token", lib.llama_vocab_eos(self._vocab)),
@@ -56,6 +53,11 @@ class LlamaTokenizer:
         }
         self._pieces: dict[int, bytes] = {}
         self._buf = ctypes.create_string_buffer(256)
+
+    def _text(self, token: int) -> str:
+        """The token's string as the vocabulary stores it (not its rendered piece)."""
+        text: bytes = self._lib.llama_vocab_get_text(self._vocab, token)
+        return text.decode("utf-8", errors="replace")
 
     @property
     def vocab_size(self) -> int:

@@ -97,12 +97,20 @@ def as_messages(prompt: ChatInput) -> list[dict[str, str]]:
 _PADDING = re.compile(r"^\[PAD(\d+)\]$")
 
 
-def vocab_fingerprint(tokens: Sequence[str]) -> str:
-    """sha256 hex of the token string of every id (index = id), padding rows left out."""
-    kept = [
-        [i, t] for i, t in enumerate(tokens) if not ((m := _PADDING.match(t)) and int(m[1]) == i)
-    ]
-    return fingerprint_of({"kind": "vocab", "tokens": kept})
+def vocab_fingerprint(tokens: Iterable[str]) -> str:
+    """sha256 hex of the token string of every id (index = id), padding rows left out.
+
+    The hash of fingerprint_of({"kind": "vocab", "tokens": [[id, text], ...]}), taken as the
+    tokens go by: a vocabulary of 150,000 tokens is never held as a list of pairs."""
+    digest = hashlib.sha256(b'{"kind":"vocab","tokens":[')
+    sep = ""
+    for i, t in enumerate(tokens):
+        if (m := _PADDING.match(t)) and int(m[1]) == i:
+            continue
+        digest.update(f"{sep}[{i},{json.dumps(t, ensure_ascii=True)}]".encode("ascii"))
+        sep = ","
+    digest.update(b"]}")
+    return digest.hexdigest()
 
 
 def _as_id_set(value: int | Iterable[int] | None) -> set[int]:
