@@ -122,6 +122,9 @@ async def test_errors_come_in_openais_shape_with_the_right_status(
             ("/v1/completions", {**ok, "model": "gpt-9"}, 404, "model"),
             ("/v1/completions", {**ok, "n": 2}, 400, "n"),
             ("/v1/completions", {**ok, "temperature": "hot"}, 400, "temperature"),
+            ("/v1/completions", {**ok, "seed": True}, 400, "seed"),
+            ("/v1/completions", {**ok, "stop": ["ok", 1]}, 400, "stop"),
+            ("/v1/completions", [ok], 400, None),
             ("/v1/completions", {**ok, "prompt": ""}, 400, "prompt"),
             ("/v1/completions", {**ok, "max_tokens": 3000}, 413, None),  # past the context
             # tiny random models have no chat template: a conversation is a bad request
@@ -132,6 +135,7 @@ async def test_errors_come_in_openais_shape_with_the_right_status(
                 None,
             ),
             ("/v1/chat/completions", {"model": VERIFIER, "messages": []}, 400, "messages"),
+            ("/v1/chat/completions", {"model": VERIFIER, "messages": ["hi"]}, 400, "messages"),
         ]
         for path, body, status, param in cases:
             response = await in_thread(post, path, body)

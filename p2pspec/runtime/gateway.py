@@ -24,12 +24,14 @@ session on every peer. With `api_key`, requests need `Authorization: Bearer <key
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
@@ -107,34 +109,49 @@ def _client_error(e: ClientError) -> Response:
     return _error(status, str(e), code=e.code)
 
 
-def _number(body: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise _BadRequest(400, f"'{key}' must be a {kind.__name__}", param=key)
-    return value
+class _Body(msgspec.Struct, kw_only=True):
+    """The fields of a (chat) completion request that the gateway reads; others are
+    ignored, as OpenAI's server ignores what it does not know. JSON null is a field left
+    out."""
+
+    model: str
+    messages: list[dict[str, Any]] | None = None  # roles and contents: models/chat.py
+    prompt: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
 
 
-def _options(body: dict[str, Any]) -> dict[str, Any]:
+_FIELD = re.compile(r"at `\$\.(\w+)|required field `(\w+)`")
+
+
+def _decode(raw: bytes) -> _Body:
+    """The request's body, or _BadRequest naming the field that is wrong."""
+    try:
+        return msgspec.json.decode(raw, type=_Body)
+    except msgspec.ValidationError as e:
+        named = _FIELD.search(str(e))
+        raise _BadRequest(400, str(e), param=named and (named[1] or named[2])) from None
+    except msgspec.DecodeError:
+        raise _BadRequest(400, "the body is not JSON") from None
+
+
+def _options(body: _Body) -> dict[str, Any]:
     """The session options an OpenAI request asks for."""
-    if _number(body, "n", int, 1) != 1:
+    if body.n not in (None, 1):
         raise _BadRequest(400, "only n = 1 is served", param="n")
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise _BadRequest(400, "'stop' must be a string or a list of strings", param="stop")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.max_completion_tokens or body.max_tokens
     return {
-        "max_new_tokens": _number({"max_tokens": max_tokens}, "max_tokens", int, 0)
-        or DEFAULT_MAX_TOKENS,
-        "temperature": _number(body, "temperature", float, 1.0),
-        "top_p": _number(body, "top_p", float, 1.0),
-        "seed": _number(body, "seed", int, 0),
-        "stop": stop,
+        "max_new_tokens": max_tokens or DEFAULT_MAX_TOKENS,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "seed": body.seed or 0,
+        "stop": [body.stop] if isinstance(body.stop, str) else body.stop or [],
     }
 
 
@@ -145,20 +162,13 @@ def app(client: Client, *, api_key: str | None = None) -> Starlette:
     def served_models() -> list[str]:
         return sorted({r.model_id for r in client.peers("verifier")})
 
-    async def parse(request: Request) -> dict[str, Any]:
+    async def parse(request: Request) -> _Body:
         if api_key is not None:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 raise _BadRequest(401, "a wrong or missing API key", code="invalid_api_key")
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise _BadRequest(400, "the body is not JSON") from None
-        if not isinstance(body, dict):
-            raise _BadRequest(400, "the body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str):
-            raise _BadRequest(400, "'model' is required", param="model")
+        body = _decode(await request.body())
+        model = body.model
         if not client.peers("verifier"):
             await client.refresh()
         if model not in served_models():
@@ -182,13 +192,13 @@ def app(client: Client, *, api_key: str | None = None) -> Starlette:
             body = await parse(request)
             options = _options(body)
             if chat:
-                messages = body.get("messages")
-                if not isinstance(messages, list) or not messages:
+                messages = body.messages
+                if not messages:
                     raise _BadRequest(400, "'messages' must be a non-empty list", param="messages")
                 stream = client.stream(messages=messages, **options)
             else:
-                prompt = body.get("prompt")
-                if not isinstance(prompt, str) or not prompt:
+                prompt = body.prompt
+                if not prompt:
                     raise _BadRequest(400, "'prompt' must be a non-empty string", param="prompt")
                 stream = client.stream(prompt, raw=True, **options)
             await stream.__aenter__()  # refusals (busy, no peer, too long) answer here
@@ -196,8 +206,8 @@ def app(client: Client, *, api_key: str | None = None) -> Starlette:
             return _error(e.status, str(e), param=e.param, code=e.code)
         except ClientError as e:
             return _client_error(e)
-        reply = _Reply(body["model"], chat=chat, metrics=metrics, arrived=arrived)
-        if body.get("stream"):
+        reply = _Reply(body.model, chat=chat, metrics=metrics, arrived=arrived)
+        if body.stream:
             return StreamingResponse(reply.events(stream), media_type="text/event-stream")
         try:
             async for chunk in stream:
