@@ -225,14 +225,13 @@ def peer(args: argparse.Namespace) -> int:
         print(address, flush=True)  # the ready line: alone on stdout
 
     peer = Peer(config, engine, identity, costs_s=costs)
-    if args.metrics:
-        from p2pspec.runtime import metrics
-
-        host, port = metrics.serve(args.metrics, peer)
-        log.info("metrics_listening", url=f"http://{host}:{port}/metrics")
     # Ctrl-C before the signal handler is installed: nothing was serving yet.
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run_until_signalled, peer, ready)
+        try:
+            run = functools.partial(run_until_signalled, metrics_address=args.metrics)
+            trio.run(run, peer, ready)
+        except* UserError as group:  # --metrics at an address it cannot listen on
+            raise group.exceptions[0] from None
     key_lock.close()
     return 0
 

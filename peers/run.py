@@ -29,6 +29,7 @@ from p2pspec.net.node import Node, NodeStream
 from p2pspec.net.prober import PROBE_PROTOCOL, Prober, serve_probe
 from p2pspec.peers.drafter import DrafterService
 from p2pspec.peers.verifier import VerifierService
+from p2pspec.runtime import metrics
 
 log = structlog.get_logger("p2pspec.peer")
 
@@ -217,10 +218,16 @@ class Peer:
             task_status.started(address)
 
 
-async def run_until_signalled(peer: Peer, on_ready: Callable[[str], None]) -> None:
-    """Run `peer` until SIGINT or SIGTERM, then shut down cleanly."""
+async def run_until_signalled(
+    peer: Peer, on_ready: Callable[[str], None], *, metrics_address: str | None = None
+) -> None:
+    """Run `peer` (and its metrics at `metrics_address`, if given) until SIGINT or
+    SIGTERM, then shut down cleanly."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            if metrics_address is not None:
+                url = await nursery.start(metrics.serve, metrics_address, peer)
+                log.info("metrics_listening", url=url)
             address = await nursery.start(peer.run)
             on_ready(address)
             async for signum in signals:

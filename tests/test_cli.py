@@ -189,6 +189,9 @@ INVALID_FLAGS = [
     ([*PEER, "--config", "/nonexistent/p2pspec-peer.toml"], "config"),
     (["bench", "--prompts", "x"], "--prompts"),
     (["serve", "--bootstrap", MESH[3], "--listen", "8000"], "--listen"),
+    (["serve", "--bootstrap", MESH[3], "--listen", "::1:8000"], "--listen"),
+    (["serve", "--bootstrap", MESH[3], "--listen", "127.0.0.1:65536"], "--listen"),
+    ([*PEER, "--metrics", "127.0.0.1:9100/metrics"], "--metrics"),
     (["serve", "--bootstrap", "garbage"], "--bootstrap"),
     (["serve"], "--bootstrap"),
     (["status", "--bootstrap", "/ip4/127.0.0.1/tcp/5"], "--bootstrap"),
@@ -197,6 +200,14 @@ INVALID_FLAGS = [
     ([*MESH, "--messages", "/dev/null"], "--messages"),
     (["generate", "--local", "--system", "   "], "empty"),
 ]
+
+
+def test_an_http_address_is_host_and_port_with_an_ipv6_host_in_brackets() -> None:
+    from p2pspec.net.addrs import host_and_port
+
+    assert host_and_port("--listen", "127.0.0.1:8000", "") == ("127.0.0.1", 8000)
+    assert host_and_port("--listen", "[::1]:0", "") == ("::1", 0)
+    assert host_and_port("--metrics", "localhost:9100", "") == ("localhost", 9100)
 
 
 @pytest.mark.parametrize(("argv", "needle"), INVALID_FLAGS)
@@ -245,3 +256,24 @@ def test_a_conversation_needs_a_model_with_a_chat_template(
     bad.write_text(json.dumps([{"role": "robot", "content": "beep"}]))
     code, _, err = _run(capsys, "generate", "--local", *TINY[:4], "--messages", str(bad))
     assert code == 2 and "role" in err
+
+
+def test_a_peer_whose_metrics_address_is_taken_exits_2_naming_the_flag(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable, "-m", "p2pspec.peers.cli", "peer", "--role", "verifier",
+                "--model", "tiny-random:11", "--key", str(tmp_path / "v.key"),
+                "--metrics", f"127.0.0.1:{port}",
+            ],
+            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=120, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"--metrics 127.0.0.1:{port}: cannot listen there" in proc.stderr
+    assert "Traceback" not in proc.stderr

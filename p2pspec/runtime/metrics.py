@@ -5,15 +5,17 @@ serving them costs nothing between scrapes; the few distributions (a verifier's 
 time, a drafter's round trip and chosen k) are histograms the services observe as they
 go. Names follow Prometheus conventions: a `p2pspec_` prefix, units in the name,
 `_total` on counters. Everything lives on this module's registry, one per process (each
-peer is its own process), served over HTTP by prometheus_client's own server thread.
+peer is its own process), served over HTTP on the peer's own trio loop (hypercorn, as the
+gateway is served), so a scrape reads the peer's state on the thread that changes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
+from collections.abc import Iterator
+from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -49,8 +51,6 @@ class Peer(Protocol):
     prober: Prober
     directory: Directory
 
-
-T = TypeVar("T")
 
 __all__ = ["DRAFT_LENGTH", "REGISTRY", "ROUND_TRIP_SECONDS", "VERIFY_PASS_SECONDS", "serve"]
 
@@ -123,33 +123,52 @@ class PeerCollector(Collector):
         wire_bytes.add_metric(["sent"], TRAFFIC.bytes_sent)
         wire_bytes.add_metric(["received"], TRAFFIC.bytes_received)
         yield wire_bytes
-        # Read on this (the server's) thread while the peer's trio thread may change them:
-        # a read that meets a change is tried again.
         rtt = GaugeMetricFamily("p2pspec_rtt_seconds", "Round trip to a peer", labels=["peer"])
-        for peer_id, seconds in sorted(_retried(peer.prober.rtts).items()):
+        for peer_id, seconds in sorted(peer.prober.rtts().items()):
             rtt.add_metric([peer_id], seconds)
         yield rtt
-        live = _retried(lambda: peer.directory.live(now_ms()))
+        live = peer.directory.live(now_ms())
         yield gauge("p2pspec_known_peers", "Live peers in the directory", len(live))
 
 
-def _retried(read: Callable[[], T]) -> T:
-    for _ in range(9):
-        try:
-            return read()
-        except RuntimeError:  # "dictionary changed size during iteration"
-            continue
-    return read()
+async def serve(
+    address: str,
+    peer: Peer,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined, unused-ignore]
+) -> None:
+    """Serve the peer's metrics at `address` (HOST:PORT, port 0: any free one) until
+    cancelled; `task_status.started` gets the URL. UserError for an address that cannot
+    be used."""
+    # Imported here: a peer without --metrics never loads an HTTP server.
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
 
+    host_and_port("--metrics", address, "127.0.0.1:9100")
+    collector = PeerCollector(peer)
+    REGISTRY.register(collector)
 
-def serve(address: str, peer: Peer) -> tuple[str, int]:
-    """Serve the peer's metrics at `address` (HOST:PORT, port 0: any free one) on a thread;
-    the (host, port) bound. UserError for an address that cannot be used."""
-    host, port = host_and_port("--metrics", address, "127.0.0.1:9100")
-    REGISTRY.register(PeerCollector(peer))
+    async def scrape(_request: Request) -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    app: Any = Starlette(routes=[Route(path, scrape) for path in ("/", "/metrics")])
+    config = Config()
+    config.bind = [address]
+    config.accesslog = None
+    config.loglevel = "WARNING"  # not hypercorn's "Running on" line in the peer's log
+    config.graceful_timeout = 1.0
     try:
-        server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
-    except OSError as e:
-        raise UserError(f"--metrics {address}: cannot listen there: {e}") from None
-    bound_host, bound_port = server.server_address[:2]
-    return str(bound_host), int(bound_port)
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(hypercorn_serve, app, config)
+            task_status.started(f"{urls[0]}/metrics")
+    except* OSError as group:
+        why: BaseException = group
+        while isinstance(why, BaseExceptionGroup):  # hypercorn's nursery inside this one
+            why = why.exceptions[0]
+        raise UserError(f"--metrics {address}: cannot listen there: {why}") from None
+    finally:
+        REGISTRY.unregister(collector)
