@@ -22,11 +22,13 @@ import sys
 import time
 from collections.abc import Callable
 
+import numpy as np
 import structlog
+from tqdm import tqdm
 
 from p2pspec.engines.base import Engine
 from p2pspec.engines.llama_probe import cpu_signature
-from p2pspec.models.cache import cache_lock, cache_root, show_progress
+from p2pspec.models.cache import cache_root, read_json_index, show_progress, update_json_index
 
 __all__ = ["MAX_COST_TOKENS", "cost_curve", "interpolate", "measure_cost_curve"]
 
@@ -40,18 +42,8 @@ PREFIX_TOKENS = 64  # the cache a pass runs behind (positions, attention over a 
 def interpolate(points: dict[int, float], upto: int = MAX_COST_TOKENS) -> list[float]:
     """Values at 1..upto from measured `points`, linearly between them, flat beyond."""
     xs = sorted(points)
-    out = []
-    for n in range(1, upto + 1):
-        if n <= xs[0]:
-            out.append(points[xs[0]])
-        elif n >= xs[-1]:
-            out.append(points[xs[-1]])
-        else:
-            hi = next(x for x in xs if x >= n)
-            lo = max(x for x in xs if x <= n)
-            w = 0.0 if hi == lo else (n - lo) / (hi - lo)
-            out.append(points[lo] + w * (points[hi] - points[lo]))
-    return out
+    values = np.interp(np.arange(1, upto + 1), xs, [points[x] for x in xs])
+    return [float(v) for v in values]
 
 
 def measure_cost_curve(
@@ -107,30 +99,23 @@ def cost_curve(engine: Engine, *, progress: bool = True, refresh: bool = False) 
     from the cache where this model, engine and machine were measured before."""
     path = cache_root() / "costs.json"
     key = _key(engine)
-    if not refresh:
-        try:
-            cached = json.loads(path.read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            cached = None
-        if isinstance(cached, list) and len(cached) == MAX_COST_TOKENS:
-            curve = [float(x) for x in cached]
-            log.info("cost_curve", model=engine.model_id, cached=True, costs_ms=_ms(curve))
-            return curve
+    cached = None if refresh else read_json_index(path).get(key)
+    if isinstance(cached, list) and len(cached) == MAX_COST_TOKENS:
+        curve = [float(x) for x in cached]
+        log.info("cost_curve", model=engine.model_id, cached=True, costs_ms=_ms(curve))
+        return curve
     shown = show_progress(progress)
     log.info("cost_curve_measuring", model=engine.model_id, engine=engine.kind)
     started = time.perf_counter()
 
-    def step(done: int, total: int) -> None:
-        if shown:
-            print(
-                f"\rmeasuring the cost of verifying 1..{MAX_COST_TOKENS} tokens on "
-                f"{engine.model_id}: {done}/{total}",
-                end="" if done < total else "\n",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    curve = measure_cost_curve(engine, on_step=step)
+    with tqdm(
+        total=3 * len(MEASURED),
+        desc=f"measuring the cost of verifying 1..{MAX_COST_TOKENS} tokens on {engine.model_id}",
+        unit="pass",
+        file=sys.stderr,
+        disable=not shown,
+    ) as bar:
+        curve = measure_cost_curve(engine, repeats=3, on_step=lambda _done, _total: bar.update())
     log.info(
         "cost_curve",
         model=engine.model_id,
@@ -138,17 +123,7 @@ def cost_curve(engine: Engine, *, progress: bool = True, refresh: bool = False) 
         seconds=round(time.perf_counter() - started, 2),
         costs_ms=_ms(curve),
     )
-    with cache_lock("costs"):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        data = data if isinstance(data, dict) else {}
-        data[key] = curve
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".costs.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+    update_json_index(path, key, curve)
     return curve
 
 

@@ -8,15 +8,20 @@ shipped in one package is read where pip put it, after the same check the first 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import msgspec
 import structlog
 
 from p2pspec.core.errors import ChecksumMismatchError
-from p2pspec.models.cache import assemble_gguf, cache_lock, cache_root, sha256_file
+from p2pspec.models.cache import (
+    assemble_gguf,
+    cache_lock,
+    cache_root,
+    read_json_index,
+    sha256_file,
+    update_json_index,
+)
 from p2pspec.models.embedded import EmbeddedModel, locate_parts
 
 __all__ = ["embedded_gguf", "file_sha256"]
@@ -39,9 +44,9 @@ def _index() -> Path:
 
 def _read_index() -> dict[str, _Seen]:
     try:
-        return msgspec.json.decode(_index().read_bytes(), type=dict[str, _Seen])
-    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-        return {}  # no index yet, or a damaged one: files are hashed again
+        return msgspec.convert(read_json_index(_index()), type=dict[str, _Seen])
+    except msgspec.ValidationError:
+        return {}  # a damaged index: files are hashed again
 
 
 def _stat(path: Path) -> tuple[int, int, int]:
@@ -63,14 +68,7 @@ def file_sha256(path: Path, *, progress: bool = True) -> str:
 
 def _remember(path: Path, sha: str) -> None:
     size, mtime, inode = _stat(path)
-    index = _index()
-    index.parent.mkdir(parents=True, exist_ok=True)
-    with cache_lock("gguf-index"):
-        entries = _read_index()
-        entries[str(path)] = _Seen(size, mtime, inode, sha)
-        tmp = index.with_name(f".{index.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(msgspec.to_builtins(entries), indent=1))
-        os.replace(tmp, index)
+    update_json_index(_index(), str(path), msgspec.to_builtins(_Seen(size, mtime, inode, sha)))
 
 
 def embedded_gguf(entry: EmbeddedModel, *, progress: bool = True) -> Path:

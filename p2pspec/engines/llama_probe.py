@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import signal
 import subprocess
@@ -26,7 +25,7 @@ import structlog
 
 from p2pspec.core.errors import ProbeFailedError as ProbeFailedError
 from p2pspec.engines.llama_lib import PRESETS, LlamaSettings
-from p2pspec.models.cache import cache_lock, cache_root
+from p2pspec.models.cache import cache_root, read_json_index, update_json_index
 
 __all__ = ["ProbeFailedError", "probe"]
 
@@ -70,28 +69,14 @@ def _cache() -> Path:
     return cache_root() / "llama-probes.json"
 
 
-def _read() -> dict[str, str]:
-    try:
-        data = json.loads(_cache().read_text())
-    except (OSError, ValueError):
-        return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-
-
 def probe(path: Path, settings: LlamaSettings, threads: int) -> None:
     """Return if `settings` ran `path` in a child process (now or before, cached);
     ProbeFailedError saying how the child died otherwise."""
     key = _key(path, settings, threads)
-    verdict = _read().get(key)
-    if verdict is None:
+    verdict = read_json_index(_cache()).get(key)
+    if not isinstance(verdict, str):
         verdict = _run_child(path, settings, threads)
-        with cache_lock("llama-probes"):
-            cached = _read()
-            cached[key] = verdict
-            _cache().parent.mkdir(parents=True, exist_ok=True)
-            tmp = _cache().with_name(f".llama-probes.{os.getpid()}")
-            tmp.write_text(json.dumps(cached, indent=1))
-            os.replace(tmp, _cache())
+        update_json_index(_cache(), key, verdict)
         log.info("llama_probe", settings=settings.name, model=str(path), verdict=verdict)
     if verdict != "ok":
         raise ProbeFailedError(verdict)

@@ -106,6 +106,28 @@ def cache_lock(key: str) -> Iterator[None]:
         lock.release()
 
 
+def read_json_index(path: Path) -> dict[str, object]:
+    """A small JSON object the cache keeps (cost curves, probe verdicts, file hashes);
+    empty when it is missing or damaged: what it held is measured again."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def update_json_index(path: Path, key: str, value: object) -> None:
+    """Set `key` in the JSON object at `path`: read, changed and replaced whole under the
+    cache's lock, so that peers starting side by side keep each other's entries."""
+    with cache_lock(path.stem):
+        data = read_json_index(path)
+        data[key] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class ConvertedMetadata:
     """What a converted copy records about itself (written as METADATA_NAME)."""
