@@ -4,6 +4,8 @@ what cannot be used."""
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from libp2p.abc import INetConn
 from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
 from libp2p.crypto.keys import KeyPair
@@ -51,6 +53,14 @@ def split_p2p(maddr: Multiaddr) -> tuple[Multiaddr, str | None]:
     if peer_id is None:
         raise InvalidMultiaddrError(f"{maddr} has an empty /p2p/ component")
     return maddr.decapsulate_code(maddr.protocols()[-1].code), str(peer_id)
+
+
+def peer_id_in(text: str) -> str:
+    """The peer id that multiaddr `text` ends in ('' when it names none or is none)."""
+    try:
+        return split_p2p(parse_multiaddr(text))[1] or ""
+    except InvalidMultiaddrError:
+        return ""
 
 
 def tcp_parts(maddr: Multiaddr) -> tuple[str, str, int]:
@@ -103,10 +113,16 @@ def check_announce_address(text: str) -> str:
 def host_and_port(flag: str, text: str, example: str) -> tuple[str, int]:
     """HOST:PORT (port 0: any free one) of an HTTP server's flag; UserError naming the flag
     otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise UserError(f"{flag} {text!r}: expected HOST:PORT, e.g. {example}")
-    return host, int(port)
+    try:
+        parts = urlsplit(f"//{text}")
+        host, port = parts.hostname, parts.port  # port: ValueError outside 0..65535
+    except ValueError:
+        host = port = None
+    if not host or port is None or parts.netloc != text or "@" in text:
+        raise UserError(
+            f"{flag} {text!r}: expected HOST:PORT (an IPv6 host in brackets), e.g. {example}"
+        )
+    return host, port
 
 
 def is_wildcard(ip: str) -> bool:

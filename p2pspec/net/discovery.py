@@ -25,6 +25,7 @@ from p2pspec.core.errors import P2PSpecError
 from p2pspec.core.membership import REFUSAL_CODE
 from p2pspec.crypto.identity import Identity
 from p2pspec.net.actors import Mailbox
+from p2pspec.net.addrs import peer_id_in
 from p2pspec.net.channel import Channel, ChannelError, RemoteError
 from p2pspec.net.node import Node, NodeStream
 
@@ -36,12 +37,6 @@ MAX_BACKOFF_S = 30.0  # longest wait before a peer that keeps failing is dialled
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def peer_id_of(multiaddr: str) -> str:
-    """The peer id at the end of a `/.../p2p/<id>` multiaddr ('' when there is none)."""
-    parts = multiaddr.rstrip("/").split("/")
-    return parts[-1] if len(parts) >= 2 and parts[-2] == "p2p" else ""
 
 
 async def exchange(
@@ -156,7 +151,7 @@ class Advertiser:
         seen = {self.identity.peer_id}
         out: list[str] = []
         for addr in [*self.config.bootstrap, *self.node.discovered.values()]:
-            pid = peer_id_of(addr)
+            pid = peer_id_in(addr)
             if pid not in seen:
                 seen.add(pid)
                 out.append(addr)

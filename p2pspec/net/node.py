@@ -249,7 +249,11 @@ class Node:
         """py-libp2p's mDNS found a peer (called from zeroconf's thread, for every node of
         the process): remember its first TCP address, on the node's own trio thread."""
         peer_id = str(info.peer_id)
-        tcp = [str(a) for a in info.addrs if "/tcp/" in str(a) and "/p2p/" not in str(a)]
+        tcp = [
+            str(a)
+            for a in info.addrs
+            if "tcp" in (names := {p.name for p in a.protocols()}) and "p2p" not in names
+        ]
         token = self._trio_token
         if peer_id == self._peer_id or not tcp or token is None or not self._listening:
             return

@@ -30,6 +30,7 @@ from p2pspec.core.errors import P2PSpecError
 from p2pspec.core.errors import ProbeError as ProbeError
 from p2pspec.core.policy import EWMA
 from p2pspec.net.actors import Mailbox
+from p2pspec.net.addrs import peer_id_in
 from p2pspec.net.channel import Channel, ChannelError, PeerClosedError, PeerTimeoutError
 from p2pspec.net.node import Node, NodeStream
 
@@ -213,7 +214,7 @@ class Prober:
         the RTT excludes opening the stream."""
         with trio.fail_after(self.timeout_s):
             if link.stream is None:
-                target = link.addr if link.addr.endswith(f"/p2p/{peer_id}") else peer_id
+                target = link.addr if peer_id_in(link.addr) == peer_id else peer_id
                 link.stream = await self.node.open_stream(
                     target, PROBE_PROTOCOL, timeout_s=self.timeout_s
                 )
