@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import trio
 
 from p2pspec.core.errors import P2PSpecError
@@ -185,11 +186,10 @@ async def sample_rss(soak: Soak) -> None:
                     soak.crashes.append(p.name)
                 continue
             try:
-                status = Path(f"/proc/{p.process.pid}/status").read_text()
-            except OSError:
+                rss = psutil.Process(p.process.pid).memory_info().rss
+            except psutil.Error:  # it has just ended
                 continue
-            kb = next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS")), 0)
-            p.rss[-1].append((now, kb / 1024))
+            p.rss[-1].append((now, rss / 2**20))
 
 
 def _growth(peer: Peer) -> float | None:

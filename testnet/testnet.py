@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
 
 from p2pspec.core.config import TestnetPeers, Topology, load_toml
@@ -324,10 +325,8 @@ async def run_workload(
 
 
 def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    """The q-quantile of `values`, interpolated between samples (nan when there are none)."""
+    return float(np.quantile(values, q)) if values else float("nan")
 
 
 def report(results: list[dict[str, Any]], wall_s: float, ready_s: float) -> dict[str, Any]:

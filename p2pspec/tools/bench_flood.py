@@ -37,6 +37,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 from pathlib import Path
 from typing import Any
 
+import psutil
 import trio
 
 from p2pspec.core import framing, wire
@@ -196,9 +197,8 @@ FLOODS: dict[str, Flood] = {
 
 
 def _proc(pid: int) -> dict[str, float]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    rss = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS"))
-    return {"rss_mb": rss / 1024, "open_files": len(list(Path(f"/proc/{pid}/fd").iterdir()))}
+    process = psutil.Process(pid)
+    return {"rss_mb": process.memory_info().rss / 2**20, "open_files": process.num_fds()}
 
 
 async def _sessions(bootstrap: str, n: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ the veth pairs and the bridge, even after an error.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -55,16 +56,16 @@ def _run(*cmd: str, stdin: str | None = None) -> None:
 def _free_subnet() -> ipaddress.IPv4Network:
     """A 10.x.y.0/24 that overlaps no address or route of the host."""
     done = subprocess.run(
-        ["ip", "-4", "-o", "route", "show", "table", "all"],
+        ["ip", "-j", "-4", "route", "show", "table", "all"],
         capture_output=True,
         text=True,
         check=False,
     )
+    routes = json.loads(done.stdout or "[]")
     used = [
-        ipaddress.ip_network(word, strict=False)
-        for line in done.stdout.splitlines()
-        for word in line.split()[:2]
-        if word[0].isdigit()
+        ipaddress.ip_network(r["dst"], strict=False)
+        for r in routes
+        if r.get("dst", "default") != "default"
     ]
     for _ in range(100):
         net = ipaddress.ip_network(
