@@ -527,3 +527,42 @@ def test_a_vocabulary_fingerprint_is_the_canonical_hash_of_its_id_text_pairs() -
     assert vocab_fingerprint(tokens) == expected
     assert vocab_fingerprint(iter(tokens)) == expected
     assert vocab_fingerprint([]) == fingerprint_of({"kind": "vocab", "tokens": []})
+
+
+TEMPLATES = {
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "generation-tag": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}"
+        "{% else %}[{{ m['role'] | upper }}] {{ m['content'] | trim }}\n{% endif %}{% endfor %}"
+    ),
+    "tojson-loopcontrols": (
+        "{% for m in messages %}{% if loop.index > 3 %}{% break %}{% endif %}"
+        "{{ m | tojson }}{% if m['content'] == '' %}{% continue %}{% endif %};{% endfor %}"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_a_chat_template_renders_as_transformers_renders_it(name: str) -> None:
+    """llama.cpp peers render chat templates without transformers (models/chat.py); the
+    text must be what transformers' own renderer makes of the same template, or a
+    llama.cpp drafter and a transformers verifier would read different prompts."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from p2pspec.models.chat import render
+
+    conversation = [
+        {"role": "system", "content": "  Be terse. "},
+        {"role": "user", "content": 'Say "hi" — 🤝 <b>&'},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "again"},
+    ]
+    specials = {"bos_token": "<s>", "eos_token": "</s>"}
+    theirs = render_jinja_template(
+        [conversation], chat_template=TEMPLATES[name], add_generation_prompt=True, **specials
+    )[0][0]
+    assert render(TEMPLATES[name], conversation, **specials) == theirs

@@ -4,8 +4,11 @@ A model's chat template (Jinja, shipped in its tokenizer config or its GGUF meta
 turns a conversation into the text the model was trained on. Engines that do not load
 transformers (llama.cpp) render it here; the environment matches transformers'
 `apply_chat_template` (a sandbox, trim_blocks and lstrip_blocks, the loopcontrols
-extension, its `tojson`, `raise_exception` and `strftime_now`), so both engines give the
-same prompt text, and so the same token ids, for the same conversation.
+extension, the `generation` tag, its `tojson`, `raise_exception` and `strftime_now`), so
+both engines give the same prompt text, and so the same token ids, for the same
+conversation (tests/test_models.py compares it with transformers' own renderer).
+Transformers' renderer is not called: importing it would load transformers into every
+llama.cpp peer, a path kept free of torch and transformers (tests/test_engines.py).
 
 `check_messages` is the one check of a conversation's shape, for every engine.
 """
@@ -16,7 +19,7 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 from p2pspec.core.errors import InvalidRequestError
 
@@ -68,8 +71,23 @@ def _compile(template: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
+    class Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}`, which transformers' templates use to
+        mark the assistant's tokens (for training masks): rendered as its body."""
+
+        tags: ClassVar[set[str]] = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            call = self.call_method("_body")
+            return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return str(caller())
+
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, Generation]
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
