@@ -26,6 +26,7 @@ from p2pspec.core.config import PeerConfig
 from p2pspec.core.drafttree import Block, Candidate, DraftTree, Watch
 from p2pspec.core.errors import DraftFailedError as DraftFailedError
 from p2pspec.core.errors import UserError
+from p2pspec.core.failover import Failover, Refuse
 from p2pspec.core.policy import (
     MAX_TREE_BLOCKS,
     AdaptiveDraftLength,
@@ -34,9 +35,10 @@ from p2pspec.core.policy import (
     confidence_bin,
     enough_drafted,
 )
+from p2pspec.core.roundtimes import RoundTimes
 from p2pspec.core.speculative import SamplingParams, SparseDistribution
 from p2pspec.core.transcript import round_tokens
-from p2pspec.core.verdicts import check_verdict
+from p2pspec.core.verdicts import verified_round
 from p2pspec.crypto import Identity
 from p2pspec.engines import Engine
 from p2pspec.engines.decoding import Draft, Drafter
@@ -60,9 +62,6 @@ log = structlog.get_logger("p2pspec.drafter")
 # The longest draft the adaptive controller may choose (research.md: the best k grows only
 # logarithmically with the round trip).
 MAX_ADAPTIVE_DRAFT = 12
-# Waiting for a failed verifier to come back (no other is left): first and longest pause.
-RETRY_INITIAL_S = 0.25
-RETRY_MAX_S = 2.0
 
 # Opens a verify stream to a peer (given its record) and returns a channel and its closer.
 OpenChannel = Callable[[wire.PeerRecord], Awaitable[tuple[Channel, Callable[[], Awaitable[None]]]]]
@@ -324,56 +323,41 @@ class DrafterService:
         """
         cfg = self.config
         sid = state.request.session_id
-        failed: set[str] = set()
-        full: set[str] = set()  # verifiers that refused for capacity: busy, not broken
-        lost_at: float | None = None  # when every verifier had failed, if one has
-        retry_s = RETRY_INITIAL_S
+        failover = Failover(
+            state.stats,
+            max_failovers=cfg.max_failovers,
+            reconnect_window_s=cfg.reconnect_window_s,
+        )
         while True:
             record = await self.scheduler.place(
-                sid, preferred=state.request.verifier, exclude=frozenset(failed | full)
+                sid, preferred=state.request.verifier, exclude=failover.exclude()
             )
             if record is None:
-                # Once every verifier has failed the session waits, also when their
-                # records lapse meanwhile (a cut link stops their refreshes too).
-                waiting = bool(failed) or lost_at is not None
-                if waiting and state.stats.verifier_failovers <= cfg.max_failovers:
-                    lost_at = trio.current_time() if lost_at is None else lost_at
-                    if trio.current_time() - lost_at < cfg.reconnect_window_s:
-                        log.info("verifier_wait", session=sid, failed=len(failed), retry_s=retry_s)
-                        self.rediscover()
-                        await trio.sleep(retry_s)
-                        retry_s = min(2 * retry_s, RETRY_MAX_S)
-                        failed.clear()  # try them again: a cut link may have healed
-                        continue
-                if waiting:
-                    n = state.stats.verifier_failovers
-                    return "verifier_failed", (
-                        f"{n} verifier failures; none answered again within"
-                        f" {cfg.reconnect_window_s:g} s"
-                    )
-                if full:
-                    return "overloaded", "every compatible verifier is at capacity"
-                return "no_verifier", "no compatible verifier with free capacity"
+                failed = len(failover.failed)
+                step = failover.no_verifier(trio.current_time())
+                if isinstance(step, Refuse):
+                    return step.code, step.why
+                log.info("verifier_wait", session=sid, failed=failed, retry_s=step.seconds)
+                self.rediscover()
+                await trio.sleep(step.seconds)
+                continue
             try:
                 return await self._with_verifier(channel, state, record)
             except _VerifierCaughtError as e:
                 # Every round it served is suspect: take back its tokens and go on from
                 # before its first one with another verifier.
-                failed.add(e.verifier)
-                state.stats.verifier_failovers += 1
-                state.stats.corrections += 1
+                end = failover.failed_mid_session(e.verifier, caught=True)
                 await self._to_client(channel, state.rewind(state.served_from, e))
             except _VerifierUnreachableError as e:
-                failed.add(record.peer_id)
+                failover.unreachable(record.peer_id)
                 log.info("verifier_unreachable", session=sid, verifier=record.peer_id, error=e.why)
                 continue
             except ChannelError as e:
                 if isinstance(e, RemoteError) and e.code == "overloaded" and not state.announced:
-                    full.add(record.peer_id)  # busy, not broken: try the next one
+                    failover.busy(record.peer_id)  # busy, not broken: try the next one
                     log.info("verifier_full", session=sid, verifier=record.peer_id)
                     continue
-                failed.add(record.peer_id)
-                state.stats.verifier_failovers += 1
+                end = failover.failed_mid_session(record.peer_id)
                 log.warning(
                     "verifier_failover",
                     session=sid,
@@ -386,9 +370,8 @@ class DrafterService:
                 return "drafter_error", str(e)
             finally:
                 await self.scheduler.release(record.peer_id)
-            if state.stats.verifier_failovers > cfg.max_failovers:
-                return "verifier_failed", f"{len(failed)} verifiers failed"
-            lost_at, retry_s = None, RETRY_INITIAL_S  # it served: a fresh window next time
+            if end is not None:
+                return end.code, end.why
 
     async def _with_verifier(
         self, channel: Channel, state: _SessionState, record: wire.PeerRecord
@@ -543,14 +526,9 @@ class DrafterService:
                 ping_interval_s=cfg.liveness_interval_s,
                 liveness_timeout_s=cfg.liveness_timeout_s,
             )
-            if (
-                not isinstance(verdict, wire.Verdict)
-                or verdict.base_len != len(prefix)
-                or verdict.accepted > len(draft)
-                or not check_verdict(record.peer_id, verdict, draft)
-            ):
-                raise ProtocolError("the auditor's answer is no signed verdict on this draft")
-            return wire.VerifiedRound(verifier_peer_id=record.peer_id, draft=draft, verdict=verdict)
+            if not isinstance(verdict, wire.Verdict):
+                raise ProtocolError(f"the auditor answered {type(verdict).__name__}, no verdict")
+            return verified_round(record.peer_id, verdict, draft, base_len=len(prefix))
         finally:
             await _close_verify(vch, close, sid)
 
@@ -655,8 +633,7 @@ class DrafterService:
         calibration = self.calibrations.setdefault(
             (verifier_id, state.params.greedy), ConfidenceCalibration()
         )
-        previous = 0.0  # when the previous verdict arrived
-        busy = 0.0  # seconds of drafting and sending since then
+        times = RoundTimes()  # which of the verdicts' times measure what (core/roundtimes.py)
         # The first round of a verify session also prefills the prompt on both peers
         # (each model reads it on its first pass): its times are kept apart, not fed to
         # the cost model as a round's.
@@ -706,7 +683,7 @@ class DrafterService:
                 await vch.send(block.request(sid))
                 block.sent_at = time.perf_counter()
                 block.send_s = block.sent_at - sending
-                busy += block.work_s + block.send_s
+                times.sent(block.work_s + block.send_s)
                 stats.request_bytes += vch.bytes_sent - sent_before
                 stats.branch_blocks += block.branch
                 tree.add(block)
@@ -735,21 +712,23 @@ class DrafterService:
             if not isinstance(verdict, wire.Verdict) or not isinstance(answered, _Block):
                 raise ProtocolError("the verdict does not answer a draft in flight")
             block = answered
-            # From the request's last byte written to its verdict read: the reader task
-            # may stamp a fast verdict before this task is back from the send.
-            round_trip = max(received - block.sent_at, 0.0)
+            timed = times.answered(
+                sent_at=block.sent_at,
+                received=received,
+                alone=block.alone,
+                compute_s=verdict.compute_seconds,
+                overhead_s=state.last_overhead_s,
+            )
+            round_trip = timed.round_trip_s
             tokens = block.tokens
             k = len(tokens)
-            if (
-                verdict.base_len != len(state.committed)
-                or verdict.accepted > k
-                or verdict.token >= self.lm.vocab_size
-            ):
-                raise ProtocolError("the verdict does not answer this round's draft")
-            if not check_verdict(verifier_id, verdict, tokens):
-                # Not this verifier's judgement of this draft: nothing of it is committed.
-                raise ProtocolError("the verdict's signature does not check")
-            proof = wire.VerifiedRound(verifier_peer_id=verifier_id, draft=tokens, verdict=verdict)
+            proof = verified_round(
+                verifier_id,
+                verdict,
+                tokens,
+                base_len=len(state.committed),
+                vocab_size=self.lm.vocab_size,
+            )
             if random.random() < self.config.audit_fraction:
                 await self._audit(state, proof, q=block.wire_q)
             stats.rounds += 1
@@ -781,20 +760,10 @@ class DrafterService:
             stats.round_overhead_ms.append(1000 * max(round_trip - verdict.compute_seconds, 0))
             stats.draft_lengths.append(k)
             metrics.DRAFT_LENGTH.observe(k)
-            # A block sent behind others waited for them at the verifier: only a block
-            # that was alone on the link measures it.
-            link_s = round_trip if block.alone else None
-            # A block already in flight when the verdict before it came (a hit): the gap
-            # between the two verdicts is what one more block costs. What of it neither
-            # the drafting and sending here nor the verifier's pass explain (reading and
-            # opening frames, scheduling) is the model's t_receive.
-            receive_s = None
-            if block.sent_at < previous:
-                gap = received - previous
-                receive_s = max(gap - max(busy + state.last_overhead_s, verdict.compute_seconds), 0)
+            link_s, receive_s = timed.link_s, timed.receive_s
+            if receive_s is not None:
                 stats.receive_overhead_seconds += receive_s
                 stats.receive_samples += 1
-            previous, busy = received, 0.0
             fixed_s = 0.0 if first else block.fixed_s
             state.observe(
                 k,
@@ -857,15 +826,13 @@ class DrafterService:
     ) -> wire.SessionFinished | None:
         """Check and commit one token the verifier decoded alone; the finished session
         when it ends the answer."""
-        if (
-            verdict.base_len != len(state.committed)
-            or verdict.accepted != 0
-            or verdict.token >= self.lm.vocab_size
-        ):
-            raise ProtocolError("the verdict does not answer this run's next token")
-        if not check_verdict(verifier_id, verdict, []):
-            raise ProtocolError("the verdict's signature does not check")
-        proof = wire.VerifiedRound(verifier_peer_id=verifier_id, draft=[], verdict=verdict)
+        proof = verified_round(
+            verifier_id,
+            verdict,
+            [],
+            base_len=len(state.committed),
+            vocab_size=self.lm.vocab_size,
+        )
         # Greedy tokens are audited like drafted rounds; a sampled token decoded alone
         # would need its auditor to decode alone too, which audits do not ask yet.
         if state.params.greedy and random.random() < self.config.audit_fraction:

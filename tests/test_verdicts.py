@@ -66,3 +66,31 @@ def test_another_draft_another_key_or_a_bad_signature_is_refused() -> None:
         VERIFIER.peer_id, msgspec.structs.replace(verdict, signature=b""), DRAFT
     )
     assert not check_verdict("not-a-peer-id", verdict, DRAFT)
+
+
+def test_a_verdict_commits_only_if_it_answers_this_draft_on_this_base() -> None:
+    """The drafter's one check before committing (core/verdicts.verified_round): for a
+    drafted block, a run decoded alone (empty draft) and an audit alike."""
+    from p2pspec.core.errors import ProtocolError
+    from p2pspec.core.verdicts import verified_round
+
+    verdict = _signed()
+    proof = verified_round(VERIFIER.peer_id, verdict, DRAFT, base_len=40, vocab_size=100)
+    assert proof == wire.VerifiedRound(
+        verifier_peer_id=VERIFIER.peer_id, draft=DRAFT, verdict=verdict
+    )
+    over = sign_verdict(VERIFIER, msgspec.structs.replace(verdict, accepted=5), DRAFT)
+    refused = [
+        (verdict, DRAFT, 41, 100, "does not answer"),  # another base: another round's verdict
+        (over, DRAFT, 40, 100, "does not answer"),  # more accepted than drafted
+        (verdict, DRAFT, 40, 99, "outside the vocabulary"),
+        (verdict, DRAFT[:3], 40, 100, "signature"),  # a verdict on another draft
+        (sign_verdict(OTHER, verdict, DRAFT), DRAFT, 40, 100, "signature"),
+    ]
+    for v, draft, base, vocab, why in refused:
+        with pytest.raises(ProtocolError, match=why):
+            verified_round(VERIFIER.peer_id, v, draft, base_len=base, vocab_size=vocab)
+    solo = sign_verdict(VERIFIER, msgspec.structs.replace(verdict, accepted=0), [])
+    assert verified_round(VERIFIER.peer_id, solo, [], base_len=40).draft == []
+    with pytest.raises(ProtocolError, match="does not answer"):  # a run's token accepts nothing
+        verified_round(VERIFIER.peer_id, verdict, [], base_len=40)

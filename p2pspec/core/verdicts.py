@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import msgspec
 
 from p2pspec.core import wire
+from p2pspec.core.errors import ProtocolError
 from p2pspec.crypto.envelope import draft_hash, verdict_message
 from p2pspec.crypto.identity import Identity, verify
 
@@ -47,3 +48,27 @@ def check_verdict(verifier_peer_id: str, verdict: wire.Verdict, draft: Sequence[
         return False
     signed: bool = verify(verifier_peer_id, message, verdict.signature)
     return signed
+
+
+def verified_round(
+    verifier_peer_id: str,
+    verdict: wire.Verdict,
+    draft: Sequence[int],
+    *,
+    base_len: int,
+    vocab_size: int | None = None,
+) -> wire.VerifiedRound:
+    """The signed round, if `verdict` answers `draft` after `base_len` committed tokens:
+    it accepts at most the draft, its own token is in the vocabulary (of `vocab_size`),
+    and the verifier signed it over this draft. ProtocolError saying which part fails
+    otherwise: no token of such a verdict may be committed."""
+    if verdict.base_len != base_len or verdict.accepted > len(draft):
+        raise ProtocolError(
+            f"the verdict does not answer this draft (base {verdict.base_len} for {base_len}, "
+            f"{verdict.accepted} of {len(draft)} tokens accepted)"
+        )
+    if vocab_size is not None and not 0 <= verdict.token < vocab_size:
+        raise ProtocolError(f"the verdict's token {verdict.token} is outside the vocabulary")
+    if not check_verdict(verifier_peer_id, verdict, draft):
+        raise ProtocolError("the verdict's signature does not check")
+    return wire.VerifiedRound(verifier_peer_id=verifier_peer_id, draft=list(draft), verdict=verdict)
