@@ -105,7 +105,8 @@ def test_a_drafter_peer_prices_its_sessions_with_its_own_measured_costs() -> Non
     instead of drafting blind at the default k until its own drafts were timed."""
     from p2pspec.core.config import PeerConfig
     from p2pspec.crypto import Identity
-    from p2pspec.peers.drafter import DrafterService, _SessionState
+    from p2pspec.peers.drafter import DrafterService
+    from p2pspec.peers.session import SessionState
     from p2pspec.peers.run import Peer
 
     costs = [0.02 * n for n in range(1, 17)]  # steep: n tokens cost n times one
@@ -115,7 +116,7 @@ def test_a_drafter_peer_prices_its_sessions_with_its_own_measured_costs() -> Non
     request = wire.GenerateRequest(
         session_id="ab" * 16, prompt="x", max_new_tokens=8, adaptive=True
     )
-    state = _SessionState(peer.lm, request, [1, 2, 3], SamplingParams(), peer.service.costs_s)
+    state = SessionState(peer.lm, request, [1, 2, 3], SamplingParams(), peer.service.costs_s)
     try:
         state.planner.use_verifier(costs, solo=True)
         assert state.planner.t_draft.value == costs[0]

@@ -1,0 +1,195 @@
+"""Drafting a block: which block to draft next, drafting it on the session's drafter
+model, and the block as it travels to the verifier (peers/rounds.py sends them).
+
+A block drafts on the committed tokens and the base its candidate assumes beyond them
+(core/drafttree.py); an adaptive session ends a draft where the drafter grows unsure
+(core/policy.enough_drafted), by how often the verifier kept tokens of each confidence.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from p2pspec.core import wire
+from p2pspec.core.drafttree import Block, Candidate, DraftTree, Watch
+from p2pspec.core.policy import (
+    MAX_TREE_BLOCKS,
+    ConfidenceCalibration,
+    Plan,
+    confidence_bin,
+    enough_drafted,
+)
+from p2pspec.core.speculative import SparseDistribution
+from p2pspec.peers.session import MAX_ADAPTIVE_DRAFT, SessionState
+
+if TYPE_CHECKING:
+    from p2pspec.peers.drafter import DraftWorker
+
+__all__ = ["DraftBlock", "Drafting", "choose", "draft_block", "q_to_wire", "unsure"]
+
+
+def q_to_wire(q: SparseDistribution) -> wire.SparseQ:
+    return wire.SparseQ(
+        token_ids=np.asarray(q.token_ids, dtype="<i4").tobytes(),
+        probs=np.asarray(q.probs, dtype="<f4").tobytes(),
+    )
+
+
+def unsure(
+    state: SessionState, plan: Plan, calibration: ConfidenceCalibration, guessing: int
+) -> Callable[[list[float]], bool] | None:
+    """An adaptive draft's `enough` (Drafter.propose): end it where the chance that every
+    token so far is kept, by their confidences, no longer pays for one more; never before
+    a token past the `guessing` ones (a block drafts at least one). None where that does
+    not apply: a fixed draft length, or nothing measured yet to weigh by."""
+    t_draft = state.planner.t_draft.value
+    if not state.request.adaptive or t_draft is None or not math.isfinite(plan.tokens_per_s):
+        return None
+    table = calibration.table()  # a snapshot: the drafting thread reads it
+    alpha, rate = state.planner.acceptance.alpha, plan.tokens_per_s
+
+    def enough(confidences: list[float]) -> bool:
+        if len(confidences) <= guessing:
+            return False
+        kept = math.prod(table[confidence_bin(c)] for c in confidences)
+        return enough_drafted(kept, alpha=alpha, tokens_per_s=rate, t_draft_s=t_draft)
+
+    return enough
+
+
+@dataclass
+class Drafting:
+    """The block a session is drafting, for its verdict reader to stop when it dies."""
+
+    watch: Watch | None = None
+
+
+@dataclass(eq=False)
+class DraftBlock(Block):
+    """A draft sent to the verifier and not yet judged (one round)."""
+
+    q: list[SparseDistribution] | None = None
+    confidences: list[float] = field(default_factory=list)  # Draft.confidences
+    draft_s: float = 0.0  # its tokens' drafting, at t_draft each
+    fixed_s: float = 0.0  # the rest of drafting it (per block, not per token)
+    work_s: float = 0.0  # drafting it, the guessed token included
+    drafted: int = 0  # tokens drafted for it, the guessed one included
+    alone: bool = False  # nothing else was in flight: its round trip measures the link
+    branch: bool = False  # drafted on a miss of another block
+    sent_at: float = 0.0
+    send_s: float = 0.0  # framing, sealing and writing the request
+
+    @property
+    def wire_q(self) -> list[wire.SparseQ]:
+        return [q_to_wire(q) for q in self.q or []]
+
+    def request(self, session_id: str) -> wire.VerifyRequest:
+        return wire.VerifyRequest(
+            session_id=session_id,
+            round=self.round,
+            base_len=self.base_len,
+            assumed=self.assumed,
+            draft=self.tokens,
+            q=self.wire_q,
+        )
+
+
+def choose(state: SessionState, tree: DraftTree, plan: Plan) -> Candidate | None:
+    """The next block worth drafting, if any: the main chain's next while it is
+    shorter than the plan's depth; else the likeliest branch, when the plan branches
+    and its chance of being verified reaches the plan's threshold."""
+    committed = state.committed
+    chain = tree.main_chain(committed)
+    candidates = tree.candidates(
+        committed,
+        alpha=state.planner.acceptance.alpha,
+        runner_up=state.planner.runner_up.alpha,
+        branches=plan.branching,
+        chain=chain,
+    )
+    for candidate in candidates:
+        if candidate.main:
+            if len(chain) < plan.depth:
+                return candidate
+        elif len(tree) < MAX_TREE_BLOCKS and candidate.reach >= plan.threshold:
+            return candidate
+    return None
+
+
+async def draft_block(
+    worker: DraftWorker,
+    state: SessionState,
+    candidate: Candidate,
+    plan: Plan,
+    calibration: ConfidenceCalibration,
+    stop: Callable[[], bool] | None = None,
+) -> DraftBlock | None:
+    """Draft `candidate`: on the committed tokens and the base it assumes beyond them
+    (for a hit, first the parent's extra token, guessed as the drafter's own next
+    one; the verifier's is the same when the parent hits). None when no room is left
+    before max_new_tokens, its base would end the answer, or `stop` cut it short.
+
+    Adaptive sessions draft up to twice the plan's length and end the draft where the
+    drafter grows unsure, by `calibration` (policy.enough_drafted)."""
+    ahead = candidate.base(state.committed)
+    if any(t in state.eos for t in ahead):
+        return None
+    base = state.committed + ahead
+    guessing = candidate.hit
+    # The verifier takes a draft only if its base, draft and own token fit the limit.
+    room = state.limit - len(base) - 1 - guessing
+    if room < 0 or len(ahead) + guessing > wire.MAX_ASSUMED_TOKENS:
+        return None
+    enough = unsure(state, plan, calibration, guessing)
+    k = plan.k if enough is None else min(2 * plan.k, MAX_ADAPTIVE_DRAFT)
+    k = min(k, room)
+    started = time.perf_counter()
+    draft = await worker.propose(state.drafter, base, k + guessing, stop, enough)
+    draft_s = time.perf_counter() - started
+    if draft.stopped:
+        return None
+    state.stats.drafts_ended_unsure += len(draft.tokens) < k + guessing
+    k = len(draft.tokens) - guessing
+    # The cost model's t_draft is what one more drafted token costs: a forward pass
+    # after the first. The rest (the first pass over the newly committed tokens,
+    # handing the job to the model's thread) is paid per block, like t_send.
+    steps = draft.step_seconds or []
+    per_token = statistics.fmean(steps[1:]) if len(steps) > 1 else state.planner.t_draft.value
+    if per_token is None:
+        per_token = draft_s / max(k + guessing, 1)
+    per_token = min(per_token, draft_s / max(k + guessing, 1))
+    alternatives = draft.alternatives or [-1] * len(draft.tokens)
+    confidences = draft.confidences or [1.0] * len(draft.tokens)
+    tokens, q = draft.tokens, draft.q
+    if guessing:
+        if tokens[0] in state.eos:
+            return None  # the parent's hit ends the answer: nothing to draft after it
+        ahead = [*ahead, tokens[0]]
+        tokens, alternatives, q = tokens[1:], alternatives[1:], None if q is None else q[1:]
+        confidences = confidences[1:]
+    block = DraftBlock(
+        round=state.round,
+        base_len=len(state.committed) + len(ahead),
+        assumed=ahead,
+        tokens=tokens,
+        alternatives=alternatives,
+        confidences=confidences,
+        step=candidate.step,
+        parent=candidate.parent,
+        outcome=candidate.outcome,
+        q=q,
+        draft_s=per_token * k,
+        fixed_s=draft_s - per_token * (k + guessing),
+        work_s=draft_s,
+        drafted=k + guessing,
+        branch=candidate.parent is not None and not candidate.hit,
+    )
+    state.round += 1
+    return block
