@@ -81,9 +81,11 @@ def test_pure_core_imports_only_the_standard_library_and_itself() -> None:
     assert bad == []
 
 
-# The one libp2p adapter: the node, its streams and addresses, and the inbound side of its
-# TCP transport (limits).
-LIBP2P_ADAPTER = tuple(f"p2pspec/net/{m}.py" for m in ("node", "streams", "addrs", "inbound"))
+# The one libp2p adapter: the node, its streams and addresses, the private mesh's exchange,
+# and the inbound side of its TCP transport (limits).
+LIBP2P_ADAPTER = tuple(
+    f"p2pspec/net/{m}.py" for m in ("node", "streams", "addrs", "inbound", "members")
+)
 
 
 def test_only_the_libp2p_adapter_imports_libp2p() -> None:

@@ -1,5 +1,5 @@
-"""The libp2p adapter (with streams.py, addrs.py and inbound.py, the only modules of
-p2pspec that import libp2p).
+"""The libp2p adapter (with streams.py, addrs.py, inbound.py and members.py, the only
+modules of p2pspec that import libp2p).
 
 A `Node` owns a py-libp2p host (TCP + Noise + yamux, nothing else) for the length of
 `Node.run`, and gives the rest of p2pspec a small surface: framed streams (`NodeStream`),
@@ -62,17 +62,6 @@ from p2pspec.core.errors import PeerRefusedError as PeerRefusedError
 from p2pspec.core.errors import PeerUnreachableError as PeerUnreachableError
 from p2pspec.core.errors import ProtocolNotSupportedError as ProtocolNotSupportedError
 from p2pspec.core.errors import StreamResetError as StreamResetError
-from p2pspec.core.membership import (
-    MAX_KEY_BYTES,
-    MEMBER_OK,
-    MEMBER_PROTOCOL,
-    MEMBER_REFUSED,
-    PROOF_BYTES,
-    REFUSAL,
-    REFUSAL_CODE,
-    check_proof,
-    member_proof,
-)
 from p2pspec.crypto import Identity
 from p2pspec.net.addrs import (
     check_announce_address,
@@ -87,6 +76,7 @@ from p2pspec.net.addrs import (
     usable,
 )
 from p2pspec.net.inbound import GatedTCP, NoAutoConnect, connection_config
+from p2pspec.net.members import PrivateMesh
 from p2pspec.net.streams import DEFAULT_CLOSE_TIMEOUT_S, NodeStream, StreamHandler, UntornYamux
 
 __all__ = [
@@ -107,7 +97,6 @@ __all__ = [
 DEFAULT_LISTEN_ADDR = "/ip4/127.0.0.1/tcp/0"
 AGENT_VERSION = f"p2pspec/{__version__}"
 FRAME_CAPTURE_ENV = "P2PSPEC_FRAME_CAPTURE"  # a directory: see Node.__init__
-MEMBER_TIMEOUT_S = 5.0  # a peer proves its network key within this of asking
 
 _log = structlog.get_logger("p2pspec.net.node")
 
@@ -179,8 +168,6 @@ class Node:
         self._identity = identity
         self.discovered: dict[str, str] = {}  # peers found by mDNS: peer id -> address
         self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._network_key = network_key
-        self._members: set[str] = set()  # peers that proved the network key
         self._peer_id: str = identity.peer_id
         self._listen_maddr = parse_multiaddr(listen)
         tcp_parts(self._listen_maddr)
@@ -228,8 +215,17 @@ class Node:
         assert isinstance(network, Swarm)  # what new_host builds
         network.auto_connector = NoAutoConnect(network)
         network.register_notifee(_GaterNotifee(self))
-        if network_key is not None:
-            self._host.set_stream_handler(TProtocol(MEMBER_PROTOCOL), self._serve_membership)
+        self._mesh = (
+            None
+            if network_key is None
+            else PrivateMesh(
+                network_key,
+                peer_id=self._peer_id,
+                host=self._host,
+                disconnect=self.disconnect,
+                log=self._log,
+            )
+        )
 
     @staticmethod
     def _check_announce(text: str) -> Multiaddr:
@@ -427,9 +423,9 @@ class Node:
                 log.warning("stream_refused")
                 await stream.reset()
                 return
-            if self._network_key is not None and stream.remote_peer_id not in self._members:
+            if self._mesh is not None and not self._mesh.admits(stream.remote_peer_id):
                 log.warning("private_mesh_refused_peer", reason="no membership proof")
-                await self._refuse_non_member(stream)
+                await self._mesh.refuse(stream)
                 return
             peer = stream.remote_peer_id
             refused = self.streams.open(peer, protocol_id)
@@ -469,78 +465,6 @@ class Node:
                 await stream.write_frame(wire.encode(refusal))
         await stream.close()
 
-    # -- private mesh -----------------------------------------------------------------
-
-    async def _refuse_non_member(self, stream: NodeStream) -> None:
-        """Tell a peer without the network key why, then drop it."""
-        refusal = wire.ErrorMessage(code=REFUSAL_CODE, message=REFUSAL)
-        await self._say_last_and_drop(stream, wire.encode(refusal))
-
-    async def _say_last_and_drop(self, stream: NodeStream, frame: bytes) -> None:
-        """Send `frame`, give the peer a moment to read it and hang up, then close its
-        connection (a reset or a disconnect right away could overtake the frame)."""
-        with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
-            try:
-                await stream.write_frame(frame)
-                await stream.close()
-                await stream.read_frame()  # until the peer closes or resets
-            except P2PSpecError as error:
-                self._log.debug("last_frame_sent", error=str(error))
-        await stream.reset()
-        await self.disconnect(stream.remote_peer_id)
-
-    async def _serve_membership(self, net_stream: INetStream) -> None:
-        """The listener's side of the membership exchange (membership.py). Contains its
-        own failures: py-libp2p dies of an exception escaping a handler."""
-        assert self._network_key is not None
-        stream = NodeStream(net_stream, max_frame_bytes=MAX_KEY_BYTES)
-        peer = stream.remote_peer_id
-        try:
-            with trio.fail_after(MEMBER_TIMEOUT_S):
-                proof = await stream.read_frame(max_size=PROOF_BYTES)
-                if check_proof(self._network_key, peer, self._peer_id, proof):
-                    self._members.add(peer)
-                    own = member_proof(self._network_key, self._peer_id, peer)
-                    await stream.write_frame(MEMBER_OK + own)
-                    await stream.close()
-                    self._log.info("private_mesh_member", peer_id=peer)
-                    return
-                reason = "wrong network key"
-        except (P2PSpecError, trio.TooSlowError) as error:
-            reason = f"membership exchange failed: {error!r}"
-        self._log.warning("private_mesh_refused_peer", peer_id=peer, reason=reason)
-        await self._say_last_and_drop(stream, MEMBER_REFUSED + f"{REFUSAL} ({reason})".encode())
-
-    async def _prove_membership(self, peer_id: ID) -> None:
-        """The dialer's side: prove our key, check theirs; PeerRefusedError (and the
-        connection closed) if the peer is not a member of our mesh."""
-        assert self._network_key is not None
-        peer = str(peer_id)
-        try:
-            net_stream = await self._host.new_stream(peer_id, [TProtocol(MEMBER_PROTOCOL)])
-            stream = NodeStream(net_stream, max_frame_bytes=MAX_KEY_BYTES)
-            await stream.write_frame(member_proof(self._network_key, self._peer_id, peer))
-            answer = await stream.read_frame()
-            await stream.close()
-        except (BaseLibp2pError, OSError, P2PSpecError) as error:
-            if unsupported_protocol(error):
-                reason = "the peer is not in a private mesh (it has no network key)"
-            else:
-                reason = f"membership exchange failed: {error!r}"
-        else:
-            if answer[:1] == MEMBER_OK and check_proof(
-                self._network_key, peer, self._peer_id, answer[1:]
-            ):
-                self._members.add(peer)
-                return
-            if answer[:1] == MEMBER_REFUSED:
-                reason = answer[1:].decode(errors="replace")
-            else:
-                reason = "the peer holds another network key"
-        self._log.warning("private_mesh_refused", peer_id=peer, reason=reason)
-        await self.disconnect(peer)
-        raise PeerRefusedError(f"{peer}: {reason}")
-
     # -- outbound ---------------------------------------------------------------------
 
     async def connect(self, multiaddr: str, *, timeout_s: float) -> str:
@@ -562,17 +486,18 @@ class Node:
             ) from None
         return peer_id
 
-    async def _connect(self, peer_id: ID, transport: Multiaddr) -> bool:
-        """Connect unless connected already; whether a new connection was made."""
+    async def _connect(self, peer_id: ID, transport: Multiaddr, *, fresh: bool = False) -> bool:
+        """Connect unless connected already (`fresh`: dial anew whatever connections there
+        are, dropping them); whether a new connection was made."""
         if str(peer_id) == self.peer_id:
             raise PeerUnreachableError("refusing to dial ourselves")
         if not self._gater_allows(str(peer_id)):
             raise PeerRefusedError(f"the connection gater refuses {peer_id}")
         network = self._host.get_network()
         connections = network.get_connections(peer_id)
-        if any(usable(conn) for conn in connections):
-            if self._network_key is not None and str(peer_id) not in self._members:
-                await self._prove_membership(peer_id)
+        if not fresh and any(usable(conn) for conn in connections):
+            if self._mesh is not None and not self._mesh.admits(str(peer_id)):
+                await self._mesh.prove(peer_id)
             return False
         # A connection that is failing or was just closed by the peer stays listed (and
         # would be handed out again by libp2p's dial) until its teardown finishes, about
@@ -594,8 +519,8 @@ class Node:
             raise PeerUnreachableError(
                 f"cannot connect to {peer_id} at {transport}: {error}"
             ) from error
-        if self._network_key is not None:
-            await self._prove_membership(peer_id)
+        if self._mesh is not None:
+            await self._mesh.prove(peer_id)
         return True
 
     async def open_stream(
@@ -629,8 +554,8 @@ class Node:
         try:
             with trio.fail_after(timeout_s):
                 if target is None:
-                    if self._network_key is not None and peer_id_text not in self._members:
-                        await self._prove_membership(peer_id)
+                    if self._mesh is not None and not self._mesh.admits(peer_id_text):
+                        await self._mesh.prove(peer_id)
                     net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
                 elif await self._connect(peer_id, target):
                     net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
@@ -642,9 +567,7 @@ class Node:
                             raise
                         # The connection reused was dead though not yet seen closed (its
                         # peer stopped, or restarted elsewhere): drop it and dial, once.
-                        for conn in self._host.get_network().get_connections(peer_id):
-                            await self._close_connection(conn)
-                        await self._connect(peer_id, target)
+                        await self._connect(peer_id, target, fresh=True)
                         net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
         except trio.TooSlowError:
             raise PeerUnreachableError(
