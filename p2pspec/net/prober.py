@@ -20,7 +20,7 @@ peer, including those that do not serve `PROBE_PROTOCOL`, with one directory exc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import structlog
 import trio
@@ -203,11 +203,27 @@ class Prober:
             for link in self._links.values():
                 nursery.start_soon(link.drop_stream)
 
-    async def _probe_quietly(self, peer_id: str, addr: str) -> None:
+    async def measure_all(self, targets: Iterable[tuple[str, str]]) -> dict[str, float]:
+        """One probe to each (peer id, multiaddr) now, side by side; the RTTs measured, in
+        seconds (a peer whose probe fails is left out; the failure is logged)."""
+        measured: dict[str, float] = {}
+
+        async def one(peer_id: str, addr: str) -> None:
+            rtt = await self._probe_quietly(peer_id, addr)
+            if rtt is not None:
+                measured[peer_id] = rtt
+
+        async with trio.open_nursery() as nursery:
+            for peer_id, addr in targets:
+                nursery.start_soon(one, peer_id, addr)
+        return measured
+
+    async def _probe_quietly(self, peer_id: str, addr: str) -> float | None:
         try:
-            await self.measure(peer_id, addr)
+            return await self.measure(peer_id, addr)
         except ProbeError as error:
             log.debug("probe_failed", peer_id=peer_id, addr=addr, error=str(error))
+            return None
 
     async def _ping(self, peer_id: str, link: _Link) -> float:
         """Send one Ping on the link's stream and wait for its Pong, all under timeout_s;

@@ -37,7 +37,7 @@ from p2pspec.crypto.identity import Identity
 from p2pspec.net.channel import Channel, ChannelError
 from p2pspec.net.discovery import exchange, now_ms
 from p2pspec.net.node import Node, NodeStream
-from p2pspec.net.prober import ProbeError, Prober
+from p2pspec.net.prober import Prober
 from p2pspec.runtime.session import Chunk as Chunk
 from p2pspec.runtime.session import Result, Stream
 
@@ -138,18 +138,9 @@ class Client:
 
     async def measure_drafters(self) -> None:
         """Measure the round trip to every known drafter, side by side (for placement)."""
-
-        async def one(record: wire.PeerRecord) -> None:
-            try:
-                with trio.fail_after(self.config.request_timeout_s):
-                    await self.prober.measure(record.peer_id, record.addrs[0])
-            except (ProbeError, trio.TooSlowError) as e:
-                log.debug("drafter_unmeasured", drafter=record.peer_id, error=str(e))
-
-        async with trio.open_nursery() as nursery:
-            for record in self.peers("drafter"):
-                if record.addrs:
-                    nursery.start_soon(one, record)
+        await self.prober.measure_all(
+            (r.peer_id, r.addrs[0]) for r in self.peers("drafter") if r.addrs
+        )
 
     def _place(self, exclude: frozenset[str]) -> Decision | None:
         """The nearest drafter with capacity (policy.choose_drafter), logged with its inputs.

@@ -6,9 +6,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import trio
-
-from p2pspec.core.errors import ProbeError
 from p2pspec.net.discovery import now_ms
 from p2pspec.runtime.client import Client
 
@@ -35,22 +32,11 @@ class PeerStatus:
         return asdict(self)
 
 
-async def mesh_status(client: Client, *, timeout_s: float = 2.0) -> list[PeerStatus]:
+async def mesh_status(client: Client) -> list[PeerStatus]:
     """Every live peer the client's directory holds (pull it first: `client.refresh`),
     each probed once from here, side by side; verifiers first, then drafters."""
     records = [r for r in client.peers() if r.addrs]
-    rtts: dict[str, float] = {}
-
-    async def probe(peer_id: str, addr: str) -> None:
-        try:
-            with trio.fail_after(timeout_s):
-                rtts[peer_id] = await client.prober.measure(peer_id, addr)
-        except (ProbeError, trio.TooSlowError):
-            pass  # unreachable from here: the row says so (rtt_ms None)
-
-    async with trio.open_nursery() as nursery:
-        for record in records:
-            nursery.start_soon(probe, record.peer_id, record.addrs[0])
+    rtts = await client.prober.measure_all((r.peer_id, r.addrs[0]) for r in records)
     now = now_ms()
     rows = [
         PeerStatus(
