@@ -45,17 +45,15 @@ def serve(args: argparse.Namespace) -> int:
 
     import trio
 
-    from p2pspec.core.config import PeerConfig
-    from p2pspec.net.addrs import check_peer_address, host_and_port
+    from p2pspec.net.addrs import host_and_port
     from p2pspec.runtime import gateway, logs
     from p2pspec.runtime.client import Client
 
-    check_addresses("--bootstrap", args.bootstrap, check_peer_address, PEER_ADDRESS)
+    config = mesh_config(args)
     host_and_port("--listen", args.listen, "127.0.0.1:8000")
     logs.configure(level="info")
 
     async def run() -> None:
-        config = PeerConfig(network_key_file=args.network_key)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with Client(args.bootstrap, config=config) as client, trio.open_nursery() as n:
                 serve = functools.partial(
@@ -69,25 +67,25 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(run)
-    except OSError as e:
-        raise UserError(f"--listen {args.listen}: cannot serve there: {e}") from None
+    except* OSError as group:  # from inside hypercorn's and the client's nurseries
+        why: BaseException = group
+        while isinstance(why, BaseExceptionGroup):
+            why = why.exceptions[0]
+        raise UserError(f"--listen {args.listen}: cannot serve there: {why}") from None
     return 0
 
 
 def status(args: argparse.Namespace) -> int:
     import trio
 
-    from p2pspec.core.config import PeerConfig
-    from p2pspec.net.addrs import check_peer_address
     from p2pspec.runtime import logs
     from p2pspec.runtime.client import Client, ClientError
     from p2pspec.runtime.status import mesh_status, table
 
-    check_addresses("--bootstrap", args.bootstrap, check_peer_address, PEER_ADDRESS)
+    config = mesh_config(args)
     logs.configure(level="warning")
 
     async def run() -> list[Any]:
-        config = PeerConfig(network_key_file=args.network_key)
         async with Client(args.bootstrap, config=config) as client:
             return await mesh_status(client)
 
@@ -146,6 +144,16 @@ def check_addresses(flag: str, values: Sequence[str], check: Any, form: str) -> 
 
 PEER_ADDRESS = "/ip4/<ip>/tcp/<port>/p2p/<peer id> (as a peer prints it)"
 LISTEN_ADDRESS = "/ip4/<ip>/tcp/<port> (port 0: any free one)"
+
+
+def mesh_config(args: argparse.Namespace) -> Any:
+    """The PeerConfig a mesh client of `generate`, `serve` or `status` runs with, once
+    their shared flags (--bootstrap, --network-key) are checked."""
+    from p2pspec.core.config import PeerConfig
+    from p2pspec.net.addrs import check_peer_address
+
+    check_addresses("--bootstrap", args.bootstrap, check_peer_address, PEER_ADDRESS)
+    return PeerConfig(network_key_file=args.network_key)
 
 
 def default_key_path(role: str) -> str:

@@ -152,7 +152,6 @@ class DrafterService:
         self.served = 0
         self.drafted = self.accepted = 0  # drafted tokens, and accepted, since start
         self.rounds = self.committed = 0  # verdicts received, tokens they committed
-        self.queued = 0  # no queue of requests here (the verifier's side has one)
         self.draft_worker = DraftWorker(compute, mailbox=config.capacity_sessions)
         # By (verifier, greedy): how often it keeps a token, by the drafter's confidence
         # in it; shared by the sessions (each would learn it too slowly on its own).
@@ -168,6 +167,11 @@ class DrafterService:
     @property
     def load(self) -> int:
         return len(self.sessions)
+
+    @property
+    def queued(self) -> int:
+        """Draft jobs waiting for the drafter model (metrics' queue depth)."""
+        return self.draft_worker.mailbox.queued
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run this role's actors, supervised, until cancelled."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pspec.core.errors import InvalidRequestError, UserError
-from p2pspec.peers.commands import PEER_ADDRESS, check_addresses
+from p2pspec.peers.commands import mesh_config
 
 DEFAULT_VERIFIER = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFTER = "qwen2.5-coder-0.5b-instruct"
@@ -148,12 +148,10 @@ def generate_remote(args: argparse.Namespace) -> int:
     import trio
 
     from p2pspec.core import transcript
-    from p2pspec.core.config import PeerConfig
-    from p2pspec.net.addrs import check_peer_address
     from p2pspec.runtime import logs
     from p2pspec.runtime.client import Client, ClientError
 
-    check_addresses("--bootstrap", args.bootstrap, check_peer_address, PEER_ADDRESS)
+    config = mesh_config(args)
     for flag, (name, default) in LOCAL_ONLY.items():
         if getattr(args, name) != default:
             raise UserError(f"{flag} applies to --local only: the mesh's peers run their models")
@@ -163,7 +161,6 @@ def generate_remote(args: argparse.Namespace) -> int:
     async def run() -> int:
         try:
             with trio.fail_after(args.timeout):
-                config = PeerConfig(network_key_file=args.network_key)
                 async with Client(args.bootstrap, config=config) as client:
                     stream = client.stream(
                         "" if messages else args.prompt,

@@ -110,7 +110,11 @@ class PeerCollector(Collector):
                 "Accepted of drafted tokens since start",
                 service.accepted / service.drafted,
             )
-        yield gauge("p2pspec_verify_queue_depth", "Requests waiting for a pass", service.queued)
+        yield gauge(
+            "p2pspec_queue_depth",
+            "Requests waiting for the model: verify requests (a verifier), drafts (a drafter)",
+            service.queued,
+        )
         refused = CounterMetricFamily(
             "p2pspec_refusals", "Refusals sent, by error code (docs/errors.md)", labels=["code"]
         )
