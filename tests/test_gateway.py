@@ -150,6 +150,25 @@ async def test_errors_come_in_openais_shape_with_the_right_status(
         assert allowed.choices[0].text is not None
 
 
+async def test_serve_on_a_taken_port_exits_2_naming_the_flag(
+    peers: list[PeerProcess],
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        argv = [
+            sys.executable, "-m", "p2pspec.peers.cli", "serve",
+            "--bootstrap", peers[0].address, "--listen", listen,
+        ]  # fmt: skip
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert f"--listen {listen}: cannot serve there" in err and "Traceback" not in err
+
+
 async def test_a_mesh_without_a_drafter_is_a_503(tmp_path: Path) -> None:
     v = await start_peer("v", "verifier", VERIFIER, workdir=tmp_path, extra_args=FAST)
     try:

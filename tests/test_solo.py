@@ -106,8 +106,8 @@ def test_a_drafter_peer_prices_its_sessions_with_its_own_measured_costs() -> Non
     from p2pspec.core.config import PeerConfig
     from p2pspec.crypto import Identity
     from p2pspec.peers.drafter import DrafterService
-    from p2pspec.peers.session import SessionState
     from p2pspec.peers.run import Peer
+    from p2pspec.peers.session import SessionState
 
     costs = [0.02 * n for n in range(1, 17)]  # steep: n tokens cost n times one
     config = PeerConfig(role="drafter", model=DRAFTER)
