@@ -13,6 +13,9 @@ import structlog
 import trio
 
 from p2pspec.core import wire
+from p2pspec.core.errors import ClientGoneError as ClientGoneError
+from p2pspec.core.errors import VerifierCaughtError as VerifierCaughtError
+from p2pspec.core.errors import VerifierUnreachableError as VerifierUnreachableError
 from p2pspec.core.policy import AdaptiveDraftLength, Plan
 from p2pspec.core.speculative import SamplingParams
 from p2pspec.engines import Engine
@@ -46,27 +49,6 @@ async def close_verify(vch: Channel, close: Callable[[], Awaitable[None]], sid: 
             log.debug("verify_close_not_sent", session=sid)
         await close()
     vch.close_e2e()
-
-
-class ClientGoneError(Exception):
-    """The client's stream broke: the session ends here, there is no one to answer."""
-
-
-class VerifierUnreachableError(Exception):
-    """No verify stream could be opened to a verifier (dial, handshake)."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(why)
-        self.why = why
-
-
-class VerifierCaughtError(Exception):
-    """An audit proved the session's verifier wrong: both signed rounds are the evidence."""
-
-    def __init__(self, verifier: str, reason: str, evidence: list[wire.VerifiedRound]) -> None:
-        super().__init__(reason)
-        self.verifier = verifier
-        self.evidence = evidence
 
 
 class SessionState:

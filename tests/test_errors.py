@@ -11,7 +11,7 @@ from p2pspec.core import errors
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(p for folder in ("p2pspec", "peers") for p in (ROOT / folder).rglob("*.py"))
 # Calls whose first argument, or `code=`, is an error code.
-CODE_CALLS = {"refuse", "ClientError", "RemoteError", "ErrorMessage", "_BadRequest"}
+CODE_CALLS = {"refuse", "Refuse", "ClientError", "RemoteError", "ErrorMessage", "_BadRequest"}
 
 
 def _name(func: ast.expr) -> str:

@@ -11,6 +11,8 @@ The modules that raise these classes import them from here (and re-export them, 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class P2PSpecError(Exception):
     """Base class of every error p2pspec raises on purpose."""
@@ -185,6 +187,32 @@ class BatchFailedError(ValueError):
 
 class DraftFailedError(RuntimeError):
     """The drafter model failed on a session's draft (a bug or resource error)."""
+
+
+# A drafter's own signals between the parts of a session (peers/), never shown to a user
+# as such: each ends one part and the drafter decides what the session does next.
+
+
+class ClientGoneError(Exception):
+    """The client's stream broke: the session ends here, there is no one to answer."""
+
+
+class VerifierUnreachableError(Exception):
+    """No verify stream could be opened to a verifier (dial, handshake)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class VerifierCaughtError(Exception):
+    """An audit proved the session's verifier wrong: both signed rounds (`evidence`,
+    wire.VerifiedRound) are the proof."""
+
+    def __init__(self, verifier: str, reason: str, evidence: list[Any]) -> None:
+        super().__init__(reason)
+        self.verifier = verifier
+        self.evidence = evidence
 
 
 # -- Tooling ------------------------------------------------------------------------------
