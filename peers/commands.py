@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from p2pspec.core.errors import UserError
+from p2pspec.core.errors import UserError, first_error
 
 
 def models(args: argparse.Namespace) -> int:
@@ -68,9 +68,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         trio.run(run)
     except* OSError as group:  # from inside hypercorn's and the client's nurseries
-        why: BaseException = group
-        while isinstance(why, BaseExceptionGroup):
-            why = why.exceptions[0]
+        why = first_error(group)
         raise UserError(f"--listen {args.listen}: cannot serve there: {why}") from None
     return 0
 
@@ -239,7 +237,7 @@ def peer(args: argparse.Namespace) -> int:
             run = functools.partial(run_until_signalled, metrics_address=args.metrics)
             trio.run(run, peer, ready)
         except* UserError as group:  # --metrics at an address it cannot listen on
-            raise group.exceptions[0] from None
+            raise first_error(group) from None
     key_lock.close()
     return 0
 

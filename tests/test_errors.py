@@ -79,3 +79,10 @@ def test_exception_classes_are_declared_in_the_errors_module_only() -> None:
             ):
                 elsewhere.append(f"{path.relative_to(ROOT)}: {node.name}")
     assert not elsewhere, elsewhere
+
+
+def test_first_error_is_what_trios_nested_exception_groups_wrap() -> None:
+    cause = OSError(98, "Address already in use")
+    nested = ExceptionGroup("outer", [ExceptionGroup("inner", [cause, ValueError()])])
+    assert errors.first_error(nested) is cause
+    assert errors.first_error(cause) is cause

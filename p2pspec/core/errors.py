@@ -189,6 +189,14 @@ class DraftFailedError(RuntimeError):
     """The drafter model failed on a session's draft (a bug or resource error)."""
 
 
+def first_error(error: BaseException) -> BaseException:
+    """The first exception that is not a group, inside however many exception groups trio's
+    nurseries wrapped `error` in (each nursery adds one): what to report to a user."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 # A drafter's own signals between the parts of a session (peers/), never shown to a user
 # as such: each ends one part and the drafter decides what the session does next.
 

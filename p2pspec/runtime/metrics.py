@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from p2pspec.core.config import PeerConfig
 from p2pspec.core.directory import Directory
-from p2pspec.core.errors import UserError
+from p2pspec.core.errors import UserError, first_error
 from p2pspec.net.addrs import host_and_port
 from p2pspec.net.channel import TRAFFIC
 from p2pspec.net.discovery import now_ms
@@ -169,10 +169,8 @@ async def serve(
         async with trio.open_nursery() as nursery:
             urls = await nursery.start(hypercorn_serve, app, config)
             task_status.started(f"{urls[0]}/metrics")
-    except* OSError as group:
-        why: BaseException = group
-        while isinstance(why, BaseExceptionGroup):  # hypercorn's nursery inside this one
-            why = why.exceptions[0]
+    except* OSError as group:  # from inside hypercorn's nursery and this one
+        why = first_error(group)
         raise UserError(f"--metrics {address}: cannot listen there: {why}") from None
     finally:
         REGISTRY.unregister(collector)
