@@ -108,14 +108,15 @@ def cost_curve(engine: Engine, *, progress: bool = True, refresh: bool = False) 
     log.info("cost_curve_measuring", model=engine.model_id, engine=engine.kind)
     started = time.perf_counter()
 
+    repeats = 3
     with tqdm(
-        total=3 * len(MEASURED),
+        total=repeats * len(MEASURED),
         desc=f"measuring the cost of verifying 1..{MAX_COST_TOKENS} tokens on {engine.model_id}",
         unit="pass",
         file=sys.stderr,
         disable=not shown,
     ) as bar:
-        curve = measure_cost_curve(engine, repeats=3, on_step=lambda _done, _total: bar.update())
+        curve = measure_cost_curve(engine, repeats=repeats, on_step=lambda *_: bar.update())
     log.info(
         "cost_curve",
         model=engine.model_id,

@@ -10,7 +10,7 @@ a llama.cpp peer and a transformers peer of one model pair up.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from p2pspec.core.errors import InvalidRequestError
@@ -34,9 +34,17 @@ class LlamaTokenizer:
         self._vocab = lib.llama_model_get_vocab(model)
         n = int(lib.llama_vocab_n_tokens(self._vocab))
         self._vocab_size = n
-        self._fingerprint = vocab_fingerprint(self._text(i) for i in range(n))
         wanted = set(extra_eos)
-        ids = {i for i in range(n) if wanted and self._text(i) in wanted}
+        ids: set[int] = set()
+
+        def texts() -> Iterator[str]:  # one pass: the fingerprint and the extra EOS ids
+            for i in range(n):
+                text = self._text(i)
+                if text in wanted:
+                    ids.add(i)
+                yield text
+
+        self._fingerprint = vocab_fingerprint(texts())
         for token in (lib.llama_vocab_eos(self._vocab), lib.llama_vocab_eot(self._vocab)):
             if 0 <= token < n:
                 ids.add(int(token))
