@@ -7,7 +7,9 @@ real models ask for both cores themselves (`all_cores` fixture).
 
 from __future__ import annotations
 
+import inspect
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -31,48 +33,56 @@ def all_cores() -> Iterator[None]:
 
 # -- the suite by kind ----------------------------------------------------------------------
 # Reported at the end of every run (issue 14 asks for the counts): end-to-end (marked e2e:
-# real models), real-process (peers, the CLI or a browser in processes of their own, real
+# real models), real-process (it started a process: peers, the CLI, a browser, real
 # libp2p), in-memory (trio, with streams or peers in this process), pure (plain functions).
-# A test's kind is read from its own source and its fixtures': a heuristic, stated as one.
-_PROCESS_WORDS = (
-    "start_peer", "run_process", "subprocess", "Popen", "start_testnet", "Mesh(",
-    "webdriver", "PeerProcess",
-)  # fmt: skip
+# "Started a process" is observed, not guessed: Python's audit events for subprocess,
+# fork and spawn are counted while each test runs.
+_SPAWNS = 0
 
 
-def _sources(item: pytest.Item) -> list[str]:
-    import inspect
+def _count_spawns(event: str, _args: tuple[object, ...]) -> None:
+    global _SPAWNS
+    if event in ("subprocess.Popen", "os.fork", "os.posix_spawn", "os.forkpty"):
+        _SPAWNS += 1
 
-    functions = [getattr(item, "function", None)]
+
+sys.addaudithook(_count_spawns)
+
+
+def _uses_trio(item: pytest.Item) -> bool:
+    """An async test, or one whose source or fixtures' source runs trio (a loop in a
+    thread, say)."""
+    function = getattr(item, "function", None)
+    if inspect.iscoroutinefunction(function):
+        return True
+    functions = [function]
     info = getattr(item, "_fixtureinfo", None)
     for defs in info.name2fixturedefs.values() if info is not None else []:
         functions.extend(d.func for d in defs)
-    texts = []
-    for function in functions:
+    for f in functions:
         try:
-            texts.append(inspect.getsource(function))  # type: ignore[arg-type]
+            if "trio" in inspect.getsource(f):  # type: ignore[arg-type]
+                return True
         except (OSError, TypeError):
             continue
-    return texts
+    return False
 
 
-def _kind(item: pytest.Item) -> str:
-    import inspect
-
-    if item.get_closest_marker("e2e"):
-        return "end-to-end"
-    texts = _sources(item)
-    if any(word in text for text in texts for word in _PROCESS_WORDS):
-        return "real-process"
-    function = getattr(item, "function", None)
-    if inspect.iscoroutinefunction(function) or any("trio" in text for text in texts):
-        return "in-memory"
-    return "pure"
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        item.user_properties.append(("kind", _kind(item)))
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    before = _SPAWNS
+    try:
+        return (yield)
+    finally:
+        if item.get_closest_marker("e2e"):
+            kind = "end-to-end"
+        elif before < _SPAWNS:
+            kind = "real-process"
+        elif _uses_trio(item):
+            kind = "in-memory"
+        else:
+            kind = "pure"
+        item.user_properties.append(("kind", kind))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

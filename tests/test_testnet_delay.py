@@ -13,6 +13,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ONE_WAY_MS = 40.0  # delay_ms of the far verifiers in the topology
 
 
+def _no_worse(a: dict, b: dict) -> bool:
+    """Candidate ``a`` is at least as good as ``b`` on every input of the verifier score:
+    acceptance, compute time under load, and round trip."""
+    return (
+        a["alpha"] >= b["alpha"]
+        and a["t_verify_eff_s"] <= b["t_verify_eff_s"]
+        and a["rtt_assumed_s"] <= b["rtt_assumed_s"]
+    )
+
+
 def _port(addr: str) -> int:
     return int(addr.split("/tcp/")[1].split("/")[0])
 
@@ -67,16 +77,22 @@ async def test_sessions_prefer_near_verifiers_and_move_to_far_ones_when_the_near
             if line.startswith("{") and '"choose_verifier"' in line:
                 decisions.append(json.loads(line))
     assert len(decisions) >= 16
-    moved = 0
+    moved = stayed_near = 0
     for d in decisions:
         cands = d["candidates"]
         eligible = {pid: c for pid, c in cands.items() if c["excluded"] is None}
+        chosen = eligible[d["chosen"]]
         # The choice is the best predicted tokens/s, from the inputs logged with it.
-        assert eligible[d["chosen"]]["score"] == max(c["score"] for c in eligible.values()), d
-        if all(pid in eligible and cands[pid]["load"] == 0 for pid in near_ids):
-            assert d["chosen"] in near_ids, d  # idle near verifiers beat far ones
-        if d["chosen"] in far_ids:  # a move: every near verifier was busy or full
-            assert all(pid not in eligible or cands[pid]["load"] > 0 for pid in near_ids), d
+        assert chosen["score"] == max(c["score"] for c in eligible.values()), d
+        idle_near = [eligible[p] for p in near_ids if p in eligible and eligible[p]["load"] == 0]
+        if d["chosen"] in far_ids:
+            # A move: no near verifier was at least as good on every input. Observed
+            # acceptance and compute time differ per verifier (two cores shared by eight
+            # peers), so a far verifier may win on them; never on distance alone.
+            assert not any(_no_worse(n, chosen) for n in idle_near), d
             moved += 1
+        elif len(idle_near) == len(near_ids) and any(p in eligible for p in far_ids):
+            stayed_near += 1
+    assert stayed_near >= 1, "no session chose a near verifier over an eligible far one"
     assert moved >= 1, "the near verifiers never filled up: the test did not overload them"
     assert 0 < sum(rep["verifiers"].get(pid, 0) for pid in far_ids) < 16
