@@ -31,7 +31,7 @@ from p2pspec.crypto import Identity
 from p2pspec.engines import Engine
 from p2pspec.engines.decoding import Draft, Drafter
 from p2pspec.engines.local import sampling_params, validate_request
-from p2pspec.net.actors import Mailbox, Reply, supervise
+from p2pspec.net.actors import Mailbox, Reply, offload, supervise
 from p2pspec.net.channel import (
     Channel,
     ChannelError,
@@ -103,7 +103,7 @@ class DraftWorker:
                 async with self.compute:
                     if job.abandoned:  # its session left while the job waited for the lock
                         continue
-                    draft = await trio.to_thread.run_sync(
+                    draft = await offload(
                         job.drafter.propose, job.committed, job.k, job.stop, job.enough
                     )
             except Exception as e:  # supervision: fail this job's session, keep serving

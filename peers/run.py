@@ -25,8 +25,10 @@ from p2pspec.engines import Engine
 from p2pspec.net.actors import supervise
 from p2pspec.net.channel import Channel, ChannelError
 from p2pspec.net.discovery import Advertiser, now_ms, serve_exchange
+from p2pspec.net.memory import MemoryNode
 from p2pspec.net.node import Node, NodeStream
 from p2pspec.net.prober import PROBE_PROTOCOL, Prober, serve_probe
+from p2pspec.net.streams import Transport
 from p2pspec.peers.drafter import DrafterService
 from p2pspec.peers.verifier import VerifierService
 from p2pspec.runtime import metrics
@@ -36,6 +38,30 @@ log = structlog.get_logger("p2pspec.peer")
 # Whom each role dials for directory exchanges (discovery.Advertiser.dial_roles).
 VERIFIER_DIALS = frozenset({"verifier"})
 DRAFTER_DIALS = frozenset({"drafter", "verifier"})
+
+
+def _libp2p_node(config: PeerConfig, identity: Identity) -> Node:
+    """The libp2p host a peer serves on, as its config says."""
+    return Node(
+        identity,
+        listen=config.listen,
+        announce=config.announce,
+        max_frame_bytes=config.max_frame_bytes,
+        mdns=config.mdns,
+        network_key=load_network_key(config.network_key_file) if config.network_key_file else None,
+        limits=Limits(
+            handshake_timeout_s=config.handshake_timeout_s,
+            max_handshakes=config.max_handshakes,
+            max_handshakes_per_ip=config.max_handshakes_per_ip,
+            max_inbound=config.max_inbound,
+            max_inbound_per_ip=config.max_inbound_per_ip,
+            max_inbound_per_subnet=config.max_inbound_per_subnet,
+            # A peer's sessions are streams too: never fewer than the capacity allows.
+            max_streams_per_peer=max(config.max_streams_per_peer, config.capacity_sessions + 8),
+            streams_per_s=config.streams_per_s,
+            stream_burst=config.stream_burst,
+        ),
+    )
 
 
 class Peer:
@@ -48,7 +74,10 @@ class Peer:
         identity: Identity,
         *,
         costs_s: list[float] | None = None,
+        node: MemoryNode | None = None,
     ) -> None:
+        """`node`: an in-memory node (net/memory.py) to serve on instead of a libp2p host
+        built from `config` (tests that run peers side by side in one process)."""
         if config.role is None:
             raise ValueError("a peer needs a role")
         self.config = config
@@ -57,28 +86,7 @@ class Peer:
         # sessions speculate with it (advertised in its record).
         self.costs_s = list(costs_s or [])
         self.identity = identity
-        self.node = Node(
-            identity,
-            listen=config.listen,
-            announce=config.announce,
-            max_frame_bytes=config.max_frame_bytes,
-            mdns=config.mdns,
-            network_key=load_network_key(config.network_key_file)
-            if config.network_key_file
-            else None,
-            limits=Limits(
-                handshake_timeout_s=config.handshake_timeout_s,
-                max_handshakes=config.max_handshakes,
-                max_handshakes_per_ip=config.max_handshakes_per_ip,
-                max_inbound=config.max_inbound,
-                max_inbound_per_ip=config.max_inbound_per_ip,
-                max_inbound_per_subnet=config.max_inbound_per_subnet,
-                # A peer's sessions are streams too: never fewer than the capacity allows.
-                max_streams_per_peer=max(config.max_streams_per_peer, config.capacity_sessions + 8),
-                streams_per_s=config.streams_per_s,
-                stream_burst=config.stream_burst,
-            ),
-        )
+        self.node: Transport = node if node is not None else _libp2p_node(config, identity)
         self.directory = Directory(identity.peer_id)
         self.compute = trio.Lock()  # one forward pass at a time on this peer's model
         self.prober = Prober(self.node, interval_s=config.probe_interval_s)

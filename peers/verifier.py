@@ -29,7 +29,7 @@ from p2pspec.core.verdicts import sign_verdict
 from p2pspec.crypto.identity import Identity
 from p2pspec.engines import Engine
 from p2pspec.engines.decoding import SOLO, Draft, Verifier, verify_batch
-from p2pspec.net.actors import supervise
+from p2pspec.net.actors import offload, supervise
 from p2pspec.net.channel import (
     Channel,
     ChannelError,
@@ -129,7 +129,7 @@ class VerifierWorker:
                     batch = [j for j in batch if not j.abandoned]
                     if not batch:
                         continue
-                    results = await trio.to_thread.run_sync(self._run_batch, batch)
+                    results = await offload(self._run_batch, batch)
             except Exception as e:  # supervision: fail this batch's sessions, keep serving
                 log.exception("verify_batch_failed", sessions=len(batch))
                 results = [BatchFailedError(f"the verifier failed on this batch: {e!r}")] * len(
@@ -300,7 +300,7 @@ class VerifierService:
             # first round's pass then covers only the last prompt token and the draft.
             if len(committed) > 1:
                 async with self.compute:
-                    await trio.to_thread.run_sync(verifier.sequence.append, committed[:-1], 1)
+                    await offload(verifier.sequence.append, committed[:-1], 1)
             async with requests_out:
                 async for message in requests_out:
                     if not await self._serve_request(channel, session, message):

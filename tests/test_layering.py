@@ -82,9 +82,10 @@ def test_pure_core_imports_only_the_standard_library_and_itself() -> None:
 
 
 # The one libp2p adapter: the node, its streams and addresses, the private mesh's exchange,
-# and the inbound side of its TCP transport (limits).
+# and the inbound side of its TCP transport (limits); and its in-memory stand-in for tests
+# (memory.py), which raises libp2p's stream errors where a libp2p stream would.
 LIBP2P_ADAPTER = tuple(
-    f"p2pspec/net/{m}.py" for m in ("node", "streams", "addrs", "inbound", "members")
+    f"p2pspec/net/{m}.py" for m in ("node", "streams", "addrs", "inbound", "members", "memory")
 )
 
 

@@ -12,6 +12,11 @@ VerifierWorker, DraftWorker). Each is a task in its peer's nursery with:
   queued in it, outlive the restart. Cancellation is never caught: when the nursery ends,
   the actor ends with it and leaves no task behind.
 
+Model work (a forward pass) blocks: actors run it through `offload`, in a worker thread,
+so the peer keeps serving its streams meanwhile. Tests that run peers on trio's MockClock
+set `INLINE_COMPUTE` so it runs inline: a thread's work looks idle to an autojumping
+clock, which would fire every deadline while a tiny model computes.
+
 Request/reply is a message carrying a one-slot reply channel (`Reply`); the actor answers
 every request it takes, an error included, so a caller never waits on a crashed actor
 beyond its own deadline.
@@ -20,17 +25,30 @@ beyond its own deadline.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Generic, TypeVar
 
 import structlog
 import trio
 
-__all__ = ["Mailbox", "Reply", "supervise"]
+__all__ = ["INLINE_COMPUTE", "Mailbox", "Reply", "offload", "supervise"]
 
 log = structlog.get_logger("p2pspec.net.actors")
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+INLINE_COMPUTE: ContextVar[bool] = ContextVar("p2pspec_inline_compute", default=False)
+"""True: `offload` runs its function on the trio thread (fake-clock tests only)."""
+
+
+async def offload(fn: Callable[..., R], *args: object) -> R:
+    """`fn(*args)` in a worker thread (inline where INLINE_COMPUTE is set). As with
+    `trio.to_thread.run_sync`, a cancelled caller still waits for the thread to finish."""
+    if INLINE_COMPUTE.get():
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+    return await trio.to_thread.run_sync(fn, *args)
 
 
 class Mailbox(Generic[T]):

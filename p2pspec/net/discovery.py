@@ -27,7 +27,7 @@ from p2pspec.crypto.identity import Identity
 from p2pspec.net.actors import Mailbox
 from p2pspec.net.addrs import peer_id_in
 from p2pspec.net.channel import Channel, ChannelError, RemoteError
-from p2pspec.net.node import Node, NodeStream
+from p2pspec.net.streams import NodeStream, Transport
 
 log = structlog.get_logger("p2pspec.net.discovery")
 
@@ -40,7 +40,7 @@ def now_ms() -> int:
 
 
 async def exchange(
-    node: Node,
+    node: Transport,
     directory: Directory,
     target: str,
     *,
@@ -113,7 +113,7 @@ class Advertiser:
 
     def __init__(
         self,
-        node: Node,
+        node: Transport,
         identity: Identity,
         directory: Directory,
         config: PeerConfig,

@@ -32,7 +32,7 @@ from p2pspec.core.policy import EWMA
 from p2pspec.net.actors import Mailbox
 from p2pspec.net.addrs import peer_id_in
 from p2pspec.net.channel import Channel, ChannelError, PeerClosedError, PeerTimeoutError
-from p2pspec.net.node import Node, NodeStream
+from p2pspec.net.streams import NodeStream, Transport
 
 __all__ = [
     "PROBE_IDLE_TIMEOUT_S",
@@ -108,7 +108,7 @@ class Prober:
 
     def __init__(
         self,
-        node: Node,
+        node: Transport,
         *,
         interval_s: float = 2.0,
         timeout_s: float = 2.0,
@@ -249,7 +249,7 @@ class Prober:
                 raise ProbeError(f"{peer_id} answered a ping with {type(message).__name__}")
 
 
-async def directory_round_trip(node: Node, addr: str, *, timeout_s: float) -> float:
+async def directory_round_trip(node: Transport, addr: str, *, timeout_s: float) -> float:
     """One request/response RTT to the peer at `addr` over the directory protocol, in
     seconds: for peers that do not serve `PROBE_PROTOCOL`.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import structlog
 import trio
@@ -267,4 +267,30 @@ class NodeStream:
 
 
 StreamHandler = Callable[[NodeStream], Awaitable[None]]
+
+
+class Transport(Protocol):
+    """What p2pspec's services use of a node: `node.Node` (libp2p), or
+    `memory.MemoryNode` where tests run peers side by side in one process."""
+
+    discovered: dict[str, str]
+
+    @property
+    def peer_id(self) -> str: ...
+
+    def listen_addrs(self) -> list[str]: ...
+
+    def set_handler(self, protocol_id: str, handler: StreamHandler) -> None: ...
+
+    async def open_stream(
+        self, peer: str, protocol_id: str, *, timeout_s: float, lazy: bool = False
+    ) -> NodeStream: ...
+
+    async def run(
+        self,
+        *,
+        task_status: trio.TaskStatus[None] = ...,  # type: ignore[name-defined, unused-ignore]
+    ) -> None: ...
+
+
 """`async def handler(stream: NodeStream) -> None`; the stream is closed when it returns."""

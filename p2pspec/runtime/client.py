@@ -36,8 +36,10 @@ from p2pspec.core.policy import Candidate, Decision, choose_drafter
 from p2pspec.crypto.identity import Identity
 from p2pspec.net.channel import Channel, ChannelError
 from p2pspec.net.discovery import exchange, now_ms
+from p2pspec.net.memory import MemoryNetwork
 from p2pspec.net.node import Node, NodeStream
 from p2pspec.net.prober import Prober
+from p2pspec.net.streams import Transport
 from p2pspec.runtime.session import Chunk as Chunk
 from p2pspec.runtime.session import Result, Stream
 
@@ -53,16 +55,23 @@ class Client:
         *,
         config: PeerConfig | None = None,
         identity: Identity | None = None,
+        network: MemoryNetwork | None = None,
     ) -> None:
+        """`network`: join this in-memory network (net/memory.py) instead of dialling
+        over libp2p (tests that run the client beside in-process peers)."""
         if not bootstrap:
             raise ValueError("a client needs at least one bootstrap multiaddr")
         self.config = msgspec.structs.replace(config or PeerConfig(), bootstrap=list(bootstrap))
         self.identity = identity or Identity.generate()
         key = self.config.network_key_file
-        self.node = Node(
-            self.identity,
-            listen="/ip4/127.0.0.1/tcp/0",
-            network_key=load_network_key(key) if key else None,
+        self.node: Transport = (
+            network.node(self.identity)
+            if network is not None
+            else Node(
+                self.identity,
+                listen="/ip4/127.0.0.1/tcp/0",
+                network_key=load_network_key(key) if key else None,
+            )
         )
         self.directory = Directory(self.identity.peer_id)
         self.prober = Prober(self.node)
@@ -197,6 +206,10 @@ class Client:
         if decision is None:
             if any(r.peer_id not in exclude for r in self.peers("drafter")):
                 raise ClientError("overloaded", "every drafter is at capacity")
+            if exclude:
+                raise ClientError(
+                    "no_drafter", f"no drafter reachable: {len(exclude)} known, each unreachable"
+                )
             raise ClientError("no_drafter", "no drafter is known in the mesh")
         record = decision.chosen
         # Counted at once, before any await: sessions opened side by side see each other.
