@@ -1,7 +1,10 @@
-"""Sessions survive their verifier or drafter dying or hanging mid-answer (real processes).
+"""Sessions survive their verifier or drafter dying mid-answer (real processes).
 
 The committed tokens are a session's only essential state: after a failover the session
-continues from them elsewhere, and its output equals an undisturbed run.
+continues from them elsewhere, and its output equals an undisturbed run. What a process
+killed with SIGKILL does to libp2p connections is shown here; a peer that hangs (every
+link silent), and a sampled session's failover, are the same rules and run in memory on a
+fake clock (test_memory_mesh.py).
 """
 
 from __future__ import annotations
@@ -32,9 +35,6 @@ async def peers(tmp_path: Path) -> AsyncIterator[list[PeerProcess]]:
     try:
         yield started
     finally:
-        for p in started:  # a stopped (SIGSTOP) peer must run again to take SIGTERM
-            if p.process.returncode is None:
-                p.process.send_signal(signal.SIGCONT)
         await stop_all(started)
 
 
@@ -70,20 +70,17 @@ async def _run_and_disturb(
     return s.result.token_ids, s.result.stats
 
 
-@pytest.mark.parametrize("how", ["kill", "hang"])
-async def test_a_session_survives_its_verifier_dying_or_hanging(
-    peers: list[PeerProcess], tmp_path: Path, how: str
+async def test_a_session_survives_its_verifier_dying(
+    peers: list[PeerProcess], tmp_path: Path
 ) -> None:
     v1 = await _start(peers, tmp_path, "v1", "verifier", VERIFIER)
     v2 = await _start(peers, tmp_path, "v2", "verifier", VERIFIER, v1.address)
     await _start(peers, tmp_path, "d", "drafter", DRAFTER, v1.address)
     by_id = {v1.peer_id: v1, v2.peer_id: v2}
-    victims: list[PeerProcess] = []
 
     def disturb(started: object) -> None:
         victim = by_id[started.verifier_peer_id]  # type: ignore[attr-defined]
-        victims.append(victim)
-        victim.process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        victim.process.send_signal(signal.SIGKILL)
 
     async with Client([v1.address]) as client:
         with trio.fail_after(120):
@@ -93,29 +90,8 @@ async def test_a_session_survives_its_verifier_dying_or_hanging(
     assert "verifier_failover" in peers[2].log_path.read_text()
 
 
-async def test_a_sampled_session_survives_its_verifier_dying_with_the_same_tokens(
+async def test_a_session_survives_its_drafter_dying(
     peers: list[PeerProcess], tmp_path: Path
-) -> None:
-    v1 = await _start(peers, tmp_path, "v1", "verifier", VERIFIER)
-    v2 = await _start(peers, tmp_path, "v2", "verifier", VERIFIER, v1.address)
-    await _start(peers, tmp_path, "d", "drafter", DRAFTER, v1.address)
-    by_id = {v1.peer_id: v1, v2.peer_id: v2}
-    params = SamplingParams(temperature=0.8, seed=3)
-    async with Client([v1.address]) as client:
-        with trio.fail_after(120):
-            tokens, stats = await _run_and_disturb(
-                client,
-                lambda s: by_id[s.verifier_peer_id].kill(),  # type: ignore[attr-defined]
-                temperature=0.8,
-                seed=3,
-            )
-    assert stats["verifier_failovers"] == 1
-    assert tokens == local_tokens(VERIFIER, DRAFTER, "failover please", LONG, params)
-
-
-@pytest.mark.parametrize("how", ["kill", "hang"])
-async def test_a_session_survives_its_drafter_dying_or_hanging(
-    peers: list[PeerProcess], tmp_path: Path, how: str
 ) -> None:
     v = await _start(peers, tmp_path, "v", "verifier", VERIFIER)
     d1 = await _start(peers, tmp_path, "d1", "drafter", DRAFTER, v.address)
@@ -124,7 +100,7 @@ async def test_a_session_survives_its_drafter_dying_or_hanging(
 
     def disturb(started: object) -> None:
         victim = by_id[started.drafter_peer_id]  # type: ignore[attr-defined]
-        victim.process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        victim.process.send_signal(signal.SIGKILL)
 
     async with Client([v.address]) as client:
         with trio.fail_after(120):

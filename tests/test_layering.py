@@ -85,7 +85,8 @@ def test_pure_core_imports_only_the_standard_library_and_itself() -> None:
 # and the inbound side of its TCP transport (limits); and its in-memory stand-in for tests
 # (memory.py), which raises libp2p's stream errors where a libp2p stream would.
 LIBP2P_ADAPTER = tuple(
-    f"p2pspec/net/{m}.py" for m in ("node", "streams", "addrs", "inbound", "members", "memory")
+    f"p2pspec/net/{m}.py"
+    for m in ("node", "dial", "streams", "addrs", "inbound", "members", "memory")
 )
 
 

@@ -9,24 +9,30 @@ no real time, and each run is the same run.
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import msgspec
+import numpy as np
 import pytest
 import structlog
 import support
 import trio
 import trio.testing
+from scipy.stats import chisquare
 
 from p2pspec.core.config import PeerConfig
 from p2pspec.core.errors import ClientError
-from p2pspec.core.speculative import SamplingParams
+from p2pspec.core.speculative import SamplingParams, target_distribution
 from p2pspec.crypto import Identity
+from p2pspec.models import KVCacheRunner
 from p2pspec.net.actors import INLINE_COMPUTE
 from p2pspec.net.memory import MemoryNetwork
 from p2pspec.peers.run import Peer
 from p2pspec.runtime.client import Client
+from p2pspec.runtime.session import Result
 
 VERIFIER = "tiny-random:11"
 DRAFTER = "tiny-random:11:noise=0.007"
@@ -77,8 +83,8 @@ async def mesh() -> AsyncIterator[Mesh]:
         nursery.cancel_scope.cancel()
 
 
-def expected(max_new: int) -> list[int]:
-    return support.local_tokens(VERIFIER, DRAFTER, PROMPT, max_new, GREEDY)
+def expected(max_new: int, params: SamplingParams = GREEDY) -> list[int]:
+    return support.local_tokens(VERIFIER, DRAFTER, PROMPT, max_new, params)
 
 
 def chosen_verifiers(logs: Sequence[dict[str, object]]) -> list[object]:
@@ -155,6 +161,41 @@ async def test_a_cut_verifier_is_left_and_its_late_verdicts_change_nothing(
     assert trio.current_time() - cut_at >= CONFIG.liveness_timeout_s
 
 
+@pytest.mark.parametrize(
+    ("role", "temperature"), [("verifier", 0.0), ("verifier", 0.8), ("drafter", 0.0)]
+)
+async def test_a_session_outlives_a_frozen_peer_with_the_same_output(
+    autojump_clock: trio.testing.MockClock, role: str, temperature: float
+) -> None:
+    """Its verifier or its drafter stops mid-answer (every link of it carries nothing, as
+    a SIGSTOPped process's): the session goes on elsewhere from the committed tokens,
+    and its output is an undisturbed run's, sampled (seeded) or greedy."""
+    async with mesh() as m:
+        for _ in range(2):
+            await m.start("verifier", VERIFIER)
+        for _ in range(2):
+            await m.start("drafter", DRAFTER)
+        tokens: list[int] = []
+        async with (
+            m.client() as client,
+            client.stream(PROMPT, max_new_tokens=96, temperature=temperature, seed=3) as chunks,
+        ):
+            async for chunk in chunks:
+                if not tokens:
+                    assert chunks.started is not None
+                    started = chunks.started
+                    m.network.freeze(
+                        started.verifier_peer_id if role == "verifier" else started.drafter_peer_id
+                    )
+                tokens.extend(chunk.tokens)
+    result = chunks.result
+    assert result is not None
+    assert (
+        tokens == result.token_ids == expected(96, SamplingParams(temperature=temperature, seed=3))
+    )
+    assert result.stats[f"{role}_failovers"] == 1
+
+
 async def test_a_client_whose_drafter_died_hears_why_within_its_request_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -171,3 +212,67 @@ async def test_a_client_whose_drafter_died_hears_why_within_its_request_deadline
             ):
                 await client.generate(PROMPT, max_new_tokens=8)
             assert trio.current_time() - started <= CONFIG.request_timeout_s
+
+
+SMALL = "tiny-random:21:vocab=4"
+N_SAMPLES = 1600
+
+
+def _exact_three_token_distribution(prompt: list[int], params: SamplingParams) -> np.ndarray:
+    """P(the first three generated tokens) under the verifier's own sampling, exactly."""
+    verifier = support.model(SMALL)
+
+    def p(prefix: list[int]) -> np.ndarray:
+        logits = KVCacheRunner(verifier.lm).forward([*prompt, *prefix])[-1].double().numpy()
+        return target_distribution(logits, params)
+
+    joint = np.zeros(64)
+    for a, b, c in itertools.product(range(4), repeat=3):
+        joint[16 * a + 4 * b + c] = p([])[a] * p([a])[b] * p([a, b])[c]
+    return joint
+
+
+async def test_pipelined_sampling_follows_the_verifiers_own_distribution(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Sessions of 3 tokens at k = 1, pipelined across a 10 ms link: the second block is
+    drafted ahead on a guessed token while the first travels, and is discarded when the
+    first verdict breaks its guess. The joint law of the 3 tokens, over 1600 seeds, is
+    the verifier's own (chi-square), and both outcomes (a block ahead kept, discarded)
+    occur. (A verdict that comes while the block ahead is being drafted stops its
+    drafting: a race of real time, left to the real-process tests.)"""
+    params = SamplingParams(temperature=1.0)
+    results: list[Result] = []
+    async with mesh() as m:
+        verifier = await m.start("verifier", SMALL)
+        drafter = await m.start("drafter", SMALL + ":noise=0.5")
+        m.network.set_delay(verifier, drafter, 0.010)
+        async with m.client() as client:
+            limit = trio.Semaphore(6)  # under the peers' capacity of 8
+
+            async def one(seed: int) -> None:
+                async with limit:
+                    results.append(
+                        await client.generate(
+                            "ab",
+                            max_new_tokens=3,
+                            raw=True,
+                            temperature=1.0,
+                            seed=seed,
+                            draft_tokens=1,
+                            solo=False,
+                        )
+                    )
+
+            async with trio.open_nursery() as nursery:
+                for seed in range(N_SAMPLES):
+                    nursery.start_soon(one, seed)
+    counts = Counter(16 * r.token_ids[0] + 4 * r.token_ids[1] + r.token_ids[2] for r in results)
+    observed = np.array([counts[i] for i in range(64)], dtype=float)
+    exact = _exact_three_token_distribution(results[0].prompt_token_ids, params)
+    keep = exact * N_SAMPLES >= 5  # chi-square needs expected counts >= 5
+    expected = exact[keep] / exact[keep].sum() * observed[keep].sum()
+    assert chisquare(observed[keep], expected).pvalue > 1e-3
+    assert all(r.stats["max_in_flight"] == 2 for r in results)  # always a block ahead
+    discarded = sum(r.stats["blocks_discarded"] > 0 for r in results)
+    assert 0 < discarded < N_SAMPLES

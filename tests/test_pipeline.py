@@ -3,22 +3,15 @@ tiny models), across an emulated link, and a link cut mid-session and healed."""
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
 import support
 import trio
-from scipy.stats import chisquare
 
-from p2pspec.core.speculative import SamplingParams, target_distribution
 from p2pspec.engines.local import greedy_decode
-from p2pspec.models import KVCacheRunner
 from p2pspec.runtime.client import Client
-from p2pspec.runtime.session import Result
 from p2pspec.tools.delayproxy import DelayProxy
 from p2pspec.tools.launch import Link, PeerProcess, start_peer, start_peer_behind_proxy, stop_all
 
@@ -131,75 +124,6 @@ async def test_branches_on_a_long_link_keep_the_output_the_verifiers_own(
                 taken += pipelined.stats["branches_taken"]
             assert taken > 0
         proxies.cancel_scope.cancel()
-
-
-SMALL = "tiny-random:21:vocab=4"
-N_SAMPLES = 1600
-
-
-def _exact_three_token_distribution(prompt: list[int], params: SamplingParams) -> np.ndarray:
-    """P(the first three generated tokens) under the verifier's own sampling, exactly."""
-    verifier = support.model(SMALL)
-
-    def p(prefix: list[int]) -> np.ndarray:
-        logits = KVCacheRunner(verifier.lm).forward([*prompt, *prefix])[-1].double().numpy()
-        return target_distribution(logits, params)
-
-    joint = np.zeros(64)
-    for a, b, c in itertools.product(range(4), repeat=3):
-        joint[16 * a + 4 * b + c] = p([])[a] * p([a])[b] * p([a, b])[c]
-    return joint
-
-
-async def test_pipelined_sampling_follows_the_verifiers_own_distribution(
-    tmp_path: Path, peers: list[PeerProcess]
-) -> None:
-    """Sessions of 3 tokens at k = 1 pipelined: the second block is drafted ahead
-    on a guessed token (and sent, unless the first verdict came meanwhile and killed it:
-    its drafting stops). The joint law of the 3 tokens, over 1600 seeds, is the
-    verifier's own (chi-square); both kinds of outcome (a kept and a discarded block
-    ahead) occur."""
-    v = await start_peer("v", "verifier", SMALL, workdir=tmp_path, extra_args=FAST)
-    peers.append(v)
-    drafter_model = SMALL + ":noise=0.5"
-    d = await start_peer(
-        "d", "drafter", drafter_model, workdir=tmp_path, bootstrap=[v.address], extra_args=FAST
-    )
-    peers.append(d)
-    params = SamplingParams(temperature=1.0)
-    results: list[Result] = []
-    async with Client([v.address]) as client:
-        limit = trio.Semaphore(6)  # under the peers' capacity of 8
-
-        async def one(seed: int) -> None:
-            async with limit:
-                results.append(
-                    await client.generate(
-                        "ab",
-                        max_new_tokens=3,
-                        raw=True,
-                        temperature=1.0,
-                        seed=seed,
-                        draft_tokens=1,
-                    )
-                )
-
-        with trio.fail_after(600):
-            async with trio.open_nursery() as nursery:
-                for seed in range(N_SAMPLES):
-                    nursery.start_soon(one, seed)
-    counts = Counter(16 * r.token_ids[0] + 4 * r.token_ids[1] + r.token_ids[2] for r in results)
-    observed = np.array([counts[i] for i in range(64)], dtype=float)
-    exact = _exact_three_token_distribution(results[0].prompt_token_ids, params)
-    keep = exact * N_SAMPLES >= 5  # chi-square needs expected counts >= 5
-    expected = exact[keep] / exact[keep].sum() * observed[keep].sum()
-    assert chisquare(observed[keep], expected).pvalue > 1e-3
-    # A first verdict that comes back before the drafter looks again (a loaded machine)
-    # leaves nothing to draft ahead of: most sessions, not all, ran two blocks deep.
-    ahead = sum(r.stats["max_in_flight"] == 2 or r.stats["drafts_stopped"] > 0 for r in results)
-    assert ahead >= N_SAMPLES // 2
-    discarded = sum(r.stats["blocks_discarded"] + r.stats["drafts_stopped"] > 0 for r in results)
-    assert 0 < discarded < N_SAMPLES
 
 
 # Records that lapse within a cut: 2 s, refreshed every 0.5 s.

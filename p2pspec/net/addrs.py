@@ -4,12 +4,14 @@ what cannot be used."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from libp2p.abc import INetConn
 from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
 from multiaddr import Multiaddr
 from multiaddr.exceptions import Error as MultiaddrError
@@ -61,6 +63,15 @@ def peer_id_in(text: str) -> str:
         return split_p2p(parse_multiaddr(text))[1] or ""
     except InvalidMultiaddrError:
         return ""
+
+
+def dialable_tcp_address(info: PeerInfo) -> str | None:
+    """The first plain TCP address of a peer found by mDNS, with /p2p/<id>; or None."""
+    for a in info.addrs:
+        names = {p.name for p in a.protocols()}
+        if "tcp" in names and "p2p" not in names:
+            return f"{a}/p2p/{info.peer_id}"
+    return None
 
 
 def tcp_parts(maddr: Multiaddr) -> tuple[str, str, int]:
@@ -138,6 +149,16 @@ def interface_ips(family: str) -> list[str]:
     loopback = "127.0.0.1" if version == 4 else "::1"
     ips = [ip for ip in get_network_addrs(version) if ip != loopback]
     return [*ips, loopback]
+
+
+def expand_wildcards(bound: Sequence[Multiaddr]) -> list[Multiaddr]:
+    """Bound TCP addresses, each wildcard IP replaced by this machine's IPs of its family."""
+    addrs: list[Multiaddr] = []
+    for each in bound:
+        family, ip, port = tcp_parts(each)
+        ips = interface_ips(family) if is_wildcard(ip) else [ip]
+        addrs.extend(Multiaddr(f"/{family}/{one}/tcp/{port}") for one in ips)
+    return addrs
 
 
 def libp2p_key_pair(identity: Identity) -> KeyPair:

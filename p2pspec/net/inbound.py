@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from libp2p.abc import IRawConnection
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee, IRawConnection
 from libp2p.io.abc import ReadWriteCloser
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
@@ -30,9 +30,32 @@ from multiaddr import Multiaddr
 
 from p2pspec.core.admission import Admission, Limits, Ticket
 
-__all__ = ["AdmittedStream", "GatedTCP", "NoAutoConnect", "connection_config"]
+__all__ = [
+    "AdmittedStream",
+    "ConnectionNotifee",
+    "GatedTCP",
+    "NoAutoConnect",
+    "connection_config",
+    "gater_allows",
+]
 
 Handler = Callable[[ReadWriteCloser], Awaitable[None]]
+
+
+def gater_allows(gater: Callable[[str], bool], peer_id: str, log: Any) -> bool:
+    """The connection gater's answer about `peer_id`; a gater that raises refuses (it
+    fails closed, and never crashes the host)."""
+    try:
+        return bool(gater(peer_id))
+    except Exception as error:
+        log.error(
+            "connection_gater_failed",
+            peer_id=peer_id,
+            error_type=type(error).__name__,
+            error=str(error),
+            exc_info=True,
+        )
+        return False
 
 
 def connection_config(limits: Limits) -> ConnectionConfig:
@@ -151,3 +174,29 @@ def _remote(stream: ReadWriteCloser) -> tuple[str, int] | None:
     except (AttributeError, OSError):
         return None
     return str(name[0]), int(name[1])
+
+
+class ConnectionNotifee(INotifee):
+    """Calls `on_connected(conn)` for every new connection, inbound and outbound (the
+    node's connection gater); ignores every other network event."""
+
+    def __init__(self, on_connected: Callable[[INetConn], Awaitable[None]]) -> None:
+        self._on_connected = on_connected
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        await self._on_connected(conn)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        return None
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None

@@ -9,7 +9,8 @@ stream, so only the wire below a stream is replaced: no TCP, Noise, yamux or mul
 A `MemoryNetwork` joins the nodes made from it. Each pair of peers has a one-way delay
 (`set_delay`: every write is read that much later, in order; opening a stream costs a
 round trip, as multistream's does, unless `lazy`), and a link can be `cut` (what is
-written is held, opens to the other side time out) and `heal`ed (what was held arrives).
+written is held, opens to the other side time out) and `heal`ed (what was held arrives);
+`freeze` cuts every link of one peer (a stopped process) and `thaw` undoes it.
 A node's run ending is its process dying: every stream it holds is reset, and dials to it
 are refused at once, as a closed port refuses them.
 
@@ -32,11 +33,10 @@ from p2pspec.core.errors import (
     InvalidMultiaddrError,
     PeerUnreachableError,
     ProtocolNotSupportedError,
-    StreamResetError,
 )
 from p2pspec.crypto import Identity
 from p2pspec.net.addrs import parse_multiaddr, split_p2p
-from p2pspec.net.streams import NodeStream, StreamHandler
+from p2pspec.net.streams import NodeStream, StreamHandler, serve_contained
 
 __all__ = ["MemoryNetwork", "MemoryNode"]
 
@@ -63,7 +63,7 @@ class _Pipe:
 
     def due(self) -> float:
         """When the first chunk may be read (inf while the link is cut)."""
-        if self.link in self.network.cuts:
+        if self.network.held(self.link):
             return math.inf
         return self.chunks[0][0]
 
@@ -147,6 +147,7 @@ class MemoryNetwork:
         self.running: dict[str, MemoryNode] = {}
         self.delays: dict[frozenset[str], float] = {}
         self.cuts: set[frozenset[str]] = set()
+        self.frozen: set[str] = set()
         self._pipes: list[_Pipe] = []
 
     def node(
@@ -169,6 +170,23 @@ class MemoryNetwork:
     def heal(self, a: str, b: str) -> None:
         """Undo `cut`: what was held is delivered."""
         self.cuts.discard(frozenset((a, b)))
+        self._wake_all()
+
+    def freeze(self, peer_id: str) -> None:
+        """Cut every link of one peer, as a stopped (SIGSTOP) process: its connections
+        stay open and carry nothing."""
+        self.frozen.add(peer_id)
+
+    def thaw(self, peer_id: str) -> None:
+        """Undo `freeze`."""
+        self.frozen.discard(peer_id)
+        self._wake_all()
+
+    def held(self, link: frozenset[str]) -> bool:
+        """Whether the link between these two peers carries nothing now."""
+        return link in self.cuts or not link.isdisjoint(self.frozen)
+
+    def _wake_all(self) -> None:
         for pipe in self._pipes:
             pipe.wake()
 
@@ -246,7 +264,7 @@ class MemoryNode:
         link = frozenset((self._peer_id, target))
         delay = self._network.delays.get(link, 0.0)
         with trio.move_on_after(timeout_s):
-            if link in self._network.cuts:
+            if self._network.held(link):
                 await trio.sleep_forever()  # the dial's packets are dropped
             await trio.sleep(2 * delay)  # the connection's handshake
             remote = self._network.running.get(target)
@@ -284,21 +302,9 @@ class MemoryNode:
     async def _serve_stream(
         self, net_stream: _MemoryNetStream, protocol_id: str, handler: StreamHandler
     ) -> None:
-        """As Node's: a handler's failure is logged and its stream reset, never raised."""
         stream = NodeStream(net_stream, max_frame_bytes=self._max_frame_bytes)  # type: ignore[arg-type]
+        log = self._log.bind(protocol=protocol_id, peer_id=stream.remote_peer_id)
         try:
-            await handler(stream)
-        except Exception as error:  # trio.Cancelled is a BaseException: it goes through
-            self._log.warning(
-                "stream_handler_failed",
-                protocol=protocol_id,
-                peer_id=stream.remote_peer_id,
-                error_type=type(error).__name__,
-                error=str(error),
-                exc_info=not isinstance(error, framing.FrameError | StreamResetError),
-            )
-            await stream.reset()
-        else:
-            await stream.close()
+            await serve_contained(stream, handler, log)
         finally:
             self._streams.discard(net_stream)

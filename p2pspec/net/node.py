@@ -1,5 +1,5 @@
-"""The libp2p adapter (with streams.py, addrs.py, inbound.py and members.py, the only
-modules of p2pspec that import libp2p).
+"""The libp2p adapter (with dial.py, streams.py, addrs.py, inbound.py and members.py, the
+only modules of p2pspec that import libp2p; memory.py stands in for it in tests).
 
 A `Node` owns a py-libp2p host (TCP + Noise + yamux, nothing else) for the length of
 `Node.run`, and gives the rest of p2pspec a small surface: framed streams (`NodeStream`),
@@ -12,7 +12,7 @@ one place:
 - `stream.read(n)` is a short read: `NodeStream` speaks only whole frames (framing.py);
 - the default security options accept plaintext and secio: we pass Noise only;
 - dials can hang for about 120 s whatever libp2p's own dial timeout says: every dial
-  here runs under `trio.fail_after`;
+  runs under `trio.fail_after` (dial.py);
 - a failed dial blocks the peer for 60 s: an explicit `connect` lifts that block first;
 - a listen failure (address in use) is not raised by py-libp2p: `run` checks for it;
 - the remote identity is the connection's authenticated peer id
@@ -35,29 +35,25 @@ from typing import BinaryIO
 import structlog
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.identity.identify import identify as libp2p_identify
 from libp2p.network.swarm import Swarm
-from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer import muxer_multistream as libp2p_muxer_multistream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.utils import encode_delim
 from multiaddr import Multiaddr
 
 from p2pspec import __version__
-from p2pspec.core import framing, wire
+from p2pspec.core import framing
 from p2pspec.core.admission import Admission, Limits, StreamQuota
 from p2pspec.core.errors import InvalidMultiaddrError as InvalidMultiaddrError
 from p2pspec.core.errors import ListenError as ListenError
-from p2pspec.core.errors import P2PSpecError
 from p2pspec.core.errors import PeerRefusedError as PeerRefusedError
 from p2pspec.core.errors import PeerUnreachableError as PeerUnreachableError
 from p2pspec.core.errors import ProtocolNotSupportedError as ProtocolNotSupportedError
@@ -65,19 +61,30 @@ from p2pspec.core.errors import StreamResetError as StreamResetError
 from p2pspec.crypto import Identity
 from p2pspec.net.addrs import (
     check_announce_address,
-    interface_ips,
-    is_wildcard,
+    dialable_tcp_address,
+    expand_wildcards,
     libp2p_key_pair,
     parse_multiaddr,
     parse_peer_id,
-    split_p2p,
     tcp_parts,
-    unsupported_protocol,
-    usable,
 )
-from p2pspec.net.inbound import GatedTCP, NoAutoConnect, connection_config
+from p2pspec.net.dial import Dialer
+from p2pspec.net.inbound import (
+    ConnectionNotifee,
+    GatedTCP,
+    NoAutoConnect,
+    connection_config,
+    gater_allows,
+)
 from p2pspec.net.members import PrivateMesh
-from p2pspec.net.streams import DEFAULT_CLOSE_TIMEOUT_S, NodeStream, StreamHandler, UntornYamux
+from p2pspec.net.streams import (
+    DEFAULT_CLOSE_TIMEOUT_S,
+    NodeStream,
+    StreamHandler,
+    UntornYamux,
+    refuse_over_quota,
+    serve_contained,
+)
 
 __all__ = [
     "AGENT_VERSION",
@@ -105,31 +112,6 @@ ConnectionGater = Callable[[str], bool]
 
 
 # -- the node -----------------------------------------------------------------------------
-
-
-class _GaterNotifee(INotifee):
-    """Runs the connection gater on every new connection, inbound and outbound."""
-
-    def __init__(self, node: Node) -> None:
-        self._node = node
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        await self._node._gate_connection(conn)
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        return None
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
-
-    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
-        return None
 
 
 class Node:
@@ -214,7 +196,7 @@ class Node:
         network = self._host.get_network()
         assert isinstance(network, Swarm)  # what new_host builds
         network.auto_connector = NoAutoConnect(network)
-        network.register_notifee(_GaterNotifee(self))
+        network.register_notifee(ConnectionNotifee(self._gate_connection))
         self._mesh = (
             None
             if network_key is None
@@ -225,6 +207,13 @@ class Node:
                 disconnect=self.disconnect,
                 log=self._log,
             )
+        )
+        self._dialer = Dialer(
+            self._host,
+            peer_id=self._peer_id,
+            allows=self._gater_allows,
+            mesh=self._mesh,
+            close_connection=self._close_connection,
         )
 
     @staticmethod
@@ -244,16 +233,10 @@ class Node:
     def _on_discovered(self, info: PeerInfo) -> None:
         """py-libp2p's mDNS found a peer (called from zeroconf's thread, for every node of
         the process): remember its first TCP address, on the node's own trio thread."""
-        peer_id = str(info.peer_id)
-        tcp = [
-            str(a)
-            for a in info.addrs
-            if "tcp" in (names := {p.name for p in a.protocols()}) and "p2p" not in names
-        ]
+        peer_id, address = str(info.peer_id), dialable_tcp_address(info)
         token = self._trio_token
-        if peer_id == self._peer_id or not tcp or token is None or not self._listening:
+        if peer_id == self._peer_id or address is None or token is None or not self._listening:
             return
-        address = f"{tcp[0]}/p2p/{peer_id}"
         with contextlib.suppress(trio.RunFinishedError):  # the node's run has ended
             token.run_sync_soon(self.discovered.__setitem__, peer_id, address)
 
@@ -331,12 +314,7 @@ class Node:
         host: IHost | None = getattr(self, "_host", None)
         if host is None:
             return []
-        addrs: list[Multiaddr] = []
-        for bound in host.get_transport_addrs():
-            family, ip, port = tcp_parts(bound)
-            ips = interface_ips(family) if is_wildcard(ip) else [ip]
-            addrs.extend(Multiaddr(f"/{family}/{each}/tcp/{port}") for each in ips)
-        return addrs
+        return expand_wildcards(host.get_transport_addrs())
 
     def listen_addrs(self) -> list[str]:
         """Full dialable multiaddrs of this node: real IP, bound port, /p2p/<peer id>."""
@@ -347,19 +325,7 @@ class Node:
     # -- gating -----------------------------------------------------------------------
 
     def _gater_allows(self, peer_id: str) -> bool:
-        if self._gater is None:
-            return True
-        try:
-            return bool(self._gater(peer_id))
-        except Exception as error:  # a broken gater must fail closed, not crash the host
-            self._log.error(
-                "connection_gater_failed",
-                peer_id=peer_id,
-                error_type=type(error).__name__,
-                error=str(error),
-                exc_info=True,
-            )
-            return False
+        return self._gater is None or gater_allows(self._gater, peer_id, self._log)
 
     def _log_refusals(self) -> None:
         for r in self.admission.refusals.due():
@@ -412,58 +378,29 @@ class Node:
     async def _serve_stream(
         self, net_stream: INetStream, protocol_id: str, handler: StreamHandler
     ) -> None:
-        log = self._log.bind(protocol=protocol_id)
-        stream: NodeStream | None = None
-        try:
-            stream = NodeStream(
-                net_stream, max_frame_bytes=self._max_frame_bytes, capture=self._capture
-            )
-            log = log.bind(peer_id=stream.remote_peer_id)
-            if not self._gater_allows(stream.remote_peer_id):
+        stream = NodeStream(
+            net_stream, max_frame_bytes=self._max_frame_bytes, capture=self._capture
+        )
+        peer = stream.remote_peer_id
+        log = self._log.bind(protocol=protocol_id, peer_id=peer)
+
+        async def admitted(stream: NodeStream) -> None:
+            if not self._gater_allows(peer):
                 log.warning("stream_refused")
                 await stream.reset()
-                return
-            if self._mesh is not None and not self._mesh.admits(stream.remote_peer_id):
+            elif self._mesh is not None and not self._mesh.admits(peer):
                 log.warning("private_mesh_refused_peer", reason="no membership proof")
                 await self._mesh.refuse(stream)
-                return
-            peer = stream.remote_peer_id
-            refused = self.streams.open(peer, protocol_id)
-            if refused is not None:
+            elif (refused := self.streams.open(peer, protocol_id)) is not None:
                 self._log_refusals()
-                await self._refuse_stream(stream, refused)
-                return
-            try:
-                await handler(stream)
-            finally:
-                self.streams.closed(peer)
-        except Exception as error:  # trio.Cancelled is a BaseException: it goes through
-            expected = isinstance(error, framing.FrameError | StreamResetError)
-            log.warning(
-                "stream_handler_failed",
-                error_type=type(error).__name__,
-                error=str(error),
-                exc_info=not expected,
-            )
-            if stream is not None:
-                await stream.reset()
+                await refuse_over_quota(stream, refused, self.limits)
             else:
-                with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
-                    await net_stream.reset()
-        else:
-            await stream.close()
+                try:
+                    await handler(stream)
+                finally:
+                    self.streams.closed(peer)
 
-    async def _refuse_stream(self, stream: NodeStream, code: str) -> None:
-        """Tell a peer over its stream quota why its stream ends here."""
-        what = {
-            "too_many_streams": f"at most {self.limits.max_streams_per_peer} streams open at once",
-            "rate_limited": f"at most {self.limits.streams_per_s:g} new streams a second",
-        }[code]
-        refusal = wire.ErrorMessage(code=code, message=f"this peer takes {what} from one peer")
-        with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
-            with contextlib.suppress(P2PSpecError):  # it went away: nothing to tell
-                await stream.write_frame(wire.encode(refusal))
-        await stream.close()
+        await serve_contained(stream, admitted, log)
 
     # -- outbound ---------------------------------------------------------------------
 
@@ -472,56 +409,7 @@ class Node:
         already connected; return its peer id. PeerUnreachableError if that does not
         succeed within `timeout_s` seconds."""
         self._require_running()
-        transport, peer_id = split_p2p(parse_multiaddr(multiaddr))
-        if peer_id is None:
-            raise InvalidMultiaddrError(f"{multiaddr} must end in /p2p/<peer id>")
-        tcp_parts(transport)
-        libp2p_peer_id = parse_peer_id(peer_id)
-        try:
-            with trio.fail_after(timeout_s):
-                await self._connect(libp2p_peer_id, transport)
-        except trio.TooSlowError:
-            raise PeerUnreachableError(
-                f"no connection to {multiaddr} within {timeout_s} s"
-            ) from None
-        return peer_id
-
-    async def _connect(self, peer_id: ID, transport: Multiaddr, *, fresh: bool = False) -> bool:
-        """Connect unless connected already (`fresh`: dial anew whatever connections there
-        are, dropping them); whether a new connection was made."""
-        if str(peer_id) == self.peer_id:
-            raise PeerUnreachableError("refusing to dial ourselves")
-        if not self._gater_allows(str(peer_id)):
-            raise PeerRefusedError(f"the connection gater refuses {peer_id}")
-        network = self._host.get_network()
-        connections = network.get_connections(peer_id)
-        if not fresh and any(usable(conn) for conn in connections):
-            if self._mesh is not None and not self._mesh.admits(str(peer_id)):
-                await self._mesh.prove(peer_id)
-            return False
-        # A connection that is failing or was just closed by the peer stays listed (and
-        # would be handed out again by libp2p's dial) until its teardown finishes, about
-        # 0.1 s later: close it now so that this dial makes a fresh one.
-        for conn in connections:
-            await self._close_connection(conn)
-        # An explicit dial means "try now": lift libp2p's 60 s block after a failure,
-        # or a peer that restarted could not be reached again for a minute.
-        unblock: Callable[[ID], None] | None = getattr(network, "unblock_peer", None)
-        if unblock is not None:
-            unblock(peer_id)
-        # libp2p dials one address per transport kind, the first its peerstore lists:
-        # the address of a former life of this peer (a restart on a new port) would be
-        # dialled instead of this one, and fail, forever.
-        self._host.get_peerstore().clear_addrs(peer_id)
-        try:
-            await self._host.connect(PeerInfo(peer_id, [transport]))
-        except (BaseLibp2pError, OSError) as error:
-            raise PeerUnreachableError(
-                f"cannot connect to {peer_id} at {transport}: {error}"
-            ) from error
-        if self._mesh is not None:
-            await self._mesh.prove(peer_id)
-        return True
+        return await self._dialer.connect(multiaddr, timeout_s=timeout_s)
 
     async def open_stream(
         self, peer: str, protocol_id: str, *, timeout_s: float, lazy: bool = False
@@ -540,73 +428,15 @@ class Node:
         ProtocolNotSupportedError then. For streams whose opener speaks first.
         """
         self._require_running()
-        if peer.startswith("/"):
-            transport, peer_id_text = split_p2p(parse_multiaddr(peer))
-            if peer_id_text is None:
-                raise InvalidMultiaddrError(f"{peer} must end in /p2p/<peer id>")
-            tcp_parts(transport)
-            target: Multiaddr | None = transport
-        else:
-            peer_id_text, target = peer, None
-        peer_id = parse_peer_id(peer_id_text)
-        if not self._gater_allows(peer_id_text):
-            raise PeerRefusedError(f"the connection gater refuses {peer_id_text}")
-        try:
-            with trio.fail_after(timeout_s):
-                if target is None:
-                    if self._mesh is not None and not self._mesh.admits(peer_id_text):
-                        await self._mesh.prove(peer_id)
-                    net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
-                elif await self._connect(peer_id, target):
-                    net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
-                else:
-                    try:
-                        net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
-                    except (BaseLibp2pError, OSError) as error:
-                        if unsupported_protocol(error):
-                            raise
-                        # The connection reused was dead though not yet seen closed (its
-                        # peer stopped, or restarted elsewhere): drop it and dial, once.
-                        await self._connect(peer_id, target, fresh=True)
-                        net_stream = await self._new_stream(peer_id, TProtocol(protocol_id), lazy)
-        except trio.TooSlowError:
-            raise PeerUnreachableError(
-                f"no {protocol_id} stream to {peer} within {timeout_s} s"
-            ) from None
-        except (BaseLibp2pError, OSError) as error:
-            if unsupported_protocol(error):
-                raise ProtocolNotSupportedError(
-                    f"{peer_id_text} does not serve {protocol_id}"
-                ) from error
-            raise PeerUnreachableError(
-                f"cannot open a {protocol_id} stream to {peer}: {error}"
-            ) from error
+        net_stream = await self._dialer.open_stream(
+            peer, protocol_id, timeout_s=timeout_s, lazy=lazy
+        )
         return NodeStream(
             net_stream,
             max_frame_bytes=self._max_frame_bytes,
             capture=self._capture,
             unconfirmed=lazy,
         )
-
-    async def _new_stream(self, peer_id: ID, protocol_id: TProtocol, lazy: bool) -> INetStream:
-        if lazy:
-            return await self._propose(peer_id, protocol_id)
-        return await self._host.new_stream(peer_id, [protocol_id])
-
-    async def _propose(self, peer_id: ID, protocol_id: TProtocol) -> INetStream:
-        """A new stream on which multistream's handshake and `protocol_id` are written,
-        not yet answered (go-libp2p's lazy negotiation); NodeStream checks the answers."""
-        net_stream = await self._host.get_network().new_stream(peer_id)
-        try:
-            await net_stream.write(
-                encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol_id.encode())
-            )
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await net_stream.reset()
-            raise
-        net_stream.set_protocol(protocol_id)
-        return net_stream
 
     def connected_peers(self) -> list[str]:
         """Peer ids we hold a connection to right now."""

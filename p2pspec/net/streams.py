@@ -7,9 +7,10 @@ adapter (node.py)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import structlog
 import trio
@@ -21,9 +22,11 @@ from libp2p.protocol_muxer.multiselect_client import MULTISELECT_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.utils import read_delim
 
-from p2pspec.core import framing
+from p2pspec.core import framing, wire
+from p2pspec.core.admission import Limits
 from p2pspec.core.errors import InvalidMultiaddrError as InvalidMultiaddrError
 from p2pspec.core.errors import ListenError as ListenError
+from p2pspec.core.errors import P2PSpecError
 from p2pspec.core.errors import PeerRefusedError as PeerRefusedError
 from p2pspec.core.errors import PeerUnreachableError as PeerUnreachableError
 from p2pspec.core.errors import ProtocolNotSupportedError as ProtocolNotSupportedError
@@ -267,6 +270,40 @@ class NodeStream:
 
 
 StreamHandler = Callable[[NodeStream], Awaitable[None]]
+
+
+async def refuse_over_quota(stream: NodeStream, code: str, limits: Limits) -> None:
+    """Tell a peer over its stream quota (admission.StreamQuota's `code`) why its stream
+    ends here, then close it."""
+    what = {
+        "too_many_streams": f"at most {limits.max_streams_per_peer} streams open at once",
+        "rate_limited": f"at most {limits.streams_per_s:g} new streams a second",
+    }[code]
+    refusal = wire.ErrorMessage(code=code, message=f"this peer takes {what} from one peer")
+    with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S):
+        with contextlib.suppress(P2PSpecError):  # it went away: nothing to tell
+            await stream.write_frame(wire.encode(refusal))
+    await stream.close()
+
+
+async def serve_contained(stream: NodeStream, handler: StreamHandler, log: Any) -> None:
+    """Run `handler(stream)`, then close the stream. Whatever the handler raises (except
+    cancellation) is logged as `stream_handler_failed` and the stream reset instead: a
+    peer's bad stream never reaches the host (an exception escaping a libp2p stream
+    handler kills py-libp2p's host)."""
+    try:
+        await handler(stream)
+    except Exception as error:  # trio.Cancelled is a BaseException: it goes through
+        expected = isinstance(error, framing.FrameError | StreamResetError)
+        log.warning(
+            "stream_handler_failed",
+            error_type=type(error).__name__,
+            error=str(error),
+            exc_info=not expected,
+        )
+        await stream.reset()
+    else:
+        await stream.close()
 
 
 class Transport(Protocol):
