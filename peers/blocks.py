@@ -30,7 +30,7 @@ from p2pspec.core.speculative import SparseDistribution
 from p2pspec.peers.session import MAX_ADAPTIVE_DRAFT, SessionState
 
 if TYPE_CHECKING:
-    from p2pspec.peers.drafter import DraftWorker
+    from p2pspec.peers.workers import DraftWorker
 
 __all__ = ["DraftBlock", "Drafting", "choose", "draft_block", "q_to_wire", "unsure"]
 

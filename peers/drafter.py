@@ -6,8 +6,8 @@ runs draft / verify rounds; committed tokens stream back to the client as `Token
 as soon as each verdict commits them. A client that cancels (`CancelSession`, or a closed
 stream) ends the session here and on the verifier at once.
 
-Here: the DraftWorker (the actor running the drafter model) and the DrafterService, which
-admits sessions, places each on a verifier and fails over (core/failover.py). A session's
+Here: the DrafterService, which admits sessions, places each on a verifier and fails over
+(core/failover.py); its model runs in the DraftWorker (peers/workers.py). A session's
 state is peers/session.py; its rounds, peers/rounds.py (blocks: peers/blocks.py, audits:
 peers/audit.py).
 """
@@ -15,23 +15,20 @@ peers/audit.py).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import structlog
 import trio
 
 from p2pspec.core import wire
 from p2pspec.core.config import PeerConfig
-from p2pspec.core.errors import DraftFailedError as DraftFailedError
-from p2pspec.core.errors import UserError
+from p2pspec.core.errors import DraftFailedError, UserError
 from p2pspec.core.failover import Failover, Refuse
 from p2pspec.core.policy import ConfidenceCalibration
 from p2pspec.core.speculative import SamplingParams
 from p2pspec.crypto import Identity
 from p2pspec.engines import Engine
-from p2pspec.engines.decoding import Draft, Drafter
 from p2pspec.engines.local import sampling_params, validate_request
-from p2pspec.net.actors import Mailbox, Reply, offload, supervise
+from p2pspec.net.actors import supervise
 from p2pspec.net.channel import (
     Channel,
     ChannelError,
@@ -49,74 +46,13 @@ from p2pspec.peers.session import (
     VerifierUnreachableError,
     close_verify,
 )
+from p2pspec.peers.workers import DraftWorker
 from p2pspec.runtime.scheduler import Scheduler
 
 log = structlog.get_logger("p2pspec.drafter")
 
 # Opens a verify stream to a peer (given its record) and returns a channel and its closer.
 OpenChannel = Callable[[wire.PeerRecord], Awaitable[tuple[Channel, Callable[[], Awaitable[None]]]]]
-
-
-@dataclass
-class _DraftJob:
-    drafter: Drafter
-    committed: list[int]
-    k: int
-    stop: Callable[[], bool] | None = None  # Drafter.propose's
-    enough: Callable[[list[float]], bool] | None = None  # Drafter.propose's
-    reply: Reply[Draft] = field(default_factory=Reply)
-    abandoned: bool = False  # the session left before the worker got to it
-
-
-class DraftWorker:
-    """The actor that runs this peer's drafter model: takes the draft jobs of its sessions
-    from a bounded mailbox (one job per session at most) and runs them one at a time in a
-    worker thread. A job that fails fails its own session with DraftFailedError; the
-    worker goes on with the next."""
-
-    def __init__(self, compute: trio.Lock, *, mailbox: int) -> None:
-        self.compute = compute
-        self.mailbox: Mailbox[_DraftJob] = Mailbox(mailbox)
-        self.drafts = 0
-
-    async def propose(
-        self,
-        drafter: Drafter,
-        committed: list[int],
-        k: int,
-        stop: Callable[[], bool] | None = None,
-        enough: Callable[[list[float]], bool] | None = None,
-    ) -> Draft:
-        job = _DraftJob(drafter, committed, k, stop, enough)
-        try:
-            await self.mailbox.send(job)
-            return await job.reply.wait()
-        finally:
-            job.abandoned = True
-
-    async def run(self) -> None:
-        while True:
-            job = await self.mailbox.receive()
-            if job.abandoned:
-                continue
-            try:
-                async with self.compute:
-                    if job.abandoned:  # its session left while the job waited for the lock
-                        continue
-                    draft = await offload(
-                        job.drafter.propose, job.committed, job.k, job.stop, job.enough
-                    )
-            except Exception as e:  # supervision: fail this job's session, keep serving
-                log.exception("draft_failed", k=job.k)
-                job.reply.answer(DraftFailedError(f"the drafter failed on this draft: {e!r}"))
-                continue
-            self.drafts += 1
-            job.reply.answer(draft)
-
-    async def release(self, drafter: Drafter) -> None:
-        """Close a session's drafter (its KV cache), never while a job drafts on it."""
-        async with self.compute:
-            drafter.close()
 
 
 class DrafterService:

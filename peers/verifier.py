@@ -12,7 +12,6 @@ never the peer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,13 +21,12 @@ import trio
 from p2pspec.core import wire
 from p2pspec.core.config import PeerConfig
 from p2pspec.core.drafttree import verifies
-from p2pspec.core.errors import BatchFailedError as BatchFailedError
-from p2pspec.core.errors import UserError
-from p2pspec.core.speculative import SamplingParams, SparseDistribution, Verdict
+from p2pspec.core.errors import BatchFailedError, UserError
+from p2pspec.core.speculative import SamplingParams, SparseDistribution
 from p2pspec.core.verdicts import sign_verdict
 from p2pspec.crypto.identity import Identity
 from p2pspec.engines import Engine
-from p2pspec.engines.decoding import SOLO, Draft, Verifier, verify_batch
+from p2pspec.engines.decoding import SOLO, Draft, Verifier
 from p2pspec.net.actors import offload, supervise
 from p2pspec.net.channel import (
     Channel,
@@ -37,6 +35,7 @@ from p2pspec.net.channel import (
     ProtocolError,
     receive_opening,
 )
+from p2pspec.peers.workers import VerifierWorker
 from p2pspec.runtime import metrics
 
 log = structlog.get_logger("p2pspec.verifier")
@@ -54,95 +53,6 @@ def q_from_wire(q: wire.SparseQ, vocab_size: int) -> SparseDistribution:
     )
     dist.validate(vocab_size)
     return dist
-
-
-@dataclass
-class _Job:
-    verifier: Verifier
-    committed: list[int]
-    draft: Draft
-    reply: trio.MemorySendChannel[tuple[Verdict | ValueError, int]]
-    abandoned: bool = False  # its session gave up waiting (ended, cancelled)
-
-
-class VerifierWorker:
-    """The actor that runs this peer's model: gathers the verify requests of concurrent
-    sessions from its bounded mailbox and runs them as one batched forward pass.
-
-    After the first request arrives it waits at most `max_wait_s` for others (or until
-    `max_batch`), so a lone session pays at most that much extra latency. Outputs equal
-    verifying each session alone (float32; see p2pspec/engines/batching.py).
-    """
-
-    def __init__(
-        self,
-        compute: trio.Lock,
-        *,
-        max_batch: int,
-        max_wait_s: float,
-        mailbox: int,
-        active: Callable[[], int] = lambda: 1 << 30,
-    ) -> None:
-        self.compute = compute
-        self.active = active  # sessions open now: no point waiting for more requests than that
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
-        self._inbox, self._mailbox = trio.open_memory_channel[_Job](mailbox)
-        self.batches = 0
-        self.requests = 0
-
-    def statistics(self) -> dict[str, float]:
-        return {
-            "batches": self.batches,
-            "requests": self.requests,
-            "mean_batch": self.requests / self.batches if self.batches else 0.0,
-            "queued": self._mailbox.statistics().current_buffer_used,
-        }
-
-    async def verify(
-        self, verifier: Verifier, committed: list[int], draft: Draft
-    ) -> tuple[Verdict, int]:
-        """Queue one session's request (waits while the mailbox is full); its verdict and
-        the size of the batch it was verified in."""
-        reply_in, reply_out = trio.open_memory_channel[tuple[Verdict | ValueError, int]](1)
-        job = _Job(verifier, committed, draft, reply_in)
-        try:
-            await self._inbox.send(job)
-            result, batch_size = await reply_out.receive()
-        finally:
-            job.abandoned = True
-        if isinstance(result, ValueError):
-            raise result
-        return result, batch_size
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        async for job in self._mailbox:
-            batch = [job]
-            target = min(self.max_batch, self.active())
-            with trio.move_on_after(self.max_wait_s):
-                while len(batch) < target:
-                    batch.append(await self._mailbox.receive())
-            try:
-                async with self.compute:
-                    # A session that left meanwhile has closed (or is closing) its sequence.
-                    batch = [j for j in batch if not j.abandoned]
-                    if not batch:
-                        continue
-                    results = await offload(self._run_batch, batch)
-            except Exception as e:  # supervision: fail this batch's sessions, keep serving
-                log.exception("verify_batch_failed", sessions=len(batch))
-                results = [BatchFailedError(f"the verifier failed on this batch: {e!r}")] * len(
-                    batch
-                )
-            self.batches += 1
-            self.requests += len(batch)
-            for each, result in zip(batch, results, strict=True):
-                each.reply.send_nowait((result, len(batch)))
-
-    def _run_batch(self, batch: list[_Job]) -> list[Verdict | ValueError]:
-        """One forward pass for the whole batch (engine.verify_batch)."""
-        return verify_batch([(j.verifier, j.committed, j.draft) for j in batch])
 
 
 class VerifierService:

@@ -14,13 +14,15 @@ from support import model
 
 from p2pspec.core import wire
 from p2pspec.core.config import PeerConfig
+from p2pspec.core.errors import DraftFailedError
 from p2pspec.core.speculative import SamplingParams
 from p2pspec.core.wire import PeerRecord
 from p2pspec.crypto import Identity
 from p2pspec.engines.decoding import Draft, Drafter
 from p2pspec.net.actors import supervise
 from p2pspec.net.channel import Channel, RemoteError, TrioByteStream
-from p2pspec.peers.drafter import DrafterService, DraftFailedError, DraftWorker
+from p2pspec.peers.drafter import DrafterService
+from p2pspec.peers.workers import DraftWorker
 from p2pspec.runtime.scheduler import Scheduler
 
 TOK = "tok"

@@ -6,9 +6,10 @@ import pytest
 import trio
 from support import model
 
+from p2pspec.core.errors import BatchFailedError
 from p2pspec.core.speculative import SamplingParams
 from p2pspec.engines.decoding import Draft, Verifier
-from p2pspec.peers.verifier import BatchFailedError, VerifierWorker
+from p2pspec.peers.workers import VerifierWorker
 
 TARGET = "tiny-random:11"
 
