@@ -8,7 +8,8 @@ process) run on core 1 too, the user's side. On the same prompts, taking turns p
 prompt (the order rotates, so slow drifts of a shared machine fall on every row alike):
 
 * plain: greedy decoding of the verifier's GGUF with llama-cpp-python directly (its
-  `Llama` class, not p2pspec), token by token, in a child process pinned to core 0: in
+  `Llama` class, not p2pspec), token by token, in a child process pinned to core 0
+  (tools/plain.py): in
   p2pspec's lossless settings, in llama.cpp's fastest (its defaults), and the fastest on
   both cores (what the whole machine gives one user);
 * the mesh on llama.cpp: adaptive k (the client's default), k = 0 (the verifier decoding
@@ -31,11 +32,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +47,7 @@ from p2pspec.runtime.client import Client
 from p2pspec.tools.bench_batching import BATCH_PROMPTS
 from p2pspec.tools.bench_wan import _summarise
 from p2pspec.tools.launch import Link, PeerProcess, start_peer, start_peer_behind_proxy, stop_all
+from p2pspec.tools.plain import Plain
 from p2pspec.tools.report import write_table
 
 VERIFIER = "qwen2.5-coder-1.5b-instruct"
@@ -68,125 +69,6 @@ PROMPTS = [
 ]
 RTTS_MS = [10, 40, 100]
 PEER = ["--threads", "1", "--capacity", "2"]
-
-
-# -- plain decoding, in a child process pinned to one core -------------------------------
-
-
-Decoder = Callable[[list[int]], Iterator[int]]  # prompt ids -> its greedy tokens, as made
-
-
-def _plain_llama(path: str, settings: str, threads: int) -> Decoder:
-    os.environ["GGML_CPU_TILED_MM"] = "0" if settings == "lossless" else "1"
-    import llama_cpp
-    import llama_cpp.llama_cpp as low
-
-    if settings == "lossless":  # p2pspec's LOSSLESS preset (engines/llama_lib.py)
-        defaults = low.llama_model_default_params
-
-        def no_repack() -> Any:
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
-
-        low.llama_model_default_params = no_repack
-    llm = llama_cpp.Llama(
-        model_path=path,
-        n_ctx=4096,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_ubatch=48 if settings == "lossless" else 512,
-        flash_attn=True,  # what p2pspec's "auto" picks on the CPU
-        verbose=False,
-    )
-
-    def decode(ids: list[int]) -> Iterator[int]:
-        # From an empty cache, as every mesh session starts: `Llama` would otherwise reuse
-        # the previous prompt's common prefix (the chat template's system prompt).
-        llm.reset()
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            yield int(token)
-
-    return decode
-
-
-def _plain_transformers(dtype: str, threads: int) -> Decoder:
-    import numpy as np
-
-    from p2pspec.engines import load_engine
-
-    engine = load_engine(VERIFIER, engine="transformers", dtype=dtype, threads=threads)
-
-    def decode(ids: list[int]) -> Iterator[int]:
-        sequence = engine.new_sequence()
-        try:
-            feed = ids
-            while True:
-                token = int(np.argmax(sequence.append(feed, rows=1)[-1]))
-                yield token
-                feed = [token]
-        finally:
-            sequence.close()
-
-    return decode
-
-
-def plain_worker(config: str, threads: int, path: str) -> None:
-    """A child: reads {"ids", "n", "eos"} lines, answers {"tokens", "seconds", "ttft_s"}
-    (greedy until n tokens or an end of sequence); prints "ready" once loaded."""
-    if config.startswith("llama.cpp"):
-        decode = _plain_llama(path, config.removeprefix("llama.cpp-"), threads)
-    else:
-        decode = _plain_transformers(config.removeprefix("transformers-"), threads)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        job = json.loads(line)
-        start = time.perf_counter()
-        tokens: list[int] = []
-        ttft = 0.0
-        for token in decode(job["ids"]):
-            ttft = ttft or time.perf_counter() - start
-            tokens.append(token)
-            if token in job["eos"] or len(tokens) == job["n"]:
-                break
-        seconds = time.perf_counter() - start
-        print(json.dumps({"tokens": tokens, "seconds": seconds, "ttft_s": ttft}), flush=True)
-
-
-@dataclass
-class Plain:
-    """A plain-decoding child process."""
-
-    name: str
-    process: subprocess.Popen[str]
-
-    @classmethod
-    def start(cls, name: str, config: str, cores: str, threads: int, path: str) -> Plain:
-        cmd = ["taskset", "-c", cores, sys.executable, "-m", "p2pspec.tools.bench_engines"]
-        cmd += ["--plain", config, "--threads", str(threads), "--gguf", path]
-        process = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
-        )
-        assert process.stdout is not None
-        if process.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"plain decoder {name} did not start")
-        return cls(name, process)
-
-    def decode(self, ids: list[int], n: int, eos: list[int]) -> dict[str, Any]:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps({"ids": ids, "n": n, "eos": eos}) + "\n")
-        answer: dict[str, Any] = json.loads(self.process.stdout.readline())
-        return answer
-
-    def peak_rss_mb(self) -> float | None:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return None
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
 
 
 # -- the rows ------------------------------------------------------------------------------
@@ -395,7 +277,7 @@ async def _transformers_part(bench: _Bench, prompts: list[str], drafter: PeerPro
         t = await bench.peer(f"t-{dtype}", "verifier", 0, args, bootstrap=[drafter.address],
                              ready_timeout_s=900)  # fmt: skip
         plain, mesh = f"transformers-{dtype}", f"mesh transformers {dtype}, adaptive k"
-        plains = {plain: Plain.start(dtype, plain, "0", 1, bench.path)}
+        plains = {plain: Plain.start(dtype, plain, "0", 1, VERIFIER)}
         await bench.turns(drafter.address, prompts, plains, {mesh: ("auto", True, t)}, plain)
         bench.rows[mesh].peers = {"verifier": t.peak_rss_mb(), "drafter": drafter.peak_rss_mb()}
         await stop_all([t])
@@ -528,13 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", default="docs/bench/engines.json")
     parser.add_argument("--markdown", default="docs/benchmarks.md")
-    parser.add_argument("--plain", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--gguf", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.plain:
-        plain_worker(args.plain, args.threads, args.gguf)
-        return
     logs.configure(level="warning")
     # The client and the emulated links run in this process: on the drafter's core (the
     # user's side), not beside the verifier, as on separate machines they would.
