@@ -67,9 +67,8 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(run)
-    except* OSError as group:  # from inside hypercorn's and the client's nurseries
-        why = first_error(group)
-        raise UserError(f"--listen {args.listen}: cannot serve there: {why}") from None
+    except* UserError as group:  # --listen at an address it cannot listen on
+        raise first_error(group) from None
     return 0
 
 

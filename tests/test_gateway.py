@@ -166,7 +166,7 @@ async def test_serve_on_a_taken_port_exits_2_naming_the_flag(
         done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
     err = done.stderr.decode()
     assert done.returncode == 2, err
-    assert f"--listen {listen}: cannot serve there" in err and "Traceback" not in err
+    assert f"--listen {listen}: cannot listen there" in err and "Traceback" not in err
 
 
 async def test_a_mesh_without_a_drafter_is_a_503(tmp_path: Path) -> None:

@@ -33,8 +33,6 @@ from typing import Any
 
 import msgspec
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -48,6 +46,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from p2pspec.runtime.client import Client, ClientError
+from p2pspec.runtime.http import serve_asgi
 from p2pspec.runtime.session import Chunk, Stream
 from p2pspec.runtime.status import mesh_status
 
@@ -366,10 +365,7 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined, unused-ignore]
 ) -> None:
     """Serve the gateway at `listen` (HOST:PORT; port 0: any free one) until cancelled;
-    `task_status.started` gets the bound URLs."""
-    config = Config()
-    config.bind = [listen]
-    config.accesslog = None
-    config.graceful_timeout = 1.0
+    `task_status.started` gets the bound URLs. UserError naming --listen where it
+    cannot listen."""
     asgi: Any = app(client, api_key=api_key)  # an ASGI app, which hypercorn's types miss
-    await hypercorn_serve(asgi, config, task_status=task_status)
+    await serve_asgi(asgi, listen, flag="--listen", task_status=task_status)

@@ -11,6 +11,7 @@ gateway is served), so a scrape reads the peer's state on the thread that change
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -21,11 +22,11 @@ from prometheus_client.registry import Collector
 
 from p2pspec.core.config import PeerConfig
 from p2pspec.core.directory import Directory
-from p2pspec.core.errors import UserError, first_error
 from p2pspec.net.addrs import host_and_port
 from p2pspec.net.channel import TRAFFIC
 from p2pspec.net.discovery import now_ms
 from p2pspec.net.prober import Prober
+from p2pspec.runtime.http import serve_asgi
 
 
 class Service(Protocol):
@@ -145,8 +146,6 @@ async def serve(
     cancelled; `task_status.started` gets the URL. UserError for an address that cannot
     be used."""
     # Imported here: a peer without --metrics never loads an HTTP server.
-    from hypercorn.config import Config
-    from hypercorn.trio import serve as hypercorn_serve
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
@@ -160,17 +159,11 @@ async def serve(
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     app: Any = Starlette(routes=[Route(path, scrape) for path in ("/", "/metrics")])
-    config = Config()
-    config.bind = [address]
-    config.accesslog = None
-    config.loglevel = "WARNING"  # not hypercorn's "Running on" line in the peer's log
-    config.graceful_timeout = 1.0
     try:
         async with trio.open_nursery() as nursery:
-            urls = await nursery.start(hypercorn_serve, app, config)
+            urls = await nursery.start(
+                functools.partial(serve_asgi, app, address, flag="--metrics")
+            )
             task_status.started(f"{urls[0]}/metrics")
-    except* OSError as group:  # from inside hypercorn's nursery and this one
-        why = first_error(group)
-        raise UserError(f"--metrics {address}: cannot listen there: {why}") from None
     finally:
         REGISTRY.unregister(collector)
