@@ -12,18 +12,17 @@ never the peer.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import structlog
 import trio
 
 from p2pspec.core import wire
 from p2pspec.core.config import PeerConfig
-from p2pspec.core.drafttree import verifies
 from p2pspec.core.errors import BatchFailedError, UserError
-from p2pspec.core.speculative import SamplingParams, SparseDistribution
+from p2pspec.core.speculative import SamplingParams
 from p2pspec.core.verdicts import sign_verdict
+from p2pspec.core.verifyround import Refuse, Skip, Verify, VerifySession, check_opening
 from p2pspec.crypto.identity import Identity
 from p2pspec.engines import Engine
 from p2pspec.engines.decoding import SOLO, Draft, Verifier
@@ -43,16 +42,6 @@ log = structlog.get_logger("p2pspec.verifier")
 # Verify requests a session may have queued (pipelined drafters send ahead, up to
 # policy.MAX_TREE_BLOCKS; the ones a verdict killed are skipped on arrival).
 MAILBOX_REQUESTS = 32
-
-
-def q_from_wire(q: wire.SparseQ, vocab_size: int) -> SparseDistribution:
-    """Decode a sparse q and check it (ids sorted, in range, probabilities positive)."""
-    dist = SparseDistribution(
-        token_ids=np.frombuffer(q.token_ids, dtype="<i4").astype(np.int64),
-        probs=np.frombuffer(q.probs, dtype="<f4").copy(),
-    )
-    dist.validate(vocab_size)
-    return dist
 
 
 class VerifierService:
@@ -170,24 +159,16 @@ class VerifierService:
             log.info("verify_session_closed", session=sid, peer=remote_peer_id, load=self.load)
 
     def _check_open(self, m: wire.VerifyOpen) -> tuple[str, str] | None:
-        if m.session_id in self.sessions:
-            return "duplicate_session", "a session with this id is already open here"
-        if self.load >= self.config.capacity_sessions:
-            return "overloaded", f"serving {self.load} sessions, the most this peer takes"
-        if m.tokenizer_fingerprint != self.lm.tokenizer.fingerprint:
-            return "incompatible", "the drafter's tokenizer differs from this verifier's"
-        if any(t >= self.lm.vocab_size for t in m.prefix):
-            return "bad_request", "a prefix token is outside the vocabulary"
-        if len(m.prefix) + m.max_new_tokens > self.lm.max_context:
-            return "context_overflow", (
-                f"prefix {len(m.prefix)} + max_new_tokens {m.max_new_tokens} exceeds the "
-                f"context of {self.lm.max_context}"
-            )
-        try:
-            SamplingParams(m.temperature, m.top_k, m.top_p, m.seed)
-        except ValueError as e:
-            return "bad_request", str(e)
-        return None
+        refusal = check_opening(
+            m,
+            open_here=m.session_id in self.sessions,
+            load=self.load,
+            capacity=self.config.capacity_sessions,
+            tokenizer_fingerprint=self.lm.tokenizer.fingerprint,
+            vocab_size=self.lm.vocab_size,
+            max_context=self.lm.max_context,
+        )
+        return None if refusal is None else (refusal.code, refusal.message)
 
     async def _rounds(
         self,
@@ -203,7 +184,7 @@ class VerifierService:
         still answering pings) from a hung or dead one.
         """
         requests_in, requests_out = trio.open_memory_channel[wire.VerifyRequest](MAILBOX_REQUESTS)
-        session = _Session(verifier, committed, opening)
+        session = _Session(verifier, VerifySession(committed, opening))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_requests, channel, requests_in, session, remote_peer_id)
             # The prompt is read at once, while the drafter reads it too and drafts: the
@@ -226,7 +207,7 @@ class VerifierService:
         session: _Session,
         remote_peer_id: str,
     ) -> None:
-        sid = session.opening.session_id
+        sid = session.state.opening.session_id
         try:
             async with requests:
                 while True:
@@ -258,57 +239,43 @@ class VerifierService:
                         return
                     await requests.send(message)
         finally:
-            session.closed = True  # a run decoding alone stops at its next token
+            session.state.closed = True  # a run decoding alone stops at its next token
 
     async def _serve_request(
         self, channel: Channel, session: _Session, message: wire.VerifyRequest
     ) -> bool:
-        """Check and answer one request; False when the session must end."""
-        sid = session.opening.session_id
-        committed = session.committed
-        try:
-            wire.check_verify_request(
-                message, sampling=session.sampling, vocab_size=self.lm.vocab_size
-            )
-            if message.assumed and not verifies(committed, message.base_len, message.assumed):
-                # Drafted ahead on a base a verdict has since contradicted: skipped, and
-                # the drafter, which saw that verdict, expects no answer.
+        """Answer one request as the session's rules say (core/verifyround.py); False when
+        the session must end."""
+        state = session.state
+        sid = state.opening.session_id
+        action = state.on_request(message, vocab_size=self.lm.vocab_size)
+        if isinstance(action, Skip):
+            if action.contradicted:
                 self.skipped += 1
                 log.debug("verify_request_skipped", session=sid, round=message.round)
-                return True
-            if message.solo and session.stopped and message.base_len > len(committed):
-                # Queued behind a run that ended at a stop token: the answer is over.
-                return True
-            if message.base_len != len(committed):
-                raise wire.WireError(
-                    f"base_len {message.base_len} but {len(committed)} tokens are committed"
-                )
-            if len(committed) + len(message.draft) + 1 > session.limit:
-                raise wire.WireError("the draft runs past the session's max_new_tokens")
-            qs = [q_from_wire(q, self.lm.vocab_size) for q in message.q]
-        except ValueError as e:  # WireError is a ValueError too
-            log.info("verify_request_refused", session=sid, error=str(e))
-            await channel.refuse("bad_request", str(e), sid)
+            return True
+        if isinstance(action, Refuse):
+            log.info("verify_request_refused", session=sid, error=action.message)
+            await channel.refuse(action.code, action.message, sid)
             return False
-        if not message.solo:
-            draft = Draft(tokens=list(message.draft), q=qs if session.sampling else None)
-            return await self._answer(channel, session, message.round, draft)
-        for i in range(message.solo):
-            if session.closed or session.stopped or len(committed) + 1 > session.limit:
+        if isinstance(action, Verify):
+            draft = Draft(tokens=action.draft, q=action.q)
+            return await self._answer(channel, session, action.round, draft)
+        for i in range(action.n):
+            if not state.may_decode_alone():
                 break
-            if not await self._answer(channel, session, message.round + i, SOLO):
+            if not await self._answer(channel, session, action.round + i, SOLO):
                 return False
         return True
 
     async def _answer(self, channel: Channel, session: _Session, round_: int, draft: Draft) -> bool:
         """Verify one round (a draft, or one token decoded alone) and send the signed
         verdict; False when the session must end."""
-        sid = session.opening.session_id
-        committed = session.committed
-        base = len(committed)
+        state = session.state
+        sid = state.opening.session_id
         started = time.perf_counter()
         try:
-            verdict, batch_size = await self.worker.verify(session.verifier, committed, draft)
+            verdict, batch_size = await self.worker.verify(session.verifier, state.committed, draft)
         except BatchFailedError as e:
             await channel.refuse("verifier_error", str(e), sid)
             return False
@@ -317,13 +284,12 @@ class VerifierService:
             await channel.refuse("bad_draft", str(e), sid)
             return False
         elapsed = time.perf_counter() - started
-        committed.extend([*draft.tokens[: verdict.accepted], verdict.token])
+        base = state.commit(draft.tokens, verdict.accepted, verdict.token)
         self.drafted += len(draft.tokens)
         self.accepted += verdict.accepted
         self.rounds += 1
         self.committed += verdict.accepted + 1
         metrics.VERIFY_PASS_SECONDS.observe(elapsed)
-        session.stopped = verdict.token in session.stop_tokens
         signed = sign_verdict(
             self.identity,
             wire.Verdict(
@@ -349,18 +315,7 @@ class VerifierService:
 
 @dataclass
 class _Session:
-    """One verify session's state on this verifier: its committed tokens are the truth."""
+    """One verify session here: the model's sequence, and the state its rules keep."""
 
     verifier: Verifier
-    committed: list[int]
-    opening: wire.VerifyOpen
-    closed: bool = False  # the drafter closed the stream (or it broke)
-    stopped: bool = False  # the last token is a stop token: nothing follows it
-    sampling: bool = field(init=False)
-    limit: int = field(init=False)  # the most tokens the sequence may hold, prefix included
-    stop_tokens: frozenset[int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.sampling = self.opening.temperature > 0
-        self.limit = len(self.opening.prefix) + self.opening.max_new_tokens
-        self.stop_tokens = frozenset(self.opening.stop_tokens)
+    state: VerifySession
