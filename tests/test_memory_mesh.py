@@ -13,6 +13,7 @@ import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -23,6 +24,7 @@ import trio
 import trio.testing
 from scipy.stats import chisquare
 
+from p2pspec.core import wire
 from p2pspec.core.config import PeerConfig
 from p2pspec.core.errors import ClientError
 from p2pspec.core.speculative import SamplingParams, target_distribution
@@ -52,6 +54,7 @@ class Mesh:
         self.nursery = nursery
         self.addresses: list[str] = []
         self.scopes: dict[str, trio.CancelScope] = {}
+        self.peers: dict[str, Peer] = {}
 
     async def start(self, role: str, spec: str, **config: object) -> str:
         """Start a peer of `role` bootstrapped from the first; its peer id."""
@@ -67,6 +70,7 @@ class Mesh:
 
         self.addresses.append(await self.nursery.start(run))
         self.scopes[identity.peer_id] = scope
+        self.peers[identity.peer_id] = peer
         return identity.peer_id
 
     def kill(self, peer_id: str) -> None:
@@ -194,6 +198,86 @@ async def test_a_session_outlives_a_frozen_peer_with_the_same_output(
         tokens == result.token_ids == expected(96, SamplingParams(temperature=temperature, seed=3))
     )
     assert result.stats[f"{role}_failovers"] == 1
+
+
+class _Twice:
+    """A verifier's channel that sends every verdict twice (a duplicate on the wire)."""
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    async def send(self, message: Any) -> None:
+        await self._channel.send(message)
+        if isinstance(message, wire.Verdict):
+            await self._channel.send(message)
+
+
+async def test_a_duplicate_verdict_ends_that_verifier_and_the_output_stays_exact(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A verifier that answers a round twice breaks the protocol: the drafter leaves it
+    at the duplicate (never commits a round twice) and goes on on another."""
+    async with mesh() as m:
+        doubling = await m.start("verifier", VERIFIER)
+        other = await m.start("verifier", VERIFIER)
+        drafter = await m.start("drafter", DRAFTER)
+        m.network.set_delay(drafter, other, 0.020)  # the doubling one is chosen first
+        service = m.peers[doubling].service
+        answer = service._answer  # type: ignore[union-attr]
+
+        async def twice(channel: Any, *args: Any) -> bool:
+            return bool(await answer(_Twice(channel), *args))
+
+        service._answer = twice  # type: ignore[union-attr]
+        async with m.client() as client:
+            await trio.sleep(3 * CONFIG.probe_interval_s)
+            with structlog.testing.capture_logs() as logs:
+                result = await client.generate(PROMPT, max_new_tokens=48)
+    assert result.token_ids == expected(48)
+    assert result.stats["verifier_failovers"] == 1
+    assert chosen_verifiers(logs) == [doubling, other]
+    left = [e for e in logs if e["event"] == "verifier_failover"]
+    assert [e["verifier"] for e in left] == [doubling]
+    assert "does not answer a draft in flight" in str(left[0]["error"])
+    assert result.transcript is not None
+    rounds = [(r.verdict.round, r.verifier_peer_id) for r in result.transcript.rounds]
+    assert len(rounds) == len(set(rounds))  # no round committed twice
+
+
+@pytest.mark.parametrize(("thaw_after_s", "failovers"), [(5.5, {0}), (6.0, {0, 1}), (6.5, {1})])
+async def test_a_verdict_that_comes_as_the_liveness_deadline_fires_is_taken_once(
+    autojump_clock: trio.testing.MockClock, thaw_after_s: float, failovers: set[int]
+) -> None:
+    """The verifier stops after a round and starts again before, at, or after the
+    drafter's liveness deadline (pings every 1 s; silence over 5 s is death: the check
+    at 6 s is the first to fail). Before, the session stays; after, it moves; at the
+    deadline the held verdict and the timer come in the same instant, and either may win.
+    Every way, the output is the verifier's own and no round is committed twice."""
+    async with mesh() as m:
+        for role, spec in (("verifier", VERIFIER), ("verifier", VERIFIER), ("drafter", DRAFTER)):
+            await m.start(role, spec)
+        async with m.client() as client:
+            await trio.sleep(3 * CONFIG.probe_interval_s)
+
+            async def thaw_later(peer_id: str) -> None:
+                await trio.sleep(thaw_after_s)
+                m.network.thaw(peer_id)
+
+            async with client.stream(PROMPT, max_new_tokens=48) as chunks:
+                async for _chunk in chunks:
+                    started = chunks.started
+                    if started is not None and not m.network.frozen and _chunk.round == 0:
+                        m.network.freeze(started.verifier_peer_id)
+                        m.nursery.start_soon(thaw_later, started.verifier_peer_id)
+    result = chunks.result
+    assert result is not None and result.token_ids == expected(48)
+    assert result.stats["verifier_failovers"] in failovers
+    assert result.transcript is not None
+    rounds = [(r.verdict.round, r.verifier_peer_id) for r in result.transcript.rounds]
+    assert len(rounds) == len(set(rounds))
 
 
 async def test_a_client_whose_drafter_died_hears_why_within_its_request_deadline(
