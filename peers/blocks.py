@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import trio
 
 from p2pspec.core import wire
 from p2pspec.core.drafttree import Block, Candidate, DraftTree, Watch
@@ -150,9 +150,9 @@ async def draft_block(
     enough = unsure(state, plan, calibration, guessing)
     k = plan.k if enough is None else min(2 * plan.k, MAX_ADAPTIVE_DRAFT)
     k = min(k, room)
-    started = time.perf_counter()
+    started = trio.current_time()
     draft = await worker.propose(state.drafter, base, k + guessing, stop, enough)
-    draft_s = time.perf_counter() - started
+    draft_s = trio.current_time() - started
     if draft.stopped:
         return None
     state.stats.drafts_ended_unsure += len(draft.tokens) < k + guessing

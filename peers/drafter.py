@@ -202,7 +202,9 @@ class DrafterService:
         the session at once, whatever it is doing (drafting, waiting for a verifier)."""
         sid = request.session_id
         try:
-            state = SessionState(self.lm, request, prompt_ids, params, self.costs_s)
+            state = SessionState(
+                self.lm, request, prompt_ids, params, self.costs_s, started=trio.current_time()
+            )
         except UserError as e:  # no sequence left on the engine
             await channel.refuse("overloaded", str(e), sid)
             return

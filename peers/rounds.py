@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -88,7 +87,7 @@ class Rounds:
             except ChannelError as e:
                 out.send_nowait(e)
                 return
-            out.send_nowait((message, time.perf_counter()))
+            out.send_nowait((message, trio.current_time()))
             if isinstance(message, wire.Verdict) and drafting.watch is not None:
                 drafting.watch.seen(message.round, message.accepted, message.token)
 
@@ -166,9 +165,9 @@ class Rounds:
                     continue
                 block.alone = not tree.pending
                 sent_before = vch.bytes_sent
-                sending = time.perf_counter()
+                sending = trio.current_time()
                 await vch.send(block.request(sid))
-                block.sent_at = time.perf_counter()
+                block.sent_at = trio.current_time()
                 block.send_s = block.sent_at - sending
                 times.sent(block.work_s + block.send_s)
                 stats.request_bytes += vch.bytes_sent - sent_before
@@ -286,11 +285,11 @@ class Rounds:
             plan = state.next_plan()
             # The work this verdict cost here besides drafting (checks, commit, the
             # client's message, the next plan): with the request's send, the model's t_send.
-            state.last_overhead_s = time.perf_counter() - received
+            state.last_overhead_s = trio.current_time() - received
             stats.request_overhead_seconds += state.last_overhead_s + block.send_s + fixed_s
             first = False
             if reason is not None:
-                stats.total_seconds = time.perf_counter() - state.started
+                stats.total_seconds = trio.current_time() - state.started
                 return wire.SessionFinished(
                     session_id=sid,
                     finish_reason=reason,  # type: ignore[arg-type]
@@ -357,7 +356,7 @@ class Rounds:
             )
         if reason is None:
             return None
-        stats.total_seconds = time.perf_counter() - state.started
+        stats.total_seconds = trio.current_time() - state.started
         return wire.SessionFinished(
             session_id=state.request.session_id,
             finish_reason=reason,  # type: ignore[arg-type]

@@ -6,7 +6,6 @@ of a verify session (peers/drafter.py serves sessions, peers/rounds.py runs thei
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -61,7 +60,11 @@ class SessionState:
         prompt_ids: list[int],
         params: SamplingParams,
         drafter_costs_s: list[float],
+        *,
+        started: float,
     ) -> None:
+        """`started`: when the session began, on trio's clock (every time of a session is
+        read from it, so that tests can run sessions on a fake one)."""
         self.lm = lm
         self.request = request
         self.params = params
@@ -76,7 +79,7 @@ class SessionState:
         self.deltas.push(self.generated)  # text the client already has from a failed drafter
         self.stats = wire.SessionStats()
         self.round = 0
-        self.started = time.perf_counter()
+        self.started = started
         self.eos = frozenset(lm.tokenizer.eos_token_ids)
         self.last_overhead_s = 0.0  # the work the latest verdict cost besides drafting
         # The draft length (adaptive, or fixed at the request's) and the blocks in flight

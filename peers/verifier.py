@@ -11,7 +11,6 @@ never the peer.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import structlog
@@ -273,7 +272,7 @@ class VerifierService:
         verdict; False when the session must end."""
         state = session.state
         sid = state.opening.session_id
-        started = time.perf_counter()
+        started = trio.current_time()
         try:
             verdict, batch_size = await self.worker.verify(session.verifier, state.committed, draft)
         except BatchFailedError as e:
@@ -283,7 +282,7 @@ class VerifierService:
             log.info("verify_request_refused", session=sid, error=str(e))
             await channel.refuse("bad_draft", str(e), sid)
             return False
-        elapsed = time.perf_counter() - started
+        elapsed = trio.current_time() - started
         base = state.commit(draft.tokens, verdict.accepted, verdict.token)
         self.drafted += len(draft.tokens)
         self.accepted += verdict.accepted

@@ -29,6 +29,7 @@ from p2pspec.core.config import PeerConfig
 from p2pspec.core.errors import ClientError
 from p2pspec.core.speculative import SamplingParams, target_distribution
 from p2pspec.crypto import Identity
+from p2pspec.engines.local import greedy_decode
 from p2pspec.models import KVCacheRunner
 from p2pspec.net.actors import INLINE_COMPUTE
 from p2pspec.net.memory import MemoryNetwork
@@ -296,6 +297,48 @@ async def test_a_client_whose_drafter_died_hears_why_within_its_request_deadline
             ):
                 await client.generate(PROMPT, max_new_tokens=8)
             assert trio.current_time() - started <= CONFIG.request_timeout_s
+
+
+async def test_branches_on_a_long_link_keep_the_output_the_verifiers_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Across a 1 s link (fake time), a drafter at α ≈ 0.7 also drafts blocks on the
+    likely misses of those in flight (branches), and the verifier takes some of them.
+    Greedy: the verifier's own greedy decoding. Sampled: the very tokens of a synchronous
+    session with the same seed (what a session commits does not depend on how drafts were
+    scheduled; test_pipelined_sampling_follows_the_verifiers_own_distribution checks that
+    law).
+
+    A branch pays when its chance of being verified is at least its drafting time over
+    the link's latency (policy.branch_threshold). Drafting is timed on the real clock and
+    the link on the fake one: a block of a tiny model drafts in milliseconds, so at a 2 s
+    round trip the threshold is far below the first miss's chance ((1 − α)·h ≈ 0.15) on
+    any machine; the situation is forced, not hoped for."""
+    async with mesh() as m:
+        verifier = await m.start("verifier", VERIFIER)
+        drafter = await m.start("drafter", "tiny-random:11:noise=0.004")
+        m.network.set_delay(verifier, drafter, 1.0)
+        lm = support.model(VERIFIER)
+        async with m.client() as client:
+            await trio.sleep(10 * CONFIG.probe_interval_s)  # the drafter has measured the link
+            taken = 0
+            for prompt in ("branches", "on likely misses", "of blocks in flight"):
+                result = await client.generate(prompt, max_new_tokens=48, raw=True, solo=False)
+                assert result.token_ids == greedy_decode(lm, result.prompt_token_ids, 48)
+                assert result.stats["branch_blocks"] >= result.stats["branches_taken"]
+                taken += result.stats["branches_taken"]
+            assert taken > 0
+            taken = 0
+            for seed in range(4):
+                sampled = {"max_new_tokens": 32, "raw": True, "temperature": 1.0, "seed": seed}
+                pipelined = await client.generate("branches", solo=False, **sampled)
+                synchronous = await client.generate(
+                    "branches", solo=False, pipelined=False, **sampled
+                )
+                assert pipelined.token_ids == synchronous.token_ids
+                assert synchronous.stats["branch_blocks"] == 0
+                taken += pipelined.stats["branches_taken"]
+            assert taken > 0
 
 
 SMALL = "tiny-random:21:vocab=4"

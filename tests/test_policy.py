@@ -856,6 +856,21 @@ def test_branched_rate_by_hand() -> None:
     ) == pytest.approx(plain)  # type: ignore[arg-type]
 
 
+def test_free_drafting_branches_on_every_miss_and_the_arithmetic_ends() -> None:
+    """A block that costs nothing to draft (a fake clock's inline model) makes every
+    branch pay: threshold 0. The cycle's sum is then a geometric series (it looped
+    forever, adding 0 >= 0, before), and equals the limit of ever smaller thresholds."""
+    args = {"alpha": 0.5, "k": 1, "t_draft_s": 0.01, "t_verify_s": 0.05, "rtt_s": 0.04}
+    common = {"t_send_s": 0.01, "pipelined": True, "depth": 2, "runner_up": 1.0}
+    free = predicted_tokens_per_second(threshold=0.0, **common, **args)  # type: ignore[arg-type]
+    tiny = predicted_tokens_per_second(threshold=1e-12, **common, **args)  # type: ignore[arg-type]
+    assert math.isfinite(free) and free == pytest.approx(tiny)
+    plan = best_plan(
+        alpha=0.72, t_draft_s=0.0, t_verify_s=0.0, t_send_s=0.0, rtt_s=2.0, runner_up=0.5
+    )
+    assert plan.branching
+
+
 def test_best_plan_branches_on_a_long_link_and_not_on_loopback() -> None:
     args = {"alpha": 0.72, "t_draft_s": 0.0012, "t_verify_s": 0.002, "t_send_s": 0.0015}
     far = best_plan(rtt_s=0.1, runner_up=0.57, **args)  # type: ignore[arg-type]

@@ -116,7 +116,9 @@ def test_a_drafter_peer_prices_its_sessions_with_its_own_measured_costs() -> Non
     request = wire.GenerateRequest(
         session_id="ab" * 16, prompt="x", max_new_tokens=8, adaptive=True
     )
-    state = SessionState(peer.lm, request, [1, 2, 3], SamplingParams(), peer.service.costs_s)
+    state = SessionState(
+        peer.lm, request, [1, 2, 3], SamplingParams(), peer.service.costs_s, started=0.0
+    )
     try:
         state.planner.use_verifier(costs, solo=True)
         assert state.planner.t_draft.value == costs[0]

@@ -132,6 +132,8 @@ def _reached_blocks(
         threshold=threshold,
         max_blocks=MAX_TREE_BLOCKS - 1,
     )
+    if threshold <= 0.0:  # free branches (nothing to draft: a fake clock): every one pays
+        return chain + sum(branches) / (1.0 - hit)
     extra, reach_j = 0.0, 1.0
     while branches and reach_j * branches[0] >= threshold:
         extra += reach_j * sum(r for r in branches if reach_j * r >= threshold)
