@@ -281,6 +281,30 @@ async def test_a_verdict_that_comes_as_the_liveness_deadline_fires_is_taken_once
     assert len(rounds) == len(set(rounds))
 
 
+async def test_a_client_that_cancels_frees_the_session_on_every_peer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The client leaves after the first chunk of a long answer: once everything has
+    settled, neither the drafter nor the verifier holds the session, and both advertise
+    load 0 (long before 2000 tokens could have been decoded: the clock has not moved)."""
+    async with mesh() as m:
+        verifier = await m.start("verifier", VERIFIER)
+        drafter = await m.start("drafter", DRAFTER)
+        async with m.client() as client:
+            with structlog.testing.capture_logs() as logs:
+                async with client.stream(PROMPT, max_new_tokens=2000) as chunks:
+                    async for _ in chunks:
+                        break  # leave after the first chunk: the session is cancelled
+                left = trio.current_time()
+                await trio.testing.wait_all_tasks_blocked()
+            for peer_id in (verifier, drafter):
+                service = m.peers[peer_id].service
+                assert not service.sessions and service.load == 0, peer_id
+            assert trio.current_time() == left
+    events = {e["event"] for e in logs}
+    assert {"session_cancelled", "verify_session_closed"} <= events
+
+
 async def test_a_client_whose_drafter_died_hears_why_within_its_request_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

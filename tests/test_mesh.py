@@ -164,29 +164,6 @@ async def test_a_dead_verifier_leaves_every_directory_within_the_bound(mesh: Mes
         assert result.verifier_peer_id == boot.peer_id
 
 
-async def test_a_client_that_cancels_frees_the_session_on_every_peer(mesh: Mesh) -> None:
-    v = await mesh.start("v", "verifier", VERIFIER, args=["--advert-interval", "0.5"])
-    d = await mesh.start(
-        "d", "drafter", DRAFTER, bootstrap=v.address, args=["--advert-interval", "0.5"]
-    )
-    async with Client([v.address]) as client:
-        async with client.stream("a long answer", max_new_tokens=2000, raw=True) as stream:
-            async for _ in stream:
-                break  # leave after the first chunk: the session is cancelled
-        left = now_ms()
-        # Both peers advertise load 0 again long before 2000 tokens could be done (in
-        # records signed after the client left: an older one may predate the session).
-        with trio.fail_after(20):
-            while True:
-                view = await _drafter_view(client, d)
-                loads = [view.get(p.peer_id, now_ms()) for p in (v, d)]
-                if all(r is not None and r.issued_at_ms > left and r.load == 0 for r in loads):
-                    break
-                await trio.sleep(0.25)
-    assert "session_cancelled" in d.log_path.read_text()
-    assert "verify_session_closed" in v.log_path.read_text()
-
-
 async def test_100_concurrent_sessions_complete_or_are_refused_clearly_without_deadlock() -> None:
     with trio.fail_after(300):  # no deadlock: the whole run has a deadline
         rep = await _testnet_any("testnet-load.toml")
