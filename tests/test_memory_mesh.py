@@ -305,6 +305,26 @@ async def test_a_client_that_cancels_frees_the_session_on_every_peer(
     assert {"session_cancelled", "verify_session_closed"} <= events
 
 
+async def test_a_drafter_that_died_before_the_session_opened_is_skipped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The drafter the client would choose is gone, its record still fresh in the
+    client's directory: the dial is refused, and the session opens on the other."""
+    async with mesh() as m:
+        await m.start("verifier", VERIFIER)
+        for _ in range(2):
+            await m.start("drafter", DRAFTER)
+        async with m.client() as client:
+            await client.refresh()
+            decision = client._place(frozenset())
+            assert decision is not None
+            dead = decision.chosen.peer_id
+            m.kill(dead)
+            result = await client.generate(PROMPT, max_new_tokens=16)
+    assert result.drafter_peer_id != dead
+    assert result.token_ids == expected(16)
+
+
 async def test_a_client_whose_drafter_died_hears_why_within_its_request_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
