@@ -270,6 +270,7 @@ class NodeStream:
 
 
 StreamHandler = Callable[[NodeStream], Awaitable[None]]
+"""`async def handler(stream: NodeStream) -> None`; the stream is closed when it returns."""
 
 
 async def refuse_over_quota(stream: NodeStream, code: str, limits: Limits) -> None:
@@ -328,6 +329,3 @@ class Transport(Protocol):
         *,
         task_status: trio.TaskStatus[None] = ...,  # type: ignore[name-defined, unused-ignore]
     ) -> None: ...
-
-
-"""`async def handler(stream: NodeStream) -> None`; the stream is closed when it returns."""
