@@ -162,6 +162,7 @@ class NodeStream:
         self._read_lock = trio.Lock()
         self._write_lock = trio.Lock()
         self._out_of_step: str | None = None
+        self._ended = False  # closed or reset by us: a later close has nothing to do
 
     @property
     def remote_peer_id(self) -> str:
@@ -228,11 +229,16 @@ class NodeStream:
                 raise
 
     async def close(self, *, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
-        """Close our side: the peer reads EndOfStreamError after the frames we sent.
+        """Close our side: the peer reads EndOfStreamError after the frames we sent. Once
+        the stream is closed or reset, a second close does nothing (a handler's own close
+        and the node's after it, a refusal's and the contained handler call's).
 
         Never raises a stream failure (there is nothing left to do about one); if the
         close cannot be flushed within `timeout_s` seconds the stream is reset instead.
         """
+        if self._ended:
+            return
+        self._ended = True
         with trio.move_on_after(timeout_s) as scope:
             try:
                 await self._stream.close()
@@ -247,6 +253,7 @@ class NodeStream:
         Never raises a stream failure; gives up after `timeout_s` seconds (the connection
         is then wedged and libp2p will tear it down)."""
         self._out_of_step = self._out_of_step or "reset"
+        self._ended = True
         with trio.move_on_after(timeout_s):
             try:
                 await self._stream.reset()
