@@ -10,6 +10,7 @@ no real time, and each run is the same run.
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from p2pspec.models import KVCacheRunner
 from p2pspec.net.actors import INLINE_COMPUTE
 from p2pspec.net.memory import MemoryNetwork
 from p2pspec.peers.run import Peer
+from p2pspec.runtime import gateway
 from p2pspec.runtime.client import Client
 from p2pspec.runtime.session import Result
 
@@ -447,3 +449,53 @@ async def test_pipelined_sampling_follows_the_verifiers_own_distribution(
     assert all(r.stats["max_in_flight"] == 2 for r in results)  # always a block ahead
     discarded = sum(r.stats["blocks_discarded"] > 0 for r in results)
     assert 0 < discarded < N_SAMPLES
+
+
+async def test_a_gateway_request_whose_client_left_before_its_first_event_frees_its_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The HTTP client of a streamed answer is gone before the first event is sent (the
+    server reports `http.disconnect` at once, so the response's body never starts): the
+    session is still cancelled on every peer, not served to its 2000th token."""
+    async with mesh() as m:
+        verifier = await m.start("verifier", VERIFIER)
+        drafter = await m.start("drafter", DRAFTER)
+        async with m.client() as client:
+            body = {"model": VERIFIER, "prompt": PROMPT, "max_tokens": 2000, "stream": True}
+            inbox = [{"type": "http.request", "body": json.dumps(body).encode()}]
+            sent: list[dict[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                return inbox.pop() if inbox else {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+                await trio.lowlevel.checkpoint()
+
+            with structlog.testing.capture_logs() as logs:
+                await gateway.app(client)(http_scope("/v1/completions"), receive, send)
+                await trio.testing.wait_all_tasks_blocked()
+            for peer_id in (verifier, drafter):
+                service = m.peers[peer_id].service
+                assert not service.sessions and service.load == 0, peer_id
+    assert not any(m.get("body") for m in sent)  # not one event went out
+    events = [e["event"] for e in logs]
+    assert "session_cancelled" in events and "session_finished" not in events
+
+
+def http_scope(path: str) -> dict[str, Any]:
+    """An ASGI HTTP scope as hypercorn gives one (ASGI spec 2.1, as hypercorn 0.18)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.1"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }

@@ -44,6 +44,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from p2pspec.runtime.client import Client, ClientError
 from p2pspec.runtime.http import serve_asgi
@@ -207,7 +208,7 @@ def app(client: Client, *, api_key: str | None = None) -> Starlette:
             return _client_error(e)
         reply = _Reply(body.model, chat=chat, metrics=metrics, arrived=arrived)
         if body.stream:
-            return StreamingResponse(reply.events(stream), media_type="text/event-stream")
+            return _Events(reply.events(stream), stream)
         try:
             async for chunk in stream:
                 reply.add(chunk)
@@ -256,6 +257,23 @@ def app(client: Client, *, api_key: str | None = None) -> Starlette:
             Route("/status.json", status_json, methods=["GET"]),
         ]
     )
+
+
+class _Events(StreamingResponse):
+    """A streamed answer whose session ends with the response, however it ends. The
+    events' generator closes the session in its `finally`, but a client that leaves before
+    the first event cancels the response before the generator has started, and a generator
+    never started runs no `finally`."""
+
+    def __init__(self, events: AsyncIterator[str], stream: Stream) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._stream.aclose()  # shielded; nothing left to do if the events did it
 
 
 class _Reply:
