@@ -85,7 +85,7 @@ class Client:
         try:
             await self._nursery.start(self.node.run)
             await self.refresh()
-            await self.measure_drafters()
+            await self.measure("drafter")
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -145,10 +145,11 @@ class Client:
                     nursery.start_soon(one, record.addrs[0])
         return answered
 
-    async def measure_drafters(self) -> None:
-        """Measure the round trip to every known drafter, side by side (for placement)."""
-        await self.prober.measure_all(
-            (r.peer_id, r.addrs[0]) for r in self.peers("drafter") if r.addrs
+    async def measure(self, role: str | None = None) -> dict[str, float]:
+        """Measure the round trip to every known peer (of `role`), side by side: seconds
+        by peer id, for those that answered (placement reads them from the prober)."""
+        return await self.prober.measure_all(
+            (r.peer_id, r.addrs[0]) for r in self.peers(role) if r.addrs
         )
 
     def _place(self, exclude: frozenset[str]) -> Decision | None:

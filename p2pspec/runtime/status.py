@@ -36,7 +36,7 @@ async def mesh_status(client: Client) -> list[PeerStatus]:
     """Every live peer the client's directory holds (pull it first: `client.refresh`),
     each probed once from here, side by side; verifiers first, then drafters."""
     records = [r for r in client.peers() if r.addrs]
-    rtts = await client.prober.measure_all((r.peer_id, r.addrs[0]) for r in records)
+    rtts = await client.measure()
     now = now_ms()
     rows = [
         PeerStatus(
