@@ -138,6 +138,8 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     if not isinstance(peer_id, str) or not 0 < len(peer_id) <= _MAX_PEER_ID_CHARS:
         raise InvalidPeerIdError("a peer id is a short non-empty string")
     raw = _b58decode(peer_id)
+    if _b58encode(raw) != peer_id:  # base58's decoder strips whitespace, for one
+        raise InvalidPeerIdError(f"{peer_id!r} is not a peer id's one base58btc spelling")
     if len(raw) != _PEER_ID_SIZE or not raw.startswith(_PEER_ID_PREFIX):
         raise InvalidPeerIdError(
             f"{peer_id!r} is not an identity-multihash peer id of an Ed25519 key"

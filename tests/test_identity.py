@@ -108,6 +108,18 @@ def test_verify_rejects_a_garbage_peer_id_without_raising(peer_id: str) -> None:
         public_key_from_peer_id(peer_id)
 
 
+@pytest.mark.parametrize("spelling", ["{} ", "{}\n", "{}\t", " {}", "1{}"])
+def test_only_the_canonical_spelling_of_a_peer_id_names_the_peer(spelling: str) -> None:
+    """One key, one peer id: a variant that decodes to the same key (base58's decoder
+    strips whitespace; a leading '1' is one more zero byte) is refused, so no peer can sign
+    records under a second id (a ban on its first would not hold)."""
+    identity = Identity.generate()
+    other = spelling.format(identity.peer_id)
+    assert not verify(other, b"record", identity.sign(b"record"))
+    with pytest.raises(InvalidPeerIdError):
+        public_key_from_peer_id(other)
+
+
 def test_verify_rejects_wrong_types_without_raising() -> None:
     identity = Identity.generate()
     signature = identity.sign(b"x")
