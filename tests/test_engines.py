@@ -22,7 +22,7 @@ import p2pspec.engines.costs as costs
 import p2pspec.engines.gguf as gguf
 from p2pspec.core.errors import ContextOverflowError, InvalidRequestError, UserError
 from p2pspec.engines import Engine, engine_for, load_engine
-from p2pspec.engines.llama import EngineFullError
+from p2pspec.engines.llama import EngineFullError, gguf_weights_format
 from p2pspec.engines.llama_lib import LOSSLESS
 from p2pspec.engines.llama_probe import ProbeFailedError, probe
 from p2pspec.models import EMBEDDED_MODELS
@@ -173,6 +173,20 @@ def test_a_llama_cpp_engine_refuses_more_sessions_than_it_has_sequences() -> Non
     second.close()
     third.close()
     engine.close()
+
+
+@pytest.mark.parametrize(
+    ("ftype", "name"),
+    [(0, "F32"), (1, "F16"), (15, "Q4_K_M"), (15 | 1024, "Q4_K_M"), (13, "Q3_K_L"),
+     (19, "IQ2_XXS"), (37, "TQ2_0"), (32, "BF16")],
+)  # fmt: skip
+def test_the_weights_format_is_llama_cpps_file_type_by_its_gguf_name(ftype: int, name: str) -> None:
+    """Peers pair an auditor by weights format: every file type gets its own name (read
+    from llama.cpp's description text, 17 of 36 came out wrong: IQ* as "bpw", ...)."""
+    assert gguf_weights_format(ftype) == name
+    assert gguf_weights_format(3000, b"Q9_9 - Huge") == "Q9_9 - Huge"  # newer than gguf's
+    assert gguf_weights_format(3000) == "file type 3000"
+    assert model(SMOL).info.weights_format == "Q4_1"  # SmolLM2's embedded GGUF
 
 
 def test_the_llama_cpp_path_imports_neither_torch_nor_transformers() -> None:

@@ -12,12 +12,12 @@ token-by-token decoding exactly (tests/test_engines.py, docs/benchmarks.md).
 
 from __future__ import annotations
 
-import ctypes
 import heapq
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from p2pspec.core.errors import EngineFullError as EngineFullError
@@ -32,11 +32,15 @@ BATCH_TOKENS = 512  # tokens per llama_decode call (a longer feed takes several)
 _FLASH = {"auto": -1, "off": 0, "on": 1}
 
 
-def gguf_weights_format(description: str) -> str:
-    """The quantisation named in llama.cpp's model description ("qwen2 1.5B Q4_K - Medium"
-    -> "Q4_K_M"), or the description's last word."""
-    words = description.replace(" - Medium", "_M").replace(" - Small", "_S").split()
-    return words[-1] if words else "unknown"
+def gguf_weights_format(ftype: int, name: bytes | None = None) -> str:
+    """The quantisation of a model from llama.cpp's file type (`llama_model_ftype`), as
+    the gguf package names it (15 -> "Q4_K_M", 19 -> "IQ2_XXS"); a type newer than that
+    package: `name`, llama.cpp's own (`llama_ftype_name`)."""
+    ftype &= ~gguf.LlamaFileType.GUESSED  # set where llama.cpp guessed it from the tensors
+    try:
+        return gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return name.decode(errors="replace") if name else f"file type {ftype}"
 
 
 class LlamaSequence(Sequence):
@@ -105,8 +109,7 @@ class LlamaCppEngine(Engine):
         # one micro-batch only while their ids run consecutively (see _forward), so the
         # sessions open at a time keep the lowest, most often consecutive, ids.
         self._free = list(range(sequences))
-        desc = ctypes.create_string_buffer(256)
-        lib.llama_model_desc(self._model, desc, 256)
+        ftype = int(lib.llama_model_ftype(self._model))
         vocab_width = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model)))
         # K and V, float16, for every layer's KV heads over every cell of the context.
         m = self._model
@@ -120,7 +123,7 @@ class LlamaCppEngine(Engine):
             spec=spec,
             model_id=model_id,
             dtype="float32",  # activations; the weights stay as quantised in the file
-            weights_format=gguf_weights_format(desc.value.decode(errors="replace")),
+            weights_format=gguf_weights_format(ftype, lib.llama_ftype_name(ftype)),
             weights_fingerprint=weights_fingerprint,
             max_context=min(
                 int(lib.llama_n_ctx_seq(self._ctx)), int(lib.llama_model_n_ctx_train(self._model))
