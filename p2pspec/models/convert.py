@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from p2pspec.engines.gguf import embedded_gguf
+from p2pspec.engines.gguf import embedded_gguf, file_sha256
 from p2pspec.models.cache import (
     FORMAT_VERSION,
     ConvertedMetadata,
@@ -32,7 +32,6 @@ from p2pspec.models.cache import (
     publish_dir,
     read_metadata,
     remove_stale_temps,
-    sha256_file,
     temp_dir_for,
     write_metadata,
 )
@@ -164,10 +163,10 @@ def ensure_embedded_converted(
 def ensure_gguf_converted(gguf: Path, *, progress: bool = True) -> tuple[Path, ConvertedMetadata]:
     """Folder and metadata of the converted copy of a user's GGUF file, keyed by its sha256.
 
-    The file is hashed on every load (a progress bar shows it): the key must follow the
-    bytes, not the path, or an edited file would load a stale copy.
+    The key follows the bytes, not the path, or an edited file would load a stale copy:
+    the file is hashed again whenever its size, mtime or inode changed (file_sha256).
     """
-    sha = sha256_file(gguf, progress=progress)
+    sha = file_sha256(gguf, progress=progress)
     key = f"gguf-{sha[:16]}"
     final = converted_dir(key)
     if meta := _valid_copy(final, sha):

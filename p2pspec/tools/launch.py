@@ -27,6 +27,19 @@ DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"  # loopback, any free port
 
 
 @dataclass
+def peak_rss_mb(pid: int) -> float | None:
+    """Process `pid`'s peak resident memory so far in MiB (VmHWM in Linux /proc; psutil
+    has no peak), None when unknown."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 class PeerProcess:
     name: str
     role: str
@@ -52,14 +65,7 @@ class PeerProcess:
 
     def peak_rss_mb(self) -> float | None:
         """The process's peak resident memory so far (Linux /proc), None when unknown."""
-        try:
-            status = Path(f"/proc/{self.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return None
+        return peak_rss_mb(self.pid)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (tests of failure handling)."""

@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 __all__ = ["Plain", "serve"]
@@ -129,10 +128,9 @@ class Plain:
         return answer
 
     def peak_rss_mb(self) -> float | None:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return None
+        from p2pspec.tools.launch import peak_rss_mb  # not in the child: trio is no part of it
+
+        return peak_rss_mb(self.process.pid)
 
     def stop(self) -> None:
         self.process.terminate()
