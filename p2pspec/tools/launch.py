@@ -26,7 +26,6 @@ from p2pspec.tools.delayproxy import DelayProxy
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"  # loopback, any free port
 
 
-@dataclass
 def peak_rss_mb(pid: int) -> float | None:
     """Process `pid`'s peak resident memory so far in MiB (VmHWM in Linux /proc; psutil
     has no peak), None when unknown."""
@@ -40,6 +39,7 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+@dataclass
 class PeerProcess:
     name: str
     role: str
