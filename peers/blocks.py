@@ -1,5 +1,5 @@
-"""Drafting a block: which block to draft next, drafting it on the session's drafter
-model, and the block as it travels to the verifier (peers/rounds.py sends them).
+"""Drafting a block on the session's drafter model (peers/rounds.py sends it; which block
+to draft next, and the block as it travels, are core/draftround.py's).
 
 A block drafts on the committed tokens and the base its candidate assumes beyond them
 (core/drafttree.py); an adaptive session ends a draft where the drafter grows unsure
@@ -11,35 +11,26 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import trio
 
 from p2pspec.core import wire
-from p2pspec.core.drafttree import Block, Candidate, DraftTree, Watch
+from p2pspec.core.draftround import DraftBlock
+from p2pspec.core.drafttree import Candidate, Watch
 from p2pspec.core.policy import (
-    MAX_TREE_BLOCKS,
     ConfidenceCalibration,
     Plan,
     confidence_bin,
     enough_drafted,
 )
-from p2pspec.core.speculative import SparseDistribution
 from p2pspec.peers.session import MAX_ADAPTIVE_DRAFT, SessionState
 
 if TYPE_CHECKING:
     from p2pspec.peers.workers import DraftWorker
 
-__all__ = ["DraftBlock", "Drafting", "choose", "draft_block", "q_to_wire", "unsure"]
-
-
-def q_to_wire(q: SparseDistribution) -> wire.SparseQ:
-    return wire.SparseQ(
-        token_ids=np.asarray(q.token_ids, dtype="<i4").tobytes(),
-        probs=np.asarray(q.probs, dtype="<f4").tobytes(),
-    )
+__all__ = ["Drafting", "draft_block", "unsure"]
 
 
 def unsure(
@@ -69,58 +60,6 @@ class Drafting:
     """The block a session is drafting, for its verdict reader to stop when it dies."""
 
     watch: Watch | None = None
-
-
-@dataclass(eq=False)
-class DraftBlock(Block):
-    """A draft sent to the verifier and not yet judged (one round)."""
-
-    q: list[SparseDistribution] | None = None
-    confidences: list[float] = field(default_factory=list)  # Draft.confidences
-    draft_s: float = 0.0  # its tokens' drafting, at t_draft each
-    fixed_s: float = 0.0  # the rest of drafting it (per block, not per token)
-    work_s: float = 0.0  # drafting it, the guessed token included
-    drafted: int = 0  # tokens drafted for it, the guessed one included
-    alone: bool = False  # nothing else was in flight: its round trip measures the link
-    branch: bool = False  # drafted on a miss of another block
-    sent_at: float = 0.0
-    send_s: float = 0.0  # framing, sealing and writing the request
-
-    @property
-    def wire_q(self) -> list[wire.SparseQ]:
-        return [q_to_wire(q) for q in self.q or []]
-
-    def request(self, session_id: str) -> wire.VerifyRequest:
-        return wire.VerifyRequest(
-            session_id=session_id,
-            round=self.round,
-            base_len=self.base_len,
-            assumed=self.assumed,
-            draft=self.tokens,
-            q=self.wire_q,
-        )
-
-
-def choose(state: SessionState, tree: DraftTree, plan: Plan) -> Candidate | None:
-    """The next block worth drafting, if any: the main chain's next while it is
-    shorter than the plan's depth; else the likeliest branch, when the plan branches
-    and its chance of being verified reaches the plan's threshold."""
-    committed = state.committed
-    chain = tree.main_chain(committed)
-    candidates = tree.candidates(
-        committed,
-        alpha=state.planner.acceptance.alpha,
-        runner_up=state.planner.runner_up.alpha,
-        branches=plan.branching,
-        chain=chain,
-    )
-    for candidate in candidates:
-        if candidate.main:
-            if len(chain) < plan.depth:
-                return candidate
-        elif len(tree) < MAX_TREE_BLOCKS and candidate.reach >= plan.threshold:
-            return candidate
-    return None
 
 
 async def draft_block(

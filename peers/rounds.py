@@ -11,21 +11,19 @@ commit tokens (core/verdicts.verified_round), so the output is the verifier's ow
 from __future__ import annotations
 
 import math
-import random
 from typing import TYPE_CHECKING
 
 import trio
 
 from p2pspec.core import wire
-from p2pspec.core.drafttree import DraftTree, Watch
+from p2pspec.core.draftround import AskRun, DraftRounds
+from p2pspec.core.drafttree import Watch
 from p2pspec.core.policy import ConfidenceCalibration
-from p2pspec.core.roundtimes import RoundTimes
-from p2pspec.core.verdicts import verified_round
-from p2pspec.net.channel import Channel, ChannelError, ProtocolError
+from p2pspec.net.channel import Channel, ChannelError
 from p2pspec.peers.audit import audit
-from p2pspec.peers.blocks import DraftBlock, Drafting, choose, draft_block
+from p2pspec.peers.blocks import Drafting, draft_block
 from p2pspec.peers.session import SessionState
-from p2pspec.peers.solo import RUNS_IN_FLIGHT, Shadow, SoloRuns, run_length
+from p2pspec.peers.solo import Shadow
 from p2pspec.runtime import metrics
 
 if TYPE_CHECKING:
@@ -101,30 +99,21 @@ class Rounds:
         drafting: Drafting,
         nursery: trio.Nursery,
     ) -> wire.SessionFinished:
-        """A solo plan (k = 0, peers/solo.py) asks the verifier for runs of tokens decoded
-        alone, and drafts nothing but one-token guesses that keep α measured; the session
-        changes between drafting and solo runs when one's blocks or runs are all answered.
-        Synchronous sessions keep one block in flight. Pipelined ones draft further
-        blocks while verdicts travel (p2pspec.core.drafttree): the main chain, up to the plan's
-        depth, each on the assumption that the blocks before it are committed whole; and,
-        when the plan branches, blocks on the likely misses of those in flight, while
-        their chance of being verified pays for the drafting. A verdict that breaks a
-        block's assumption kills it (the verifier skips it) and drafting goes on from what
-        was committed. Either way only signed verdicts commit tokens, so the output is
-        the verifier's own."""
+        """Drive the session's rounds (core/draftround.DraftRounds, whose rules say what
+        to draft or ask for next and what each verdict commits): draft blocks on the
+        model, send requests, audit the rounds it picks, and stream what the verdicts
+        commit to the client. Between two blocks every verdict that has come is taken."""
         sid = state.request.session_id
-        stats = state.stats
-        tree = DraftTree()
-        plan = state.next_plan()
-        calibration = self.service.calibrations.setdefault(
-            (verifier_id, state.params.greedy), ConfidenceCalibration()
+        service = self.service
+        rounds = DraftRounds(
+            state,
+            verifier_id=verifier_id,
+            vocab_size=service.lm.vocab_size,
+            calibration=service.calibrations.setdefault(
+                (verifier_id, state.params.greedy), ConfidenceCalibration()
+            ),
+            audit_fraction=service.config.audit_fraction,
         )
-        times = RoundTimes()  # which of the verdicts' times measure what (core/roundtimes.py)
-        # The first round of a verify session also prefills the prompt on both peers
-        # (each model reads it on its first pass): its times are kept apart, not fed to
-        # the cost model as a round's.
-        first = True
-        runs = SoloRuns()
         shadow = Shadow(
             lambda c: self._guess(state, c),
             lambda: state.committed,
@@ -132,238 +121,79 @@ class Rounds:
         )
         while True:
             while verdicts.statistics().current_buffer_used == 0:
-                if plan.solo:
-                    if len(tree) or len(runs) >= RUNS_IN_FLIGHT:
-                        break  # blocks in flight are answered first; the runs keep it busy
-                    base = len(state.committed) + runs.pending
-                    count = run_length(
-                        rtt_s=state.planner.rtt.value or 0.0,
-                        t_token_s=1.0 / plan.tokens_per_s,
-                        room=state.limit - base,
-                    )
-                    if not count:
-                        break
-                    await vch.send(runs.request(sid, state.round, base, count))
-                    state.round += count
+                step = rounds.next_step()
+                if isinstance(step, AskRun):
+                    await vch.send(step.request)
                     continue
-                if len(runs):
-                    break  # the runs in flight are answered before drafting resumes
-                candidate = choose(state, tree, plan)
-                if candidate is None:
+                if step is None:
                     break
-                watch = Watch(tree, state.committed, candidate.base(state.committed))
+                candidate = step.candidate
+                watch = Watch(rounds.tree, state.committed, candidate.base(state.committed))
                 drafting.watch = watch
                 block = await draft_block(
-                    self.service.draft_worker, state, candidate, plan, calibration, stop=watch.stop
-                )
+                    service.draft_worker, state, candidate, step.plan, rounds.calibration,
+                    stop=watch.stop,
+                )  # fmt: skip
                 drafting.watch = None
-                stats.drafts_stopped += watch.dead
+                state.stats.drafts_stopped += watch.dead
                 if block is None:
-                    if candidate.parent is None:
-                        break  # no room left for a root: the verdicts in flight end it
-                    candidate.parent.children.add(candidate.outcome)  # never worth it
-                    continue
-                block.alone = not tree.pending
-                sent_before = vch.bytes_sent
-                sending = trio.current_time()
+                    if rounds.not_drafted(candidate):
+                        continue
+                    break
+                sent_before, sending = vch.bytes_sent, trio.current_time()
                 await vch.send(block.request(sid))
-                block.sent_at = trio.current_time()
-                block.send_s = block.sent_at - sending
-                times.sent(block.work_s + block.send_s)
-                stats.request_bytes += vch.bytes_sent - sent_before
-                stats.branch_blocks += block.branch
-                tree.add(block)
-                stats.max_in_flight = max(stats.max_in_flight, len(tree))
+                rounds.sent(
+                    block,
+                    sending=sending,
+                    sent_at=trio.current_time(),
+                    wire_bytes=vch.bytes_sent - sent_before,
+                )
             item = await verdicts.receive()
             if isinstance(item, ChannelError):
                 raise item
-            verdict, received = item
-            if isinstance(verdict, wire.Verdict) and runs.expects(verdict.round):
-                runs.answered()
-                finished = await self._take_solo(
-                    channel, state, verifier_id, verdict, received, runs, shadow, first=first
+            checked = rounds.check(*item)
+            if checked.audit:
+                await audit(service, state, checked.proof, q=checked.audit_q)
+            taken = rounds.take(checked)
+            verdict = checked.verdict
+            service.rounds += 1
+            if checked.block is None:
+                metrics.DRAFT_LENGTH.observe(0)
+                shadow.committed_token(verdict.base_len, verdict.token)
+            else:
+                assert taken.round_trip_s is not None
+                metrics.ROUND_TRIP_SECONDS.observe(taken.round_trip_s)
+                metrics.DRAFT_LENGTH.observe(taken.k)
+                service.drafted += taken.k
+                service.accepted += verdict.accepted
+                state.stats.drafter_forward_passes = state.drafter.forward_passes
+                service.scheduler.observe(
+                    verifier_id, taken.k, verdict.accepted, taken.draft_s, verdict.compute_seconds
                 )
-                first = False
-                if finished is not None:
-                    return finished
-                if state.params.greedy:
-                    shadow.start(nursery)
-                plan = state.next_plan()
-                continue
-            answered = (
-                tree.answered(state.committed, verdict.round)
-                if isinstance(verdict, wire.Verdict)
-                else None
-            )
-            if not isinstance(verdict, wire.Verdict) or not isinstance(answered, DraftBlock):
-                raise ProtocolError("the verdict does not answer a draft in flight")
-            block = answered
-            timed = times.answered(
-                sent_at=block.sent_at,
-                received=received,
-                alone=block.alone,
-                compute_s=verdict.compute_seconds,
-                overhead_s=state.last_overhead_s,
-            )
-            round_trip = timed.round_trip_s
-            tokens = block.tokens
-            k = len(tokens)
-            proof = verified_round(
-                verifier_id,
-                verdict,
-                tokens,
-                base_len=len(state.committed),
-                vocab_size=self.service.lm.vocab_size,
-            )
-            if random.random() < self.service.config.audit_fraction:
-                await audit(self.service, state, proof, q=block.wire_q)
-            stats.rounds += 1
-            self.service.rounds += 1
-            metrics.ROUND_TRIP_SECONDS.observe(round_trip)
-            stats.rejections += verdict.accepted < k
-            stats.branches_taken += block.branch
-            if verdict.accepted < k and block.alternatives[verdict.accepted] >= 0:
-                hit = verdict.token == block.alternatives[verdict.accepted]
-                state.planner.observe_runner_up(hit)
-                stats.runner_up_hits += hit
-                stats.runner_up_misses += not hit
-            calibration.observe(block.confidences, verdict.accepted)
-            stats.drafted += k
-            stats.accepted += verdict.accepted
-            self.service.drafted += k
-            self.service.accepted += verdict.accepted
-            stats.draft_seconds += block.draft_s
-            stats.verify_seconds += round_trip
-            stats.verifier_compute_seconds += verdict.compute_seconds
-            if first:
-                stats.prefill_seconds += block.fixed_s
-                stats.first_compute_seconds += verdict.compute_seconds
-            stats.max_batch_size = max(stats.max_batch_size, verdict.batch_size)
-            stats.verifier_forward_passes += 1
-            stats.drafter_forward_passes = state.drafter.forward_passes
-            # The pass is timed on the verifier's clock, the round trip on this one: a
-            # pass reported longer than the round trip (timer grain) is no overhead.
-            stats.round_overhead_ms.append(1000 * max(round_trip - verdict.compute_seconds, 0))
-            stats.draft_lengths.append(k)
-            metrics.DRAFT_LENGTH.observe(k)
-            link_s, receive_s = timed.link_s, timed.receive_s
-            if receive_s is not None:
-                stats.receive_overhead_seconds += receive_s
-                stats.receive_samples += 1
-            fixed_s = 0.0 if first else block.fixed_s
-            state.observe(
-                k,
-                verdict.accepted,
-                block.draft_s,
-                verdict.compute_seconds,
-                link_s,
-                state.last_overhead_s + block.send_s + fixed_s,
-                receive_s,
-                prefill=first,
-            )
-            self.service.scheduler.observe(
-                verifier_id, k, verdict.accepted, block.draft_s, verdict.compute_seconds
-            )
-            fresh, reason = state.commit([*tokens[: verdict.accepted], verdict.token])
-            tree.prune(state.committed)
-            for dead in tree.take_discarded():
-                assert isinstance(dead, DraftBlock)
-                stats.blocks_discarded += 1
-                stats.drafted_discarded += dead.drafted
-            self.service.committed += len(fresh)
-            if fresh:
-                await self.service.to_client(
+            service.committed += len(taken.fresh)
+            if taken.fresh:
+                await service.to_client(
                     channel,
                     wire.TokensCommitted(
                         session_id=sid,
                         round=verdict.round,
-                        tokens=fresh,
-                        text=state.deltas.push(fresh),
-                        proof=proof,
+                        tokens=taken.fresh,
+                        text=state.deltas.push(taken.fresh),
+                        proof=checked.proof,
                     ),
                 )
-            plan = state.next_plan()
-            # The work this verdict cost here besides drafting (checks, commit, the
-            # client's message, the next plan): with the request's send, the model's t_send.
-            state.last_overhead_s = trio.current_time() - received
-            stats.request_overhead_seconds += state.last_overhead_s + block.send_s + fixed_s
-            first = False
-            if reason is not None:
-                stats.total_seconds = trio.current_time() - state.started
+            rounds.handled(trio.current_time())
+            if taken.finish is not None:
+                state.stats.total_seconds = trio.current_time() - state.started
                 return wire.SessionFinished(
                     session_id=sid,
-                    finish_reason=reason,  # type: ignore[arg-type]
-                    stats=stats,
-                    text=state.checker.text(state.generated, reason),
+                    finish_reason=taken.finish,  # type: ignore[arg-type]
+                    stats=state.stats,
+                    text=state.checker.text(state.generated, taken.finish),
                     token_ids=state.generated,
                 )
-
-    async def _take_solo(
-        self,
-        channel: Channel,
-        state: SessionState,
-        verifier_id: str,
-        verdict: wire.Verdict,
-        received: float,
-        runs: SoloRuns,
-        shadow: Shadow,
-        *,
-        first: bool,
-    ) -> wire.SessionFinished | None:
-        """Check and commit one token the verifier decoded alone; the finished session
-        when it ends the answer."""
-        proof = verified_round(
-            verifier_id,
-            verdict,
-            [],
-            base_len=len(state.committed),
-            vocab_size=self.service.lm.vocab_size,
-        )
-        # Greedy tokens are audited like drafted rounds; a sampled token decoded alone
-        # would need its auditor to decode alone too, which audits do not ask yet.
-        if state.params.greedy and random.random() < self.service.config.audit_fraction:
-            await audit(self.service, state, proof, q=[])
-        stats = state.stats
-        stats.rounds += 1
-        self.service.rounds += 1
-        stats.solo_tokens += 1
-        stats.verifier_forward_passes += 1
-        stats.verifier_compute_seconds += verdict.compute_seconds
-        stats.max_batch_size = max(stats.max_batch_size, verdict.batch_size)
-        stats.draft_lengths.append(0)
-        metrics.DRAFT_LENGTH.observe(0)
-        if first:
-            stats.first_compute_seconds += verdict.compute_seconds
-        else:
-            # The gap since the previous token measures the verifier's pace only while it
-            # had this session's work queued (the previous run was not its last).
-            gap = received - runs.last_at if runs.last_at and runs.busy_since_last else None
-            state.planner.observe_solo(verify_s=verdict.compute_seconds, interval_s=gap)
-        runs.last_at, runs.busy_since_last = received, runs.pending > 0
-        shadow.committed_token(verdict.base_len, verdict.token)
-        fresh, reason = state.commit([verdict.token])
-        self.service.committed += len(fresh)
-        if fresh:
-            await self.service.to_client(
-                channel,
-                wire.TokensCommitted(
-                    session_id=state.request.session_id,
-                    round=verdict.round,
-                    tokens=fresh,
-                    text=state.deltas.push(fresh),
-                    proof=proof,
-                ),
-            )
-        if reason is None:
-            return None
-        stats.total_seconds = trio.current_time() - state.started
-        return wire.SessionFinished(
-            session_id=state.request.session_id,
-            finish_reason=reason,  # type: ignore[arg-type]
-            stats=stats,
-            text=state.checker.text(state.generated, reason),
-            token_ids=state.generated,
-        )
+            if checked.block is None and state.params.greedy:
+                shadow.start(nursery)
 
     async def _guess(self, state: SessionState, committed: list[int]) -> int:
         """The drafter's greedy guess at the token after `committed` (Shadow)."""
