@@ -25,12 +25,13 @@ from p2pspec.core.policy import (
     confidence_bin,
     enough_drafted,
 )
+from p2pspec.engines.decoding import Draft
 from p2pspec.peers.session import MAX_ADAPTIVE_DRAFT, SessionState
 
 if TYPE_CHECKING:
     from p2pspec.peers.workers import DraftWorker
 
-__all__ = ["Drafting", "draft_block", "unsure"]
+__all__ = ["DraftJob", "Drafting", "draft_block", "draft_job", "drafted_block", "unsure"]
 
 
 def unsure(
@@ -62,6 +63,42 @@ class Drafting:
     watch: Watch | None = None
 
 
+@dataclass(frozen=True)
+class DraftJob:
+    """What the drafter model is asked for one candidate block."""
+
+    candidate: Candidate
+    ahead: list[int]  # its base beyond the committed tokens
+    base: list[int]  # the committed tokens and `ahead`
+    n: int  # tokens to draft, a hit's guess included
+    guessing: int  # 1: the first drafted token guesses the parent's extra token
+    enough: Callable[[list[float]], bool] | None  # an adaptive draft's end (`unsure`)
+
+
+def draft_job(
+    state: SessionState, candidate: Candidate, plan: Plan, calibration: ConfidenceCalibration
+) -> DraftJob | None:
+    """The drafting `candidate` takes: on the committed tokens and the base it assumes
+    beyond them (for a hit, first the parent's extra token, guessed as the drafter's own
+    next one; the verifier's is the same when the parent hits). None when no room is left
+    before max_new_tokens or its base would end the answer.
+
+    Adaptive sessions draft up to twice the plan's length and end the draft where the
+    drafter grows unsure, by `calibration` (policy.enough_drafted)."""
+    ahead = candidate.base(state.committed)
+    if any(t in state.eos for t in ahead):
+        return None
+    base = state.committed + ahead
+    guessing = int(candidate.hit)
+    # The verifier takes a draft only if its base, draft and own token fit the limit.
+    room = state.limit - len(base) - 1 - guessing
+    if room < 0 or len(ahead) + guessing > wire.MAX_ASSUMED_TOKENS:
+        return None
+    enough = unsure(state, plan, calibration, guessing)
+    k = plan.k if enough is None else min(2 * plan.k, MAX_ADAPTIVE_DRAFT)
+    return DraftJob(candidate, ahead, base, min(k, room) + guessing, guessing, enough)
+
+
 async def draft_block(
     worker: DraftWorker,
     state: SessionState,
@@ -70,31 +107,25 @@ async def draft_block(
     calibration: ConfidenceCalibration,
     stop: Callable[[], bool] | None = None,
 ) -> DraftBlock | None:
-    """Draft `candidate`: on the committed tokens and the base it assumes beyond them
-    (for a hit, first the parent's extra token, guessed as the drafter's own next
-    one; the verifier's is the same when the parent hits). None when no room is left
-    before max_new_tokens, its base would end the answer, or `stop` cut it short.
-
-    Adaptive sessions draft up to twice the plan's length and end the draft where the
-    drafter grows unsure, by `calibration` (policy.enough_drafted)."""
-    ahead = candidate.base(state.committed)
-    if any(t in state.eos for t in ahead):
+    """Draft `candidate` on the session's drafter model (`draft_job`); None when no block
+    comes of it, `stop` included."""
+    job = draft_job(state, candidate, plan, calibration)
+    if job is None:
         return None
-    base = state.committed + ahead
-    guessing = candidate.hit
-    # The verifier takes a draft only if its base, draft and own token fit the limit.
-    room = state.limit - len(base) - 1 - guessing
-    if room < 0 or len(ahead) + guessing > wire.MAX_ASSUMED_TOKENS:
-        return None
-    enough = unsure(state, plan, calibration, guessing)
-    k = plan.k if enough is None else min(2 * plan.k, MAX_ADAPTIVE_DRAFT)
-    k = min(k, room)
     started = trio.current_time()
-    draft = await worker.propose(state.drafter, base, k + guessing, stop, enough)
-    draft_s = trio.current_time() - started
+    draft = await worker.propose(state.drafter, job.base, job.n, stop, job.enough)
     if draft.stopped:
         return None
-    state.stats.drafts_ended_unsure += len(draft.tokens) < k + guessing
+    return drafted_block(state, job, draft, trio.current_time() - started)
+
+
+def drafted_block(
+    state: SessionState, job: DraftJob, draft: Draft, draft_s: float
+) -> DraftBlock | None:
+    """The block of a job the model drafted in `draft_s`; None when a hit's guess ends
+    the answer."""
+    guessing, ahead, candidate = job.guessing, job.ahead, job.candidate
+    state.stats.drafts_ended_unsure += len(draft.tokens) < job.n
     k = len(draft.tokens) - guessing
     # The cost model's t_draft is what one more drafted token costs: a forward pass
     # after the first. The rest (the first pass over the newly committed tokens,

@@ -64,13 +64,8 @@ def encode_prompt(lm: Any, prompt: str, raw: bool, messages: list[dict[str, str]
 def generate_local(args: argparse.Namespace) -> int:
     # Imported here so that `p2pspec --help` and argument errors stay fast.
     from p2pspec.engines import check_compatible, load_engine
-    from p2pspec.engines.local import (
-        GenerationStats,
-        LocalEngine,
-        StopChecker,
-        TextDeltas,
-        sampling_params,
-    )
+    from p2pspec.engines.local import GenerationStats, StopChecker, TextDeltas, sampling_params
+    from p2pspec.peers.local import LocalEngine
 
     params = sampling_params(args.temperature, args.top_k, args.top_p, args.seed)
     k = 4 if args.draft_tokens == "auto" else args.draft_tokens

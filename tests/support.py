@@ -14,7 +14,7 @@ import trio
 
 from p2pspec.core.speculative import SamplingParams
 from p2pspec.engines import Engine, load_engine
-from p2pspec.engines.local import LocalEngine
+from p2pspec.peers.local import LocalEngine
 from p2pspec.tools.launch import PeerProcess
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,9 @@ from p2pspec.core.errors import ContextOverflowError
 from p2pspec.core.speculative import SamplingParams
 from p2pspec.engines.batching import batched_forward
 from p2pspec.engines.decoding import Drafter, Verifier, verify_batch
-from p2pspec.engines.local import LocalEngine, StopChecker
+from p2pspec.engines.local import StopChecker
 from p2pspec.models import KVCacheRunner, LoadedModel
+from p2pspec.peers.local import LocalEngine
 from p2pspec.tools.bench_batching import run_batching_benchmark
 
 TARGET = "tiny-random:11"

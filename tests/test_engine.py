@@ -16,8 +16,9 @@ import p2pspec.engines.decoding as engine_module
 from p2pspec.core.errors import ContextOverflowError, IncompatibleModelsError, InvalidRequestError
 from p2pspec.core.speculative import SamplingParams, target_distribution, verify_rejection
 from p2pspec.engines.decoding import Drafter, Verifier
-from p2pspec.engines.local import GenerationStats, LocalEngine, StopChecker, greedy_decode
+from p2pspec.engines.local import GenerationStats, StopChecker, greedy_decode
 from p2pspec.models import KVCacheRunner
+from p2pspec.peers.local import LocalEngine
 
 TARGET = "tiny-random:11"
 PROMPTS = [[5, 17, 200, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9], [250]]

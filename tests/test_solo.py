@@ -11,7 +11,8 @@ import support
 
 from p2pspec.core import wire
 from p2pspec.core.speculative import SamplingParams
-from p2pspec.engines.local import LocalEngine, greedy_decode
+from p2pspec.engines.local import greedy_decode
+from p2pspec.peers.local import LocalEngine
 from p2pspec.runtime.client import Client
 from p2pspec.tools.launch import PeerProcess, start_peer, stop_all
 

@@ -1,13 +1,12 @@
-"""Generation in one process, and the text of an answer: `LocalEngine` runs a drafter and a
-verifier here (for trying speculative decoding, and for comparisons); `greedy_decode` is the
-reference every greedy output must equal; `StopChecker` and `TextDeltas` find where an
-answer ends and what text each committed token adds; `validate_request` and
-`sampling_params` check what a request asks for."""
+"""Generation in one process, and the text of an answer: `greedy_decode` is the reference
+every greedy output must equal (peers/local.LocalEngine runs a drafter and a verifier
+here, on the mesh's round machines, and fills `GenerationStats`); `StopChecker` and
+`TextDeltas` find where an answer ends and what text each committed token adds;
+`validate_request` and `sampling_params` check what a request asks for."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,8 +16,7 @@ from p2pspec.core.errors import ContextOverflowError, InvalidRequestError
 from p2pspec.core.speculative import (
     SamplingParams,
 )
-from p2pspec.engines import Engine, check_compatible
-from p2pspec.engines.decoding import GREEDY, Drafter, Verifier
+from p2pspec.engines import Engine
 
 
 @dataclass
@@ -138,113 +136,6 @@ class TextDeltas:
             return ""
         delta, self.shown = text[len(self.shown) :], text
         return delta
-
-
-class LocalEngine:
-    """Speculative decoding with drafter and verifier in one process."""
-
-    def __init__(self, drafter: Engine, verifier: Engine, *, draft_tokens: int = 4):
-        check_compatible(drafter, verifier)
-        if draft_tokens < 0:
-            raise InvalidRequestError(f"draft tokens must be >= 0, got {draft_tokens}")
-        self.drafter_lm = drafter
-        self.verifier_lm = verifier
-        self.draft_tokens = draft_tokens
-
-    @property
-    def max_context(self) -> int:
-        return min(self.drafter_lm.max_context, self.verifier_lm.max_context)
-
-    def stream(
-        self,
-        prompt_ids: Sequence[int],
-        *,
-        max_new_tokens: int,
-        params: SamplingParams = GREEDY,
-        stop: Sequence[str] = (),
-        stats: GenerationStats | None = None,
-    ) -> Iterator[list[int]]:
-        """Yield the tokens committed by each round, until EOS, a stop string or the budget.
-
-        `stats`, if given, is filled in as rounds complete; `finish_reason` is in
-        `stats` only through `generate`.
-        """
-        validate_request(prompt_ids, max_new_tokens, self.max_context, params)
-        stats = stats if stats is not None else GenerationStats()
-        drafter = Drafter(self.drafter_lm, params)
-        verifier = Verifier(self.verifier_lm, params)
-        try:
-            yield from self._rounds(drafter, verifier, prompt_ids, max_new_tokens, stop, stats)
-        finally:
-            drafter.close()
-            verifier.close()
-
-    def _rounds(
-        self,
-        drafter: Drafter,
-        verifier: Verifier,
-        prompt_ids: Sequence[int],
-        max_new_tokens: int,
-        stop: Sequence[str],
-        stats: GenerationStats,
-    ) -> Iterator[list[int]]:
-        checker = StopChecker(self.verifier_lm, stop, max_new_tokens)
-        committed = list(prompt_ids)
-        generated: list[int] = []
-        started = time.perf_counter()
-        while True:
-            # Never draft past the budget: the round's own token is the (k+1)-th.
-            k = min(self.draft_tokens, max_new_tokens - len(generated) - 1)
-            t0 = time.perf_counter()
-            draft = drafter.propose(committed, k)
-            t1 = time.perf_counter()
-            verdict = verifier.verify(committed, draft)
-            t2 = time.perf_counter()
-            stats.rounds += 1
-            stats.drafted += k
-            stats.accepted += verdict.accepted
-            stats.rejections += verdict.accepted < k
-            stats.accepted_per_round.append(verdict.accepted)
-            stats.draft_seconds += t1 - t0
-            stats.verify_seconds += t2 - t1
-            stats.verifier_forward_passes = verifier.forward_passes
-            stats.drafter_forward_passes = drafter.forward_passes
-            new = [*draft.tokens[: verdict.accepted], verdict.token]
-            kept, reason = checker.cut(generated + new)
-            fresh = kept[len(generated) :]
-            generated = kept
-            committed.extend(fresh)
-            drafter.rollback(committed)
-            stats.total_seconds = time.perf_counter() - started
-            if fresh:
-                yield fresh
-            if reason is not None:
-                return
-
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        *,
-        max_new_tokens: int,
-        params: SamplingParams = GREEDY,
-        stop: Sequence[str] = (),
-    ) -> GenerationResult:
-        stats = GenerationStats()
-        tokens: list[int] = []
-        for chunk in self.stream(
-            prompt_ids, max_new_tokens=max_new_tokens, params=params, stop=stop, stats=stats
-        ):
-            tokens.extend(chunk)
-        checker = StopChecker(self.verifier_lm, stop, max_new_tokens)
-        _, reason = checker.cut(tokens)
-        finish = reason or "length"
-        return GenerationResult(
-            text=checker.text(tokens, finish),
-            prompt_token_ids=list(prompt_ids),
-            token_ids=tokens,
-            finish_reason=finish,
-            stats=stats,
-        )
 
 
 def greedy_decode(engine: Engine, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:

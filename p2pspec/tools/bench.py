@@ -60,8 +60,9 @@ def _bench_dtype(
     max_new_tokens: int,
     draft_tokens: int,
 ) -> dict[str, Any]:
-    from p2pspec.engines.local import LocalEngine, greedy_decode
+    from p2pspec.engines.local import greedy_decode
     from p2pspec.models import load_model
+    from p2pspec.peers.local import LocalEngine
 
     verifier = load_model(verifier_spec, dtype=dtype)  # type: ignore[arg-type]
     drafter = load_model(drafter_spec, dtype=dtype)  # type: ignore[arg-type]
