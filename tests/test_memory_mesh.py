@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,6 +33,7 @@ from p2pspec.crypto import Identity
 from p2pspec.engines.local import greedy_decode
 from p2pspec.models import KVCacheRunner
 from p2pspec.net.actors import INLINE_COMPUTE
+from p2pspec.net.discovery import WALL_CLOCK_MS, now_ms
 from p2pspec.net.memory import MemoryNetwork
 from p2pspec.peers.run import Peer
 from p2pspec.runtime import gateway
@@ -47,8 +48,16 @@ CONFIG = PeerConfig(advert_interval_s=1.0, probe_interval_s=1.0)
 
 
 @pytest.fixture(autouse=True)
-def inline_compute() -> None:
-    INLINE_COMPUTE.set(True)  # pytest-trio copies the context into the test's run
+def fake_time() -> Iterator[None]:
+    """Model work inline, and records stamped and aged on the fake clock: every time of a
+    test is trio's (pytest-trio copies the context into the test's run). Both are reset
+    after the test: the tests of other files run on real time."""
+    inline = INLINE_COMPUTE.set(True)
+    epoch_ms = now_ms()
+    clock = WALL_CLOCK_MS.set(lambda: epoch_ms + int(1000 * trio.current_time()))
+    yield
+    WALL_CLOCK_MS.reset(clock)
+    INLINE_COMPUTE.reset(inline)
 
 
 class Mesh:
@@ -449,6 +458,35 @@ async def test_pipelined_sampling_follows_the_verifiers_own_distribution(
     assert all(r.stats["max_in_flight"] == 2 for r in results)  # always a block ahead
     discarded = sum(r.stats["blocks_discarded"] > 0 for r in results)
     assert 0 < discarded < N_SAMPLES
+
+
+async def test_a_dead_peers_record_leaves_every_directory_once_it_is_ttl_old(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Records age on the fake clock: a verifier that dies stays listed while its last
+    record is younger than record_ttl_s, and is gone from the drafter's and the client's
+    directories once it is older (the bound a client and a drafter place by)."""
+    ttl, advert = CONFIG.record_ttl_s, CONFIG.advert_interval_s
+    async with mesh() as m:
+        await m.start("verifier", VERIFIER)
+        dead = await m.start("verifier", VERIFIER)
+        drafter = await m.start("drafter", DRAFTER)
+        async with m.client() as client:
+            await trio.sleep(2 * advert)  # every peer has every record
+
+            def listed() -> tuple[bool, bool]:
+                drafters = {r.peer_id for r in m.peers[drafter].directory.live(now_ms())}
+                return dead in drafters, dead in {r.peer_id for r in client.peers()}
+
+            await client.refresh()
+            last = max(r.issued_at_ms for r in client.peers() if r.peer_id == dead)
+            m.kill(dead)
+            await trio.sleep((last + 1000 * ttl - now_ms()) / 1000 - 0.1)
+            await client.refresh()
+            assert listed() == (True, True)  # its last record is not ttl old yet
+            await trio.sleep(advert)
+            await client.refresh()
+            assert listed() == (False, False)
 
 
 async def test_a_gateway_request_whose_client_left_before_its_first_event_frees_its_session(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import structlog
 import trio
@@ -35,8 +36,19 @@ INBOX_SYNCS = 64  # pushed DirectorySyncs waiting to be merged (each at most MAX
 MAX_BACKOFF_S = 30.0  # longest wait before a peer that keeps failing is dialled again
 
 
-def now_ms() -> int:
+def _time_ms() -> int:
     return int(time.time() * 1000)
+
+
+# The wall clock records are stamped and aged by (records cross machines: trio's clock
+# cannot). Tests that run peers on trio's fake clock set one that follows it
+# (tests/test_memory_mesh.py), so that records age with the fake time, not the real.
+WALL_CLOCK_MS: ContextVar[Callable[[], int]] = ContextVar("WALL_CLOCK_MS", default=_time_ms)
+
+
+def now_ms() -> int:
+    """Now on the records' clock, in milliseconds since the epoch."""
+    return WALL_CLOCK_MS.get()()
 
 
 async def exchange(
