@@ -460,33 +460,38 @@ async def test_pipelined_sampling_follows_the_verifiers_own_distribution(
     assert 0 < discarded < N_SAMPLES
 
 
+@pytest.mark.parametrize("ttl_s", [None, 3.0])  # the default record_ttl_s, a configured one
 async def test_a_dead_peers_record_leaves_every_directory_once_it_is_ttl_old(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, ttl_s: float | None
 ) -> None:
     """Records age on the fake clock: a verifier that dies stays listed while its last
-    record is younger than record_ttl_s, and is gone from the drafter's and the client's
-    directories once it is older (the bound a client and a drafter place by)."""
-    ttl, advert = CONFIG.record_ttl_s, CONFIG.advert_interval_s
+    record is younger than its own record_ttl_s, and is gone from the drafter's and the
+    client's directories once it is older; the drafter goes on serving through the other
+    verifier."""
+    config = {} if ttl_s is None else {"record_ttl_s": ttl_s}
     async with mesh() as m:
-        await m.start("verifier", VERIFIER)
-        dead = await m.start("verifier", VERIFIER)
+        alive = await m.start("verifier", VERIFIER)
+        dead = await m.start("verifier", VERIFIER, **config)
         drafter = await m.start("drafter", DRAFTER)
         async with m.client() as client:
-            await trio.sleep(2 * advert)  # every peer has every record
+            await trio.sleep(2 * CONFIG.advert_interval_s)  # every peer has every record
 
             def listed() -> tuple[bool, bool]:
                 drafters = {r.peer_id for r in m.peers[drafter].directory.live(now_ms())}
                 return dead in drafters, dead in {r.peer_id for r in client.peers()}
 
             await client.refresh()
-            last = max(r.issued_at_ms for r in client.peers() if r.peer_id == dead)
+            last = max((r for r in client.peers() if r.peer_id == dead), key=lambda r: r.seq)
+            assert last.ttl_ms == 1000 * (ttl_s or PeerConfig().record_ttl_s)
             m.kill(dead)
-            await trio.sleep((last + 1000 * ttl - now_ms()) / 1000 - 0.1)
+            await trio.sleep((last.issued_at_ms + last.ttl_ms - now_ms()) / 1000 - 0.1)
             await client.refresh()
             assert listed() == (True, True)  # its last record is not ttl old yet
-            await trio.sleep(advert)
+            await trio.sleep(CONFIG.advert_interval_s)
             await client.refresh()
             assert listed() == (False, False)
+            result = await client.generate(PROMPT, max_new_tokens=8)
+    assert result.verifier_peer_id == alive and result.token_ids == expected(8)
 
 
 async def test_a_gateway_request_whose_client_left_before_its_first_event_frees_its_session(

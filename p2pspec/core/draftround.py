@@ -267,7 +267,8 @@ class DraftRounds:
     # -- what a verdict does ----------------------------------------------------------------
 
     def check(self, message: wire.Message, received: float) -> Checked:
-        """The verdict's round in flight, its signature checked; ProtocolError otherwise."""
+        """The verdict's round in flight, its signature checked; ProtocolError otherwise,
+        which ends the verify session (the drafter fails over; this machine is done)."""
         state = self.state
         if isinstance(message, wire.Verdict) and self.runs.expects(message.round):
             self.runs.answered()
