@@ -22,7 +22,6 @@ from p2pspec.core.draftround import AskRun, DraftBlock, DraftRounds
 from p2pspec.core.errors import InvalidRequestError
 from p2pspec.core.policy import ConfidenceCalibration
 from p2pspec.core.speculative import SamplingParams
-from p2pspec.core.verdicts import sign_verdict
 from p2pspec.core.verifyround import Refuse, Skip, Verify, VerifySession
 from p2pspec.crypto import Identity
 from p2pspec.engines import Engine, check_compatible
@@ -202,22 +201,15 @@ class _LocalVerifier:
             yield self._verdict(action.round + i, SOLO)
 
     def _verdict(self, round_: int, draft: Draft) -> wire.Verdict:
-        state = self.session
         started = time.perf_counter()
-        verdict = self.model.verify(state.committed, draft)
-        elapsed = time.perf_counter() - started
-        base = state.commit(draft.tokens, verdict.accepted, verdict.token)
-        return sign_verdict(
+        verdict = self.model.verify(self.session.committed, draft)
+        return self.session.signed_verdict(
             self.engine.identity,
-            wire.Verdict(
-                session_id=state.opening.session_id,
-                round=round_,
-                base_len=base,
-                accepted=verdict.accepted,
-                token=verdict.token,
-                compute_seconds=elapsed,
-                model_fingerprint=self.engine.verifier_lm.weights_fingerprint,
-                margin=self.model.last_margin,
-            ),
+            round_,
             draft.tokens,
+            verdict.accepted,
+            verdict.token,
+            compute_s=time.perf_counter() - started,
+            fingerprint=self.engine.verifier_lm.weights_fingerprint,
+            margin=self.model.last_margin,
         )

@@ -20,7 +20,6 @@ from p2pspec.core import wire
 from p2pspec.core.config import PeerConfig
 from p2pspec.core.errors import BatchFailedError, UserError
 from p2pspec.core.speculative import SamplingParams
-from p2pspec.core.verdicts import sign_verdict
 from p2pspec.core.verifyround import Refuse, Skip, Verify, VerifySession, check_opening
 from p2pspec.crypto.identity import Identity
 from p2pspec.engines import Engine
@@ -283,27 +282,22 @@ class VerifierService:
             await channel.refuse("bad_draft", str(e), sid)
             return False
         elapsed = trio.current_time() - started
-        base = state.commit(draft.tokens, verdict.accepted, verdict.token)
+        signed = state.signed_verdict(
+            self.identity,
+            round_,
+            draft.tokens,
+            verdict.accepted,
+            verdict.token,
+            compute_s=elapsed,
+            batch_size=batch_size,
+            fingerprint=self.lm.weights_fingerprint,
+            margin=session.verifier.last_margin,
+        )
         self.drafted += len(draft.tokens)
         self.accepted += verdict.accepted
         self.rounds += 1
         self.committed += verdict.accepted + 1
         metrics.VERIFY_PASS_SECONDS.observe(elapsed)
-        signed = sign_verdict(
-            self.identity,
-            wire.Verdict(
-                session_id=sid,
-                round=round_,
-                base_len=base,
-                accepted=verdict.accepted,
-                token=verdict.token,
-                compute_seconds=elapsed,
-                batch_size=batch_size,
-                model_fingerprint=self.lm.weights_fingerprint,
-                margin=session.verifier.last_margin,
-            ),
-            draft.tokens,
-        )
         try:
             await channel.send(signed)
         except ChannelError as e:

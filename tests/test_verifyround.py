@@ -152,3 +152,16 @@ def test_an_opening_is_refused_with_the_code_that_says_why(
     assert check_opening(opening(), **args) is None  # type: ignore[arg-type]
     refusal = check_opening(opening(), **{**args, **change})  # type: ignore[arg-type]
     assert refusal is not None and refusal.code == code
+
+
+def test_a_signed_verdict_commits_its_round_and_checks_as_the_verifiers() -> None:
+    from p2pspec.core.verdicts import verified_round
+    from p2pspec.crypto import Identity
+
+    identity, state = Identity.generate(), session()
+    v = state.signed_verdict(
+        identity, 4, [4, 5], 1, 9, compute_s=0.02, fingerprint="w", margin=0.5, batch_size=2
+    )
+    assert state.committed == [1, 2, 3, 4, 9]
+    assert (v.round, v.base_len, v.accepted, v.token, v.batch_size) == (4, 3, 1, 9, 2)
+    assert verified_round(identity.peer_id, v, [4, 5], base_len=3).verdict == v

@@ -30,6 +30,8 @@ import numpy as np
 from p2pspec.core import wire
 from p2pspec.core.drafttree import verifies
 from p2pspec.core.sampling import SamplingParams, SparseDistribution
+from p2pspec.core.verdicts import sign_verdict
+from p2pspec.crypto import Identity
 
 __all__ = [
     "Action",
@@ -176,3 +178,32 @@ class VerifySession:
         self.committed.extend([*draft[:accepted], token])
         self.stopped = token in self.stop_tokens
         return base
+
+    def signed_verdict(
+        self,
+        identity: Identity,
+        round_: int,
+        draft: list[int],
+        accepted: int,
+        token: int,
+        *,
+        compute_s: float,
+        fingerprint: str,
+        margin: float,
+        batch_size: int = 1,
+    ) -> wire.Verdict:
+        """Commit the verifier's verdict on round `round_`'s `draft` (`commit`) and sign it
+        with the verifier's `identity`: what the drafter is sent."""
+        base = self.commit(draft, accepted, token)
+        verdict = wire.Verdict(
+            session_id=self.opening.session_id,
+            round=round_,
+            base_len=base,
+            accepted=accepted,
+            token=token,
+            compute_seconds=compute_s,
+            batch_size=batch_size,
+            model_fingerprint=fingerprint,
+            margin=margin,
+        )
+        return sign_verdict(identity, verdict, draft)
